@@ -1,0 +1,494 @@
+"""
+Tests for the layer state machine and registry: every persisted state
+against every input (invalid ones included), failure of every backend step,
+and the write-ahead rule (the trying state is committed before the backend
+is called).  No reactor, no threads: the store and backend run inline.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.python.failure import Failure
+
+from txgraph.archive import IDMap
+from txgraph.backends import AsyncBackend, Backend, LayerInfo
+from txgraph.errors import BackendError, InvalidLayerState, LayerExists, UnknownLayer
+from txgraph.layers import STATES, LayerRegistry, transitions
+from txgraph.store import LAYER_STATES, LayerRow, Store
+
+A = "a" * 64
+B = "b" * 64
+C = "c" * 64
+
+
+class InlineThread:
+    """
+    Runs "threaded" calls at once, in the caller's thread.
+    """
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        try:
+            return succeed(fn(*args))
+        except Exception:
+            return fail(Failure())
+
+
+class FakeBackend(Backend):
+    """
+    A backend that records each call with the layer's persisted state at
+    that moment, and fails the calls named in C{failing}.
+    """
+
+    name = "fake"
+
+    def __init__(self, store: Store, maps: bool = True, commits: bool = True) -> None:
+        super().__init__("/nonexistent", {})
+        self.store = store
+        self.maps = maps  # type: ignore[misc]
+        self.commits = commits  # type: ignore[misc]
+        self.calls: list[tuple[str, str, str | None]] = []
+        self.failing: set[str] = set()
+        self.existing: set[str] = set()
+
+    def _call(self, name: str, layer: LayerInfo) -> None:
+        rows = {r.id: r.state for r in self.store.load_layers_thd()}
+        self.calls.append((name, layer.id, rows.get(layer.id)))
+        if name in self.failing:
+            raise BackendError(f"{name} of {layer.id[:6]} failed (injected)")
+
+    def status(self) -> list[tuple[str, str]]:
+        return [("Fake", "yes")]
+
+    def prepare(self, layer: LayerInfo) -> None:
+        self._call("prepare", layer)
+        self.existing.add(layer.id)
+
+    def commit(self, layer: LayerInfo) -> None:
+        self._call("commit", layer)
+
+    def remove(self, layer: LayerInfo) -> None:
+        self._call("remove", layer)
+        self.existing.discard(layer.id)
+
+    def reset(self, layer: LayerInfo) -> None:
+        self._call("reset", layer)
+
+    def exists(self, layer: LayerInfo) -> bool:
+        return layer.id in self.existing
+
+    def map(self, layer: LayerInfo) -> dict[str, Any] | None:
+        self._call("map", layer)
+        return {"device": f"/dev/fake-{layer.id[:4]}"}
+
+    def unmap(self, layer: LayerInfo) -> None:
+        self._call("unmap", layer)
+
+    def mount(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
+        self._call("mount", layer)
+        return f"/mnt/{layer.id}"
+
+    def unmount(self, layer: LayerInfo) -> None:
+        self._call("unmount", layer)
+
+    def ensure_mounted(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
+        self._call("ensure_mounted", layer)
+        return f"/mnt/{layer.id}"
+
+    def list_layers(self) -> list[str]:
+        return sorted(self.existing)
+
+    def apply(self, layer: LayerInfo, stream: Any, id_map: IDMap) -> int:
+        self._call("apply", layer)
+        return len(stream.read())
+
+    def diff(self, layer: LayerInfo, chain: list[LayerInfo], parent: str | None, out: Any, id_map: IDMap) -> None:
+        self._call("diff", layer)
+
+    def changes(self, layer: LayerInfo, chain: list[LayerInfo], parent: str | None) -> list[Any]:
+        self._call("changes", layer)
+        return []
+
+    def diff_size(self, layer: LayerInfo, chain: list[LayerInfo], parent: str | None) -> int:
+        self._call("diff_size", layer)
+        return 0
+
+    def metadata(self, layer: LayerInfo, chain: list[LayerInfo]) -> dict[str, str]:
+        return {}
+
+
+class InlineBackend(AsyncBackend):
+    """
+    The thread-pool adapter, minus the threads.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self.sync = backend
+        self._inline = InlineThread()
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return self._inline.run(fn, *args)
+
+
+class Harness:
+    """
+    A registry over a fake backend and a real (inline) SQLite store.
+    """
+
+    def __init__(self, tmp_path: Any, maps: bool = True, commits: bool = True) -> None:
+        self.store = Store(str(tmp_path / "state.db"), InlineThread())  # type: ignore[arg-type]
+        self.store.open_thd()
+        self.fake = FakeBackend(self.store, maps=maps, commits=commits)
+        self.registry = LayerRegistry(self.store, InlineBackend(self.fake))
+
+    def run(self, coro: Any) -> Any:
+        d = ensureDeferred(coro)
+        results: list[Any] = []
+        d.addBoth(results.append)
+        assert results, "operation did not complete synchronously"
+        if isinstance(results[0], Failure):
+            results[0].raiseException()
+        return results[0]
+
+    def row(self, layer_id: str) -> LayerRow | None:
+        for row in self.store.load_layers_thd():
+            if row.id == layer_id:
+                return row
+        return None
+
+    def at(self, state: str, refcount: int = 0, parent: str | None = None) -> str:
+        """
+        Restore a layer A persisted in C{state}, without recovering it.
+        """
+        row = LayerRow(
+            id=A,
+            parent=parent,
+            kind="rw",
+            state=state,
+            refcount=refcount,
+            mountpoint=f"/mnt/{A}" if state == "mounted" else None,
+            error="boom" if state == "faulty" else None,
+        )
+        self.store.insert_layer_thd(row)
+        self.fake.existing.add(A)
+        self.registry._add(row, STATES[state])
+        return A
+
+
+@pytest.fixture
+def h(tmp_path: Any) -> Harness:
+    return Harness(tmp_path)
+
+
+PUBLIC_INPUTS = ("get", "put", "applyDiff", "commit", "remove", "recover", "recoverAfterReboot")
+
+#: (state, input) -> (final persisted state or None when the row is gone,
+#: whether the call succeeds).  Anything not listed is refused with
+#: InvalidLayerState and leaves the state unchanged.
+EXPECTED: dict[tuple[str, str], tuple[str | None, bool]] = {
+    ("creating", "recover"): (None, True),
+    ("creating", "recoverAfterReboot"): (None, True),
+    ("created", "get"): ("mounted", True),
+    ("created", "applyDiff"): ("created", True),
+    ("created", "commit"): ("created", True),
+    ("created", "remove"): (None, True),
+    ("created", "recover"): ("created", True),
+    ("created", "recoverAfterReboot"): ("created", True),
+    ("applying", "recover"): ("created", True),
+    ("applying", "recoverAfterReboot"): ("created", True),
+    ("committing", "recover"): ("created", True),
+    ("committing", "recoverAfterReboot"): ("created", True),
+    ("mapping", "recover"): ("created", True),
+    ("mapping", "recoverAfterReboot"): ("created", True),
+    ("mapped", "get"): ("mounted", True),
+    ("mapped", "remove"): (None, True),
+    ("mapped", "recover"): ("created", True),
+    ("mapped", "recoverAfterReboot"): ("created", True),
+    ("mounting", "recover"): ("created", True),
+    ("mounting", "recoverAfterReboot"): ("created", True),
+    ("mounted", "get"): ("mounted", True),
+    ("mounted", "put"): ("created", True),
+    ("mounted", "recover"): ("mounted", True),
+    ("mounted", "recoverAfterReboot"): ("created", True),
+    ("unmounting", "recover"): ("created", True),
+    ("unmounting", "recoverAfterReboot"): ("created", True),
+    ("unmapping", "recover"): ("created", True),
+    ("unmapping", "recoverAfterReboot"): ("created", True),
+    ("removing", "recover"): (None, True),
+    ("removing", "recoverAfterReboot"): (None, True),
+    ("faulty", "remove"): (None, True),
+    ("faulty", "recover"): ("faulty", True),
+    ("faulty", "recoverAfterReboot"): ("faulty", True),
+}
+
+
+def _call(h: Harness, layer_id: str, name: str) -> Any:
+    layer = h.registry.lookup(layer_id)
+    machine = layer.machine
+    if name == "applyDiff":
+        op: Callable[[], Deferred[Any]] = lambda: machine.applyDiff(io.BytesIO(b"tar"))
+    else:
+        op = getattr(machine, name)
+
+    async def run() -> Any:
+        return await h.registry._run(layer, op)
+
+    return h.run(run())
+
+
+@pytest.mark.parametrize("state", LAYER_STATES)
+@pytest.mark.parametrize("inp", PUBLIC_INPUTS)
+def test_state_by_input(h: Harness, state: str, inp: str) -> None:
+    """
+    Every persisted state answers every public input as the table says,
+    and a refused input changes nothing.
+    """
+    layer_id = h.at(state, refcount=1 if state == "mounted" else 0)
+    expected = EXPECTED.get((state, inp))
+    if expected is None:
+        before = h.row(layer_id)
+        with pytest.raises(InvalidLayerState):
+            _call(h, layer_id, inp)
+        assert h.row(layer_id) == before
+        assert h.fake.calls == []
+        return
+    final, _ = expected
+    _call(h, layer_id, inp)
+    row = h.row(layer_id)
+    if final is None:
+        assert row is None
+        assert layer_id not in h.registry
+    else:
+        assert row is not None and row.state == final
+        assert h.registry.lookup(layer_id).row.state == final
+
+
+def test_write_ahead(h: Harness) -> None:
+    """
+    Every backend side effect happens while its trying state is committed.
+    """
+    h.run(h.registry.create(A, None, False, {}))
+    h.run(h.registry.apply(A, io.BytesIO(b"x" * 10)))
+    h.run(h.registry.create(B, A, True, {}))
+    h.run(h.registry.get(B))
+    h.run(h.registry.put(B))
+    h.run(h.registry.remove(B))
+    assert [(name, state) for name, _, state in h.fake.calls] == [
+        ("prepare", "creating"),
+        ("apply", "applying"),
+        ("commit", "committing"),
+        ("prepare", "creating"),
+        ("map", "mapping"),
+        ("mount", "mounting"),
+        ("unmount", "unmounting"),
+        ("unmap", "unmapping"),
+        ("remove", "removing"),
+    ]
+
+
+def test_no_write_ahead_for_noop_steps(tmp_path: Any) -> None:
+    """
+    A backend that neither maps nor commits is not asked to, and no trying
+    state is recorded for those steps.
+    """
+    h = Harness(tmp_path, maps=False, commits=False)
+    h.run(h.registry.create(A, None, False, {}))
+    h.run(h.registry.create(B, A, True, {}))
+    assert h.run(h.registry.get(B)) == f"/mnt/{B}"
+    h.run(h.registry.put(B))
+    names = [name for name, _, _ in h.fake.calls]
+    assert "map" not in names and "commit" not in names
+
+
+def test_refcount_nests(h: Harness) -> None:
+    """
+    Get nests; the mount goes away only at the last Put; a further Put is
+    refused as Put without Get.
+    """
+    h.run(h.registry.create(A, None, True, {}))
+    for _ in range(3):
+        assert h.run(h.registry.get(A)) == f"/mnt/{A}"
+    row = h.row(A)
+    assert row is not None and row.refcount == 3
+    h.run(h.registry.put(A))
+    h.run(h.registry.put(A))
+    assert [n for n, _, _ in h.fake.calls].count("unmount") == 0
+    h.run(h.registry.put(A))
+    row = h.row(A)
+    assert row is not None and (row.state, row.refcount) == ("created", 0)
+    with pytest.raises(InvalidLayerState, match="Put without Get"):
+        h.run(h.registry.put(A))
+
+
+@pytest.mark.parametrize(
+    "failing, operation, final",
+    [
+        ("prepare", "create", None),
+        ("map", "get", "created"),
+        ("mount", "get", "created"),
+        ("unmount", "put", "faulty"),
+        ("unmap", "put", "faulty"),
+        ("apply", "apply", "created"),
+        ("commit", "apply", "faulty"),
+        ("remove", "remove", "faulty"),
+    ],
+)
+def test_step_failure(h: Harness, failing: str, operation: str, final: str | None) -> None:
+    """
+    A failing backend step fails the call with its error and leaves the
+    layer in an explicit state: rolled back, or faulty.
+    """
+    if operation != "create":
+        h.run(h.registry.create(A, None, True, {}))
+    if operation == "put":
+        h.run(h.registry.get(A))
+    h.fake.failing.add(failing)
+    ops: dict[str, Callable[[], Any]] = {
+        "create": lambda: h.registry.create(A, None, True, {}),
+        "get": lambda: h.registry.get(A),
+        "put": lambda: h.registry.put(A),
+        "apply": lambda: h.registry.apply(A, io.BytesIO(b"tar")),
+        "remove": lambda: h.registry.remove(A),
+    }
+    with pytest.raises(BackendError, match="injected"):
+        h.run(ops[operation]())
+    row = h.row(A)
+    if final is None:
+        assert row is None and A not in h.registry
+    else:
+        assert row is not None and row.state == final
+        if final == "faulty":
+            assert row.error and "injected" in row.error
+
+
+def test_mount_failure_unmaps(h: Harness) -> None:
+    """
+    When the mount fails after the map succeeded, the map is undone.
+    """
+    h.run(h.registry.create(A, None, True, {}))
+    h.fake.failing.add("mount")
+    with pytest.raises(BackendError):
+        h.run(h.registry.get(A))
+    assert [n for n, _, _ in h.fake.calls][-3:] == ["map", "mount", "unmap"]
+
+
+def test_create_rollback_failure_is_faulty(h: Harness) -> None:
+    """
+    A failed Create whose rollback fails too leaves a faulty layer that
+    Remove can finish.
+    """
+    h.fake.failing.update({"prepare", "remove"})
+    with pytest.raises(BackendError, match="prepare"):
+        h.run(h.registry.create(A, None, True, {}))
+    row = h.row(A)
+    assert row is not None and row.state == "faulty"
+    h.fake.failing.clear()
+    h.run(h.registry.remove(A))
+    assert h.row(A) is None
+
+
+def test_create_checks(h: Harness) -> None:
+    """
+    Create refuses a missing parent and a conflicting existing layer, and
+    accepts a repeat of the same Create.
+    """
+    with pytest.raises(UnknownLayer, match="parent"):
+        h.run(h.registry.create(B, A, False, {}))
+    assert B not in h.registry and h.row(B) is None
+    h.run(h.registry.create(A, None, False, {}))
+    h.run(h.registry.create(A, None, False, {}))
+    with pytest.raises(LayerExists):
+        h.run(h.registry.create(A, None, True, {}))
+
+
+def test_remove_checks(h: Harness) -> None:
+    """
+    Remove refuses a parent and a mounted layer, and succeeds for a layer
+    that does not exist.
+    """
+    h.run(h.registry.create(A, None, False, {}))
+    h.run(h.registry.create(B, A, True, {}))
+    with pytest.raises(InvalidLayerState, match="parent of 1"):
+        h.run(h.registry.remove(A))
+    h.run(h.registry.get(B))
+    with pytest.raises(InvalidLayerState, match="mounted"):
+        h.run(h.registry.remove(B))
+    h.run(h.registry.put(B))
+    h.run(h.registry.remove(B))
+    h.run(h.registry.remove(A))
+    h.run(h.registry.remove(C))
+    assert h.store.load_layers_thd() == []
+
+
+def test_apply_refused_with_children(h: Harness) -> None:
+    """
+    ApplyDiff to a layer that already has children is refused.
+    """
+    h.run(h.registry.create(A, None, False, {}))
+    h.run(h.registry.create(B, A, False, {}))
+    with pytest.raises(InvalidLayerState, match="made from it"):
+        h.run(h.registry.apply(A, io.BytesIO(b"")))
+
+
+def test_child_commits_parent(h: Harness) -> None:
+    """
+    Creating a child of an uncommitted (read-write) layer commits it first.
+    """
+    h.run(h.registry.create(A, None, True, {}))
+    h.run(h.registry.create(B, A, True, {}))
+    names = [(n, i) for n, i, _ in h.fake.calls]
+    assert names.index(("commit", A)) < names.index(("prepare", B))
+    row = h.row(A)
+    assert row is not None and row.committed
+
+
+def test_restore_after_crash(tmp_path: Any) -> None:
+    """
+    A registry rebuilt from the store recovers what was in flight: a
+    half-made layer is rolled back, a mount in progress is undone, and a
+    mounted layer keeps its references.
+    """
+    h = Harness(tmp_path)
+    for layer_id, state, refs in ((A, "creating", 0), (B, "mounting", 0), (C, "mounted", 2)):
+        h.store.insert_layer_thd(
+            LayerRow(id=layer_id, parent=None, kind="rw", state=state, refcount=refs,
+                     mountpoint=f"/mnt/{layer_id}" if refs else None)
+        )
+        h.fake.existing.add(layer_id)
+    fresh = LayerRegistry(h.store, InlineBackend(h.fake))
+    summary = h.run(fresh.restore(h.store.load_layers_thd(), rebooted=False))
+    assert summary == {"creating": 1, "mounting": 1, "mounted": 1}
+    rows = {r.id: (r.state, r.refcount) for r in h.store.load_layers_thd()}
+    assert rows == {B: ("created", 0), C: ("mounted", 2)}
+    assert A not in fresh
+    fresh2 = LayerRegistry(h.store, InlineBackend(h.fake))
+    h.run(fresh2.restore(h.store.load_layers_thd(), rebooted=True))
+    rows = {r.id: (r.state, r.refcount) for r in h.store.load_layers_thd()}
+    assert rows == {B: ("created", 0), C: ("created", 0)}
+
+
+def test_missing_storage_is_faulty(h: Harness) -> None:
+    """
+    A layer at rest whose storage vanished is marked faulty at start, not
+    served as an empty directory.
+    """
+    h.store.insert_layer_thd(LayerRow(id=A, parent=None, kind="ro", state="created"))
+    h.run(h.registry.restore(h.store.load_layers_thd(), rebooted=False))
+    row = h.row(A)
+    assert row is not None and row.state == "faulty" and "missing" in (row.error or "")
+    with pytest.raises(InvalidLayerState, match="faulty"):
+        h.run(h.registry.get(A))
+
+
+def test_transitions_cover_persisted_states() -> None:
+    """
+    The transition table read from the machine reaches every persisted
+    state and the terminal released state.
+    """
+    targets = {end for _, _, end in transitions()}
+    assert set(LAYER_STATES) | {"released"} <= targets | {"creating"}
+    assert ("created", "get", "mapping") in set(transitions())

@@ -1,0 +1,716 @@
+"""
+The HTTP face of txgraph: a Klein resource speaking Docker's GraphDriver
+plugin protocol (v1) exactly as dockerd speaks it.
+
+Every call is C{POST /<Method>} with a JSON body and no Content-Type.  This
+module decodes and validates the JSON (errors name the field), calls the
+L{txgraph.driver.Driver}, and answers JSON; any failure is C{{"Err": msg}}
+with a non-200 status, which dockerd reports as C{"<Method>: msg"}.
+
+Two calls stream, and never hold a whole layer in memory or on disk:
+
+ - ApplyDiff's body is a chunked tar.  Twisted would normally spool a body
+   to a temporary file before the resource runs; L{PluginRequest} instead
+   starts the apply as soon as the headers are in and feeds the body to it
+   through a bounded L{ApplyStream}, pausing the connection when the
+   extracting thread falls behind.
+ - Diff answers with a tar produced in a backend thread and written to the
+   connection through L{ResponseStream}, which waits while the connection
+   is paused.  An error before the first byte is a JSON error; an error
+   after it aborts the connection, so that dockerd sees a truncated
+   response rather than a short tar.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from klein import Klein
+from twisted.internet.defer import Deferred, ensureDeferred, fail
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import Request
+from twisted.web.server import Request as ServerRequest
+from twisted.web.server import Site
+from twisted.web.iweb import IRequest
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from txgraph.driver import Driver, check_id
+from txgraph.errors import BadRequest, TxgraphError
+
+log = Logger()
+
+#: dockerd's JSON bodies are tiny; anything larger than this is refused.
+MAX_JSON_BODY = 1 << 20
+#: How much of an ApplyDiff body may wait for the extracting thread.
+APPLY_HIGH_WATER = 8 << 20
+APPLY_LOW_WATER = 2 << 20
+#: Diff output is handed to the reactor in chunks of this size.
+DIFF_CHUNK = 256 << 10
+
+CONTENT_TYPE = b"application/vnd.docker.plugins.v1+json"
+
+
+class ApplyStream:
+    """
+    The body of an ApplyDiff as a blocking, file-like stream for the
+    extracting thread, fed by the reactor, with flow control.
+
+    The reactor calls L{write} with each chunk; when more than
+    C{APPLY_HIGH_WATER} bytes wait, the connection is paused until the
+    reader drains below C{APPLY_LOW_WATER}.  L{read} blocks in the worker
+    thread until data, the end of the body, or an abort arrives.
+    """
+
+    def __init__(self, reactor: Any, pause: Callable[[], None], resume: Callable[[], None]) -> None:
+        self._reactor = reactor
+        self._pause = pause
+        self._resume = resume
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._eof = False
+        self._error: BaseException | None = None
+        self._discard = False
+        self._paused = False
+        self._cond = threading.Condition()
+        self.received = 0
+        self.result: Deferred[Any] | None = None
+
+    # reactor side
+
+    def write(self, data: bytes) -> None:
+        """
+        A chunk of the body arrived.
+        """
+        self.received += len(data)
+        with self._cond:
+            if self._discard:
+                return
+            self._chunks.append(data)
+            self._buffered += len(data)
+            pause = self._buffered > APPLY_HIGH_WATER and not self._paused
+            if pause:
+                self._paused = True
+            self._cond.notify()
+        if pause:
+            self._pause()
+
+    def seek(self, offset: int, whence: int = 0) -> None:
+        """
+        Twisted rewinds request bodies; this one cannot be, and need not.
+        """
+
+    def tell(self) -> int:
+        """
+        How much of the body has arrived.
+        """
+        return self.received
+
+    def close(self) -> None:
+        """
+        Nothing to release here.
+        """
+
+    def finish(self) -> None:
+        """
+        The whole body has arrived.
+        """
+        with self._cond:
+            self._eof = True
+            self._cond.notify()
+
+    def abort(self, reason: BaseException) -> None:
+        """
+        The connection was lost before the body ended.
+        """
+        with self._cond:
+            self._error = reason
+            self._cond.notify()
+
+    def done(self) -> None:
+        """
+        The reader is finished (or failed): drop whatever else arrives, and
+        let the connection flow again so the body can end.
+        """
+        with self._cond:
+            self._discard = True
+            self._chunks.clear()
+            self._buffered = 0
+            resume = self._paused
+            self._paused = False
+        if resume:
+            self._resume()
+
+    # worker side
+
+    def read(self, n: int = -1) -> bytes:
+        """
+        Up to C{n} bytes of the body (all that is buffered if C{n} < 0);
+        C{b""} at its end.  Blocks until something is there.
+        """
+        with self._cond:
+            while not self._chunks and not self._eof and self._error is None:
+                self._cond.wait()
+            if self._error is not None and not self._chunks:
+                raise BadRequest(
+                    f"the layer tar stream was cut off after {self.received} bytes: "
+                    f"{self._error}"
+                )
+            if not self._chunks:
+                return b""
+            if n < 0 or n >= self._buffered:
+                data = b"".join(self._chunks)
+                self._chunks.clear()
+            else:
+                parts = []
+                need = n
+                while need:
+                    chunk = self._chunks[0]
+                    if len(chunk) <= need:
+                        parts.append(self._chunks.popleft())
+                        need -= len(chunk)
+                    else:
+                        parts.append(chunk[:need])
+                        self._chunks[0] = chunk[need:]
+                        need = 0
+                data = b"".join(parts)
+            self._buffered -= len(data)
+            resume = self._paused and self._buffered < APPLY_LOW_WATER
+            if resume:
+                self._paused = False
+        if resume:
+            self._reactor.callFromThread(self._resume)
+        return data
+
+
+@implementer(IPushProducer)
+class ResponseStream:
+    """
+    A blocking, file-like writer for a backend thread that produces a
+    response body (Diff's tar), delivered to the connection by the reactor
+    in chunks, waiting while the connection is paused.
+    """
+
+    def __init__(self, reactor: Any, request: IRequest) -> None:
+        self._reactor = reactor
+        self._request = request
+        self._buffer: list[bytes] = []
+        self._size = 0
+        self._writable = threading.Event()
+        self._writable.set()
+        self._lost = False
+        self.started = False
+        self.written = 0
+
+    # IPushProducer, called by the reactor
+    def pauseProducing(self) -> None:
+        """
+        The connection's buffer is full.
+        """
+        self._writable.clear()
+
+    def resumeProducing(self) -> None:
+        """
+        The connection can take more.
+        """
+        self._writable.set()
+
+    def stopProducing(self) -> None:
+        """
+        The connection is gone.
+        """
+        self._lost = True
+        self._writable.set()
+
+    # worker side
+    def write(self, data: bytes) -> int:
+        """
+        Queue C{data}; send once a chunk's worth is buffered.
+        """
+        if data:
+            self._buffer.append(bytes(data))
+            self._size += len(data)
+            if self._size >= DIFF_CHUNK:
+                self.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        """
+        Send what is buffered, waiting while the connection is paused.
+        """
+        if not self._buffer:
+            return
+        self._writable.wait()
+        if self._lost:
+            raise ConnectionError("dockerd closed the connection during Diff")
+        data = b"".join(self._buffer)
+        self._buffer = []
+        self._size = 0
+        self.started = True
+        self.written += len(data)
+        self._reactor.callFromThread(self._request.write, data)
+
+
+class PluginRequest(ServerRequest):
+    """
+    A request that streams ApplyDiff bodies to the driver instead of
+    spooling them, and refuses oversized JSON bodies early.
+    """
+
+    def gotLength(self, length: int | None) -> None:
+        channel = self.channel
+        path = getattr(channel, "_path", b"")
+        command = getattr(channel, "_command", b"")
+        site = channel.site if channel is not None else None
+        api = getattr(site, "api", None)
+        if (
+            api is not None
+            and command == b"POST"
+            and path.split(b"?", 1)[0] == b"/GraphDriver.ApplyDiff"
+        ):
+            self.content = api.start_apply(self, path)
+            return
+        if length is not None and length > MAX_JSON_BODY:
+            self.content = _Oversized(length)
+            return
+        if length is None:
+            self.content = _Oversized(None)
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self.content.write(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if isinstance(self.content, ApplyStream):
+            self.content.finish()
+        # dockerd sends no Content-Type, and none is needed; without one,
+        # Twisted never tries to parse a body as a form (which would read a
+        # streaming body from the reactor thread).
+        self.requestHeaders.removeHeader(b"Content-Type")
+        super().requestReceived(command, path, version)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if isinstance(self.content, ApplyStream):
+            self.content.abort(reason.value)
+        super().connectionLost(reason)
+
+
+class _Oversized:
+    """
+    Stands in for a JSON body that is too big (or chunked): counts and
+    drops it, so the handler can answer with an error.
+    """
+
+    def __init__(self, length: int | None) -> None:
+        self.length = length
+        self.received = 0
+
+    def write(self, data: bytes) -> None:
+        self.received += len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> None:
+        pass
+
+    def tell(self) -> int:
+        return self.received
+
+    def read(self, n: int = -1) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+class PluginSite(Site):
+    """
+    A Site whose requests stream ApplyDiff bodies to C{api}.
+    """
+
+    requestFactory = PluginRequest
+
+    def __init__(self, api: GraphDriverAPI, **kwargs: Any) -> None:
+        super().__init__(api.app.resource(), **kwargs)
+        self.api = api
+
+
+# -- JSON handling -------------------------------------------------------------
+
+
+def _optional_id(body: dict[str, Any], field: str) -> str | None:
+    value = body.get(field)
+    if value in (None, ""):
+        return None
+    return check_id(value, field)
+
+
+def _string_map(body: dict[str, Any], field: str) -> dict[str, str]:
+    value = body.get(field)
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise BadRequest(f"invalid {field}: expected an object of strings")
+    return value
+
+
+def _string(body: dict[str, Any], field: str) -> str:
+    value = body.get(field)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BadRequest(f"invalid {field}: expected a string, got {type(value).__name__}")
+    return value
+
+
+def _id_maps(body: dict[str, Any], field: str) -> list[dict[str, int]] | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise BadRequest(f"invalid {field}: expected a list of ID mappings")
+    result = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict):
+            raise BadRequest(f"invalid {field}[{i}]: expected an object")
+        mapping = {}
+        for key in ("container_id", "host_id", "size"):
+            v = entry.get(key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise BadRequest(
+                    f"invalid {field}[{i}].{key}: expected a non-negative integer"
+                )
+            mapping[key] = v
+        if mapping["size"] == 0:
+            raise BadRequest(f"invalid {field}[{i}].size: must be at least 1")
+        result.append(mapping)
+    return result
+
+
+def _decode(request: IRequest) -> dict[str, Any]:
+    content = request.content
+    if isinstance(content, _Oversized):
+        if content.length is None:
+            raise BadRequest(
+                "request body must have a Content-Length (chunked JSON is not accepted)"
+            )
+        raise BadRequest(
+            f"request body too large: {content.length} bytes (limit {MAX_JSON_BODY})"
+        )
+    raw = content.read() if content is not None else b""
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"malformed JSON in request body: {e}") from None
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise BadRequest(
+            f"request body must be a JSON object, not {type(body).__name__}"
+        )
+    return body
+
+
+def _respond(request: IRequest, status: int, payload: dict[str, Any]) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", CONTENT_TYPE)
+    return json.dumps(payload).encode() + b"\n"
+
+
+def _error(request: IRequest, failure: Failure) -> bytes:
+    error = failure.value
+    if isinstance(error, TxgraphError):
+        return _respond(request, error.status, {"Err": error.message})
+    log.failure("internal error serving {uri}", failure, uri=request.uri)
+    return _respond(
+        request,
+        500,
+        {"Err": f"internal error in txgraph: {type(error).__name__}: {error}"},
+    )
+
+
+Handler = Callable[[Any, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+#: The routes; bound per instance of L{GraphDriverAPI} (Klein's descriptor).
+app = Klein()
+
+
+def _endpoint(method: str) -> Callable[[Handler], Callable[[Any, IRequest], Deferred[bytes]]]:
+    """
+    Route C{POST /<method>} to a handler that takes the decoded JSON body
+    and returns the JSON reply; errors become C{{"Err": ...}}.
+    """
+
+    def decorator(handler: Handler) -> Callable[[Any, IRequest], Deferred[bytes]]:
+        def route(self: GraphDriverAPI, request: IRequest) -> Deferred[bytes]:
+            async def serve() -> bytes:
+                body = _decode(request)
+                if method != "Plugin.Activate":
+                    await self.driver_ready()
+                return _respond(request, 200, await handler(self, body))
+
+            d = ensureDeferred(serve())
+            d.addErrback(lambda f: _error(request, f))
+            return d
+
+        route.__name__ = handler.__name__
+        route.__doc__ = handler.__doc__
+        return app.route(f"/{method}", methods=["POST"])(route)
+
+    return decorator
+
+
+class GraphDriverAPI:
+    """
+    The GraphDriver plugin protocol, served by Klein, onto a L{Driver}.
+    """
+
+    app = app
+
+    def __init__(self, driver: Driver, reactor: Any) -> None:
+        self.driver = driver
+        self._reactor = reactor
+
+    async def driver_ready(self) -> None:
+        """
+        Wait until the driver has restored and recovered its state.
+        """
+        if not self.driver.ready.called:
+            ready: Deferred[None] = Deferred()
+            def fire(result: object) -> object:
+                ready.callback(None)
+                return result
+
+            self.driver.ready.addBoth(fire)
+            await ready
+
+    @_endpoint("Plugin.Activate")
+    async def activate(self, body: dict[str, Any]) -> dict[str, Any]:
+        """
+        The handshake: txgraph implements the GraphDriver protocol.
+        """
+        return {"Implements": ["GraphDriver"]}
+
+    @_endpoint("GraphDriver.Init")
+    async def init(self, body: dict[str, Any]) -> dict[str, Any]:
+        """
+        Init: dockerd's home directory, storage options and ID maps.
+        """
+        opts = body.get("Opts")
+        if opts is None:
+            opts = []
+        if not isinstance(opts, list) or not all(isinstance(o, str) for o in opts):
+            raise BadRequest("invalid Opts: expected a list of key=value strings")
+        await self.driver.init(
+            _string(body, "Home"),
+            opts,
+            _id_maps(body, "UIDMaps"),
+            _id_maps(body, "GIDMaps"),
+        )
+        return {}
+
+    @_endpoint("GraphDriver.Capabilities")
+    async def capabilities(self, body: dict[str, Any]) -> dict[str, Any]:
+        """
+        Capabilities.
+        """
+        return {"Capabilities": self.driver.capabilities()}
+
+    @_endpoint("GraphDriver.Status")
+    async def status(self, body: dict[str, Any]) -> dict[str, Any]:
+        """
+        Status: key/value pairs for C{docker info}.
+        """
+        return {"Status": [list(pair) for pair in await self.driver.status()]}
+
+    @_endpoint("GraphDriver.Create")
+    async def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        """
+        Create an image layer.
+        """
+        _string(body, "MountLabel")
+        await self.driver.create(
+            check_id(body.get("ID")),
+            _optional_id(body, "Parent"),
+            False,
+            _string_map(body, "StorageOpt"),
+        )
+        return {}
+
+    @_endpoint("GraphDriver.CreateReadWrite")
+    async def create_read_write(self, body: dict[str, Any]) -> dict[str, Any]:
+        """
+        Create a container layer.
+        """
+        _string(body, "MountLabel")
+        await self.driver.create(
+            check_id(body.get("ID")),
+            _optional_id(body, "Parent"),
+            True,
+            _string_map(body, "StorageOpt"),
+        )
+        return {}
+
+    @_endpoint("GraphDriver.Remove")
+    async def remove(self, body: dict[str, Any]) -> dict[str, Any]:
+        """
+        Remove a layer.
+        """
+        await self.driver.remove(check_id(body.get("ID")))
+        return {}
+
+    @_endpoint("GraphDriver.Get")
+    async def get(self, body: dict[str, Any]) -> dict[str, Any]:
+        """
+        Mount a layer and take a reference.
+        """
+        _string(body, "MountLabel")
+        return {"Dir": await self.driver.get(check_id(body.get("ID")))}
+
+    @_endpoint("GraphDriver.Put")
+    async def put(self, body: dict[str, Any]) -> dict[str, Any]:
+        """
+        Drop a reference.
+        """
+        await self.driver.put(check_id(body.get("ID")))
+        return {}
+
+    @_endpoint("GraphDriver.Exists")
+    async def exists(self, body: dict[str, Any]) -> dict[str, Any]:
+        """
+        Whether a layer exists.
+        """
+        return {"Exists": self.driver.exists(check_id(body.get("ID")))}
+
+    @_endpoint("GraphDriver.GetMetadata")
+    async def metadata(self, body: dict[str, Any]) -> dict[str, Any]:
+        """
+        Backend details of a layer, for C{docker inspect}.
+        """
+        return {"Metadata": await self.driver.metadata(check_id(body.get("ID")))}
+
+    @_endpoint("GraphDriver.Cleanup")
+    async def cleanup(self, body: dict[str, Any]) -> dict[str, Any]:
+        """
+        dockerd is shutting down.
+        """
+        await self.driver.cleanup()
+        return {}
+
+    @_endpoint("GraphDriver.Changes")
+    async def changes(self, body: dict[str, Any]) -> dict[str, Any]:
+        """
+        The changes of a layer against its parent.
+        """
+        changes = await self.driver.changes(
+            check_id(body.get("ID")), _optional_id(body, "Parent")
+        )
+        return {"Changes": [{"Path": c.path, "Kind": int(c.kind)} for c in changes]}
+
+    @_endpoint("GraphDriver.DiffSize")
+    async def diff_size(self, body: dict[str, Any]) -> dict[str, Any]:
+        """
+        The size of a layer's changes.
+        """
+        return {
+            "Size": await self.driver.diff_size(
+                check_id(body.get("ID")), _optional_id(body, "Parent")
+            )
+        }
+
+    @app.route("/GraphDriver.Diff", methods=["POST"])
+    def diff(self, request: IRequest) -> Deferred[bytes]:
+        """
+        Stream the layer tar of a layer's changes.
+        """
+        stream = ResponseStream(self._reactor, request)
+
+        async def serve() -> bytes:
+            body = _decode(request)
+            await self.driver_ready()
+            layer_id = check_id(body.get("ID"))
+            parent = _optional_id(body, "Parent")
+            await self.driver.check_read(layer_id, parent)
+            request.setResponseCode(200)
+            request.setHeader(b"Content-Type", b"application/x-tar")
+            request.registerProducer(stream, True)
+            try:
+                await self.driver.diff(layer_id, parent, stream)  # type: ignore[arg-type]
+                # What is still buffered is sent from a thread too: flushing
+                # waits while the connection is paused.
+                await self.driver.backend.run(stream.flush)
+            finally:
+                request.unregisterProducer()
+            return b""
+
+        d = ensureDeferred(serve())
+
+        def failed(failure: Failure) -> bytes:
+            if stream.started:
+                log.failure(
+                    "Diff failed after {n} bytes; aborting the response",
+                    failure,
+                    n=stream.written,
+                )
+                transport = getattr(request.channel, "transport", None)
+                if transport is not None:
+                    transport.abortConnection()
+                return b""
+            return _error(request, failure)
+
+        d.addErrback(failed)
+        return d
+
+    @app.route("/GraphDriver.ApplyDiff", methods=["POST"])
+    def apply_diff(self, request: IRequest) -> Deferred[bytes]:
+        """
+        Answer an ApplyDiff whose body was streamed to the driver as it
+        arrived (see L{start_apply}).
+        """
+        content = request.content
+        if not isinstance(content, ApplyStream) or content.result is None:
+            return fail(
+                Failure(BadRequest("ApplyDiff body was not streamed"))
+            ).addErrback(lambda f: _error(request, f))
+        d: Deferred[Any] = Deferred()
+        # Hand the outcome over (the apply's own Deferred keeps nothing).
+        content.result.addBoth(d.callback)
+        d.addCallback(lambda size: _respond(request, 200, {"Size": size}))
+        d.addErrback(lambda f: _error(request, f))
+        return d
+
+    def start_apply(self, request: Request, path: bytes) -> ApplyStream:
+        """
+        Called when an ApplyDiff's headers are in: start applying, reading
+        the body as it arrives.
+        """
+        # Flow control pauses reading from the connection itself.
+        transport = request.channel.transport
+        stream = ApplyStream(
+            self._reactor, transport.pauseProducing, transport.resumeProducing
+        )
+
+        async def apply() -> int:
+            try:
+                query = parse_qs(urlsplit(path.decode("utf-8", "replace")).query,
+                                 keep_blank_values=True)
+                layer_id = check_id((query.get("id") or [None])[0], "id")
+                parent = (query.get("parent") or [""])[0] or None
+                if parent is not None:
+                    check_id(parent, "parent")
+                await self.driver_ready()
+                return await self.driver.apply_diff(layer_id, parent, stream)  # type: ignore[arg-type]
+            finally:
+                stream.done()
+
+        stream.result = ensureDeferred(apply())
+        return stream

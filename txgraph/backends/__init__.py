@@ -1,0 +1,342 @@
+"""
+Storage backends: where layers physically live.
+
+A backend is a synchronous, snapshotter-shaped object (L{Backend}): prepare
+a layer's storage, commit it so children can be made from it, map it to a
+block device (block backends only), mount it, unmount, unmap, remove; and
+apply or produce layer tars through the shared L{txgraph.archive} code.
+Every method blocks, so nothing calls a backend directly: the layer
+machines go through L{AsyncBackend}, which runs each call in a named thread
+pool and returns a Deferred, keeping the reactor thread free.
+
+The contract every method follows (the conformance suite in
+L{txgraph.testing.conformance} checks it on every backend):
+
+ - Calls may be retried after a crash, so each recognises and finishes or
+   replaces what a half-done earlier call left (C{prepare} over leftovers,
+   C{remove}/C{unmount}/C{unmap} of what is already gone succeed).
+ - A failed call cleans up what it made, or raises and leaves the layer in
+   a state that C{remove} can clean up.
+ - Errors are L{txgraph.errors.TxgraphError}s whose message says which
+   operation failed on which layer, and why.
+
+Three use cases, as the layer machines drive them::
+
+  import an image layer:   prepare(L) -> apply(L, tar) -> commit(L)
+  run a container:         prepare(C-init, parent=L) -> map/mount(C-init) ...
+                           commit(C-init) -> prepare(C, parent=C-init)
+                           -> map(C) -> mount(C) -> unmount(C) -> unmap(C)
+  remove:                  remove(C) -> remove(C-init) -> remove(L)
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any, ClassVar, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from txgraph.archive import Change, IDMap
+from txgraph.errors import ConfigurationError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """
+    What a backend is told about a layer.
+
+    @ivar mapping: what C{map} returned for it, while it is mapped.
+    @ivar storage_opt: CreateReadWrite's StorageOpt (e.g. C{size}).
+    @ivar root_ids: the host uid and gid of the container's root
+        (userns-remap), to own the layer's root directory.
+    """
+
+    id: str
+    parent: str | None
+    readwrite: bool = False
+    mapping: dict[str, Any] | None = None
+    storage_opt: dict[str, str] = field(default_factory=dict)
+    root_ids: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True)
+class BackendOption:
+    """
+    One option of a backend: C{--<backend>-<key>} on the command line and
+    C{txgraph.<backend>.<key>=value} in dockerd's C{--storage-opt}.
+
+    @ivar parse: turns the string into the value (raises ValueError with a
+        message on bad input).
+    """
+
+    key: str
+    help: str
+    default: str | None = None
+    parse: Callable[[str], Any] = str
+
+
+def parse_options(
+    backend: type[Backend], values: dict[str, str]
+) -> dict[str, Any]:
+    """
+    Validate and convert a backend's options (defaults filled in).  An
+    unknown key or an invalid value is a L{ConfigurationError} naming it.
+    """
+    known = {o.key: o for o in backend.options}
+    result: dict[str, Any] = {}
+    for key in values:
+        if key not in known:
+            raise ConfigurationError(
+                f"unknown option txgraph.{backend.name}.{key} for the "
+                f"{backend.name} backend (known: "
+                f"{', '.join(sorted(known)) or 'none'})"
+            )
+    for option in backend.options:
+        raw = values.get(option.key, option.default)
+        if raw is None:
+            result[option.key] = None
+            continue
+        try:
+            result[option.key] = option.parse(raw)
+        except ValueError as e:
+            raise ConfigurationError(
+                f"invalid value {raw!r} for txgraph.{backend.name}.{option.key}: {e}"
+            ) from None
+    return result
+
+
+class Backend(abc.ABC):
+    """
+    A synchronous layer store.  See the module docstring for the contract.
+
+    @cvar name: the backend's name (C{--backend NAME}).
+    @cvar options: the options it accepts.
+    @cvar maps: whether layers are mapped to block devices before mounting
+        (the layer machine skips the map/unmap steps otherwise).
+    @cvar commits: whether C{commit} does anything (the machine skips the
+        write-ahead record otherwise).
+    """
+
+    name: ClassVar[str]
+    options: ClassVar[tuple[BackendOption, ...]] = ()
+    maps: ClassVar[bool] = False
+    commits: ClassVar[bool] = False
+
+    def __init__(self, state_dir: str, options: dict[str, Any]) -> None:
+        self.state_dir = state_dir
+        self.config = options
+
+    def start(self) -> None:
+        """
+        Check the environment and connect; raise a clear error if the
+        backend cannot work here.
+        """
+
+    def stop(self) -> None:
+        """
+        Release connections.
+        """
+
+    @abc.abstractmethod
+    def status(self) -> list[tuple[str, str]]:
+        """
+        Lines for C{docker info}.
+        """
+
+    # -- life cycle ------------------------------------------------------
+
+    @abc.abstractmethod
+    def prepare(self, layer: LayerInfo) -> None:
+        """
+        Make the storage of a new, empty layer (a child of C{layer.parent},
+        which is committed).  Leftovers of an earlier attempt are replaced.
+        """
+
+    @abc.abstractmethod
+    def commit(self, layer: LayerInfo) -> None:
+        """
+        Make the layer immutable and ready to be a parent.  Idempotent.
+        """
+
+    @abc.abstractmethod
+    def remove(self, layer: LayerInfo) -> None:
+        """
+        Delete everything of the layer: mounts, mappings, storage.
+        Idempotent: removing what is gone succeeds.
+        """
+
+    @abc.abstractmethod
+    def reset(self, layer: LayerInfo) -> None:
+        """
+        Empty the layer again (after an interrupted apply).
+        """
+
+    @abc.abstractmethod
+    def exists(self, layer: LayerInfo) -> bool:
+        """
+        Whether the layer's storage exists.
+        """
+
+    def map(self, layer: LayerInfo) -> dict[str, Any] | None:
+        """
+        Attach the layer's block device; return what to persist about it.
+        """
+        return None
+
+    def unmap(self, layer: LayerInfo) -> None:
+        """
+        Detach the layer's block device.  Idempotent.
+        """
+
+    @abc.abstractmethod
+    def mount(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
+        """
+        Mount the layer (over its ancestors C{chain}, nearest first) and
+        return the directory dockerd will use.
+        """
+
+    @abc.abstractmethod
+    def unmount(self, layer: LayerInfo) -> None:
+        """
+        Unmount the layer.  Idempotent.
+        """
+
+    @abc.abstractmethod
+    def ensure_mounted(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
+        """
+        After a restart: the layer is recorded as mounted; mount it again
+        if the mount is gone, and return its directory.
+        """
+
+    @abc.abstractmethod
+    def list_layers(self) -> list[str]:
+        """
+        The IDs of every layer this backend holds storage for (for gc).
+        """
+
+    # -- content ---------------------------------------------------------
+
+    @abc.abstractmethod
+    def apply(self, layer: LayerInfo, stream: IO[bytes], id_map: IDMap) -> int:
+        """
+        Replace the layer's content with the layer tar read from C{stream}
+        and return its size, equal to what L{diff_size} reports for it.
+        """
+
+    @abc.abstractmethod
+    def diff(
+        self,
+        layer: LayerInfo,
+        chain: list[LayerInfo],
+        parent: str | None,
+        out: IO[bytes],
+        id_map: IDMap,
+    ) -> None:
+        """
+        Write the layer tar of the changes between C{parent} and the layer.
+        """
+
+    @abc.abstractmethod
+    def changes(
+        self, layer: LayerInfo, chain: list[LayerInfo], parent: str | None
+    ) -> list[Change]:
+        """
+        The changes between C{parent} and the layer, as moby computes them.
+        """
+
+    @abc.abstractmethod
+    def diff_size(
+        self, layer: LayerInfo, chain: list[LayerInfo], parent: str | None
+    ) -> int:
+        """
+        The size of the changes between C{parent} and the layer.
+        """
+
+    @abc.abstractmethod
+    def metadata(self, layer: LayerInfo, chain: list[LayerInfo]) -> dict[str, str]:
+        """
+        GetMetadata's answer (shown by C{docker inspect}).
+        """
+
+
+class AsyncBackend:
+    """
+    A backend seen from the reactor: every call runs in the backend thread
+    pool and returns a Deferred.
+
+    @ivar sync: the wrapped synchronous backend.
+    """
+
+    def __init__(
+        self, backend: Backend, reactor: IReactorThreads, pool: ThreadPool
+    ) -> None:
+        self.sync = backend
+        self._reactor = reactor
+        self._pool = pool
+
+    @property
+    def name(self) -> str:
+        """
+        The backend's name.
+        """
+        return self.sync.name
+
+    @property
+    def maps(self) -> bool:
+        """
+        Whether the backend maps layers to block devices.
+        """
+        return self.sync.maps
+
+    @property
+    def commits(self) -> bool:
+        """
+        Whether C{commit} has work to do.
+        """
+        return self.sync.commits
+
+    def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """
+        Run C{fn(*args)} in the backend thread pool.
+        """
+        return deferToThreadPool(self._reactor, self._pool, fn, *args)
+
+    def __getattr__(self, name: str) -> Callable[..., Deferred[Any]]:
+        method = getattr(self.sync, name)
+        if not callable(method) or name.startswith("_"):
+            raise AttributeError(name)
+
+        def threaded(*args: Any) -> Deferred[Any]:
+            return self.run(method, *args)
+
+        threaded.__name__ = name
+        return threaded
+
+
+def backend_class(name: str) -> type[Backend]:
+    """
+    The backend called C{name}; a L{ConfigurationError} listing the known
+    ones otherwise.  Backends are imported only when asked for, so that a
+    missing optional dependency (Ceph's bindings) affects only its backend.
+    """
+    if name == "overlay":
+        from txgraph.backends.overlay import OverlayBackend
+
+        return OverlayBackend
+    if name == "rbd":
+        try:
+            from txgraph.backends.rbd import RBDBackend  # type: ignore[import-not-found]
+        except ImportError as e:
+            raise ConfigurationError(f"the rbd backend is not available: {e}") from None
+        return RBDBackend  # type: ignore[no-any-return]
+    raise ConfigurationError(f"unknown backend {name!r} (known: overlay, rbd)")
+
+
+BACKEND_NAMES = ("overlay", "rbd")

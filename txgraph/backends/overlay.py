@@ -1,0 +1,369 @@
+"""
+The overlay backend: layers as overlayfs directories on local disk, the
+embedded default that needs nothing else installed or running.
+
+Layout, under C{<state-dir>/overlay/}::
+
+  <id>/diff     the layer's own files (an overlay upper directory)
+  <id>/work     overlayfs's work directory
+  <id>/merged   where the layer is mounted over its ancestors' diff dirs
+  .tmp/         layers being made or removed, and temporary views
+
+A layer without a parent needs no mount: Get returns its diff directory.
+Diff, Changes and DiffSize against the layer's own parent read the diff
+directory directly (moby overlay2's native diff); against any other parent
+they compare two read-only views (moby's naive diff).
+
+Chains up to 128 layers deep fit mount(2)'s one-page option limit: when the
+absolute lower paths are too long, they are passed as short
+C{/proc/self/fd/N} paths of directories opened for the mount.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import IO, Any
+
+from txgraph import archive, mounts
+from txgraph.archive import ApplyMode, Change, IDMap
+from txgraph.backends import Backend, BackendOption, LayerInfo
+from txgraph.errors import BackendError, ConfigurationError
+
+_ID = re.compile(r"^[0-9a-f]{64}(-init)?$")
+
+
+def _mount_options(value: str) -> str:
+    for option in value.split(","):
+        if option.split("=")[0] in ("lowerdir", "upperdir", "workdir"):
+            raise ValueError(f"{option.split('=')[0]} is set by txgraph itself")
+    return value
+
+
+class OverlayBackend(Backend):
+    """
+    Layers as overlayfs directories.
+    """
+
+    name = "overlay"
+    options = (
+        BackendOption(
+            key="mountopt",
+            help="extra overlayfs mount options, comma-separated (e.g. metacopy=off)",
+            default="",
+            parse=_mount_options,
+        ),
+    )
+
+    def __init__(self, state_dir: str, options: dict[str, Any]) -> None:
+        super().__init__(state_dir, options)
+        self.root = os.path.join(state_dir, "overlay")
+        self._tmp = os.path.join(self.root, ".tmp")
+
+    # -- paths -----------------------------------------------------------
+
+    def _dir(self, layer_id: str) -> str:
+        return os.path.join(self.root, layer_id)
+
+    def diff_dir(self, layer_id: str) -> str:
+        """
+        The layer's own files.
+        """
+        return os.path.join(self.root, layer_id, "diff")
+
+    def _merged(self, layer_id: str) -> str:
+        return os.path.join(self.root, layer_id, "merged")
+
+    # -- set-up ------------------------------------------------------------
+
+    def start(self) -> None:
+        """
+        Make the layer directory and check that this kernel has overlayfs.
+        """
+        os.makedirs(self._tmp, mode=0o700, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        with open("/proc/filesystems") as f:
+            if not any(line.split()[-1] == "overlay" for line in f if line.strip()):
+                raise BackendError(
+                    "the overlay backend needs overlayfs, which this kernel does "
+                    "not offer (modprobe overlay)"
+                )
+        # Views and half-made layers left by a crash.
+        for point in mounts.mounted_under(self._tmp):
+            mounts.unmount(point)
+        for name in os.listdir(self._tmp):
+            shutil.rmtree(os.path.join(self._tmp, name), ignore_errors=True)
+
+    def status(self) -> list[tuple[str, str]]:
+        """
+        Where the layers are and what filesystem holds them.
+        """
+        fstype = "unknown"
+        best = ""
+        for entry in mounts.mount_table():
+            point = entry.mountpoint.rstrip("/") + "/"
+            if (self.root + "/").startswith(point) and len(point) > len(best):
+                best, fstype = point, entry.fstype
+        return [("Layer Directory", self.root), ("Backing Filesystem", fstype)]
+
+    # -- life cycle ----------------------------------------------------------
+
+    def prepare(self, layer: LayerInfo) -> None:
+        """
+        Make C{<id>/{diff,work,merged}} atomically (made in .tmp, renamed).
+        """
+        if layer.storage_opt:
+            raise ConfigurationError(
+                f"storage option(s) {', '.join(sorted(layer.storage_opt))} are not "
+                "supported by the overlay backend"
+            )
+        target = self._dir(layer.id)
+        if os.path.lexists(target):
+            self._destroy(layer.id)
+        staging = tempfile.mkdtemp(prefix=f"{layer.id}-", dir=self._tmp)
+        try:
+            os.chmod(staging, 0o700)
+            os.mkdir(os.path.join(staging, "diff"), 0o755)
+            os.chmod(os.path.join(staging, "diff"), 0o755)
+            os.chown(os.path.join(staging, "diff"), *layer.root_ids)
+            os.mkdir(os.path.join(staging, "work"), 0o700)
+            os.mkdir(os.path.join(staging, "merged"), 0o700)
+            os.rename(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def commit(self, layer: LayerInfo) -> None:
+        """
+        Nothing to do: an overlay layer is immutable once nothing writes it.
+        """
+
+    def remove(self, layer: LayerInfo) -> None:
+        """
+        Unmount anything left, then delete the layer's directory (renamed
+        away first, so the layer disappears at once).
+        """
+        self._destroy(layer.id)
+
+    def _destroy(self, layer_id: str) -> None:
+        target = self._dir(layer_id)
+        for point in mounts.mounted_under(target):
+            mounts.unmount(point)
+        if not os.path.lexists(target):
+            return
+        doomed = tempfile.mkdtemp(prefix=f"{layer_id}-removing-", dir=self._tmp)
+        os.rename(target, os.path.join(doomed, "layer"))
+        shutil.rmtree(doomed)
+
+    def reset(self, layer: LayerInfo) -> None:
+        """
+        Empty the layer's diff and work directories.
+        """
+        for point in mounts.mounted_under(self._dir(layer.id)):
+            mounts.unmount(point)
+        diff = self.diff_dir(layer.id)
+        for name in ("diff", "work"):
+            path = os.path.join(self._dir(layer.id), name)
+            shutil.rmtree(path, ignore_errors=True)
+            os.makedirs(path, mode=0o755 if name == "diff" else 0o700, exist_ok=True)
+        os.chmod(diff, 0o755)
+        os.chown(diff, *layer.root_ids)
+
+    def exists(self, layer: LayerInfo) -> bool:
+        """
+        Whether the layer's diff directory is there.
+        """
+        return os.path.isdir(self.diff_dir(layer.id))
+
+    def list_layers(self) -> list[str]:
+        """
+        Every layer directory.
+        """
+        return sorted(n for n in os.listdir(self.root) if _ID.match(n))
+
+    # -- mounting ------------------------------------------------------------
+
+    def mount(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
+        """
+        Mount the layer's diff over its ancestors'; a layer without a parent
+        is its own diff directory.
+        """
+        if not chain:
+            return self.diff_dir(layer.id)
+        merged = self._merged(layer.id)
+        self._mount_overlay(
+            [self.diff_dir(a.id) for a in chain],
+            merged,
+            upper=self.diff_dir(layer.id),
+            work=os.path.join(self._dir(layer.id), "work"),
+        )
+        return merged
+
+    def _mount_overlay(
+        self, lowers: list[str], target: str, upper: str | None, work: str | None
+    ) -> None:
+        extra = self.config.get("mountopt") or ""
+        tail = f",upperdir={upper},workdir={work}" if upper else ""
+        if extra:
+            tail += "," + extra
+        data = f"lowerdir={':'.join(lowers)}{tail}"
+        fds: list[int] = []
+        try:
+            if len(data) >= mounts.PAGE_SIZE - 1:
+                # Too long for one page: name each lower by a short fd path.
+                for lower in lowers:
+                    fds.append(os.open(lower, os.O_PATH | os.O_DIRECTORY))
+                short = ":".join(f"/proc/self/fd/{fd}" for fd in fds)
+                data = f"lowerdir={short}{tail}"
+                if len(data) >= mounts.PAGE_SIZE - 1:
+                    raise BackendError(
+                        f"overlay mount options for {target} do not fit one page "
+                        f"({len(lowers)} layers)"
+                    )
+            try:
+                mounts.mount("overlay", target, "overlay", 0, data)
+            except OSError as e:
+                raise BackendError(
+                    f"mount overlay for layer at {target} failed: {e.strerror}"
+                ) from None
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def unmount(self, layer: LayerInfo) -> None:
+        """
+        Unmount the layer's merged directory (if it has one).
+        """
+        if layer.parent is not None:
+            mounts.unmount(self._merged(layer.id))
+
+    def ensure_mounted(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
+        """
+        Mount the layer again if its mount is gone.
+        """
+        if not chain:
+            return self.diff_dir(layer.id)
+        merged = self._merged(layer.id)
+        if mounts.is_mountpoint(merged):
+            return merged
+        return self.mount(layer, chain)
+
+    # -- content -------------------------------------------------------------
+
+    def apply(self, layer: LayerInfo, stream: IO[bytes], id_map: IDMap) -> int:
+        """
+        Extract the tar into the layer's diff directory (AUFS whiteouts
+        become overlay whiteouts), after emptying it (ApplyDiff may be a
+        retry); on failure the layer is emptied again.
+        """
+        diff = self.diff_dir(layer.id)
+        if os.listdir(diff):
+            self.reset(layer)
+        try:
+            archive.apply_layer(stream, diff, ApplyMode.OVERLAY, id_map)
+        except BaseException:
+            self.reset(layer)
+            raise
+        return archive.directory_size(diff)
+
+    def _native(self, layer: LayerInfo, parent: str | None) -> bool:
+        return parent == layer.parent
+
+    @contextlib.contextmanager
+    def _views(
+        self, layer: LayerInfo, chain: list[LayerInfo], parent: str | None
+    ) -> Iterator[tuple[str, str | None]]:
+        """
+        Read-only views of the layer and of C{parent}'s whole tree, for
+        naive diffs (they do not disturb a mount of the layer itself).
+        """
+        with contextlib.ExitStack() as stack:
+            lowers = [self.diff_dir(layer.id)] + [self.diff_dir(a.id) for a in chain]
+            new = stack.enter_context(self._view(lowers))
+            old = None
+            if parent is not None:
+                ids = [a.id for a in chain]
+                if parent in ids:
+                    parent_lowers = [self.diff_dir(i) for i in ids[ids.index(parent) :]]
+                else:
+                    raise BackendError(
+                        f"layer {parent} is not an ancestor of {layer.id}; "
+                        "diffs are only taken against ancestors"
+                    )
+                old = stack.enter_context(self._view(parent_lowers))
+            yield new, old
+
+    @contextlib.contextmanager
+    def _view(self, lowers: list[str]) -> Iterator[str]:
+        if len(lowers) == 1:
+            yield lowers[0]
+            return
+        target = tempfile.mkdtemp(prefix="view-", dir=self._tmp)
+        try:
+            self._mount_overlay(lowers, target, upper=None, work=None)
+            try:
+                yield target
+            finally:
+                mounts.unmount(target)
+        finally:
+            os.rmdir(target)
+
+    def diff(
+        self,
+        layer: LayerInfo,
+        chain: list[LayerInfo],
+        parent: str | None,
+        out: IO[bytes],
+        id_map: IDMap,
+    ) -> None:
+        """
+        The layer tar: the diff directory itself when C{parent} is the
+        layer's parent, else the changes between two views.
+        """
+        if self._native(layer, parent):
+            archive.export_overlay(self.diff_dir(layer.id), out, id_map)
+            return
+        with self._views(layer, chain, parent) as (new, old):
+            archive.export_changes(new, archive.changes_dirs(new, old), out, id_map)
+
+    def changes(
+        self, layer: LayerInfo, chain: list[LayerInfo], parent: str | None
+    ) -> list[Change]:
+        """
+        Changes as moby's overlay2 (native) or naive differ compute them.
+        """
+        if self._native(layer, parent):
+            return archive.overlay_changes(
+                self.diff_dir(layer.id), [self.diff_dir(a.id) for a in chain]
+            )
+        with self._views(layer, chain, parent) as (new, old):
+            return archive.changes_dirs(new, old)
+
+    def diff_size(
+        self, layer: LayerInfo, chain: list[LayerInfo], parent: str | None
+    ) -> int:
+        """
+        The diff directory's size (native), or the changed files' (naive).
+        """
+        if self._native(layer, parent):
+            return archive.directory_size(self.diff_dir(layer.id))
+        with self._views(layer, chain, parent) as (new, old):
+            return archive.changes_size(new, archive.changes_dirs(new, old))
+
+    def metadata(self, layer: LayerInfo, chain: list[LayerInfo]) -> dict[str, str]:
+        """
+        overlay2's GetMetadata keys, so tools that read them work.
+        """
+        base = self._dir(layer.id)
+        meta = {
+            "UpperDir": self.diff_dir(layer.id),
+            "WorkDir": os.path.join(base, "work"),
+            "MergedDir": self._merged(layer.id) if chain else self.diff_dir(layer.id),
+        }
+        if chain:
+            meta["LowerDir"] = ":".join(self.diff_dir(a.id) for a in chain)
+        return meta

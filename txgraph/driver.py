@@ -1,0 +1,387 @@
+"""
+The graph driver: Docker's GraphDriver semantics expressed as inputs to
+the per-layer machines of L{txgraph.layers}.
+
+This layer knows what Create, Get, Put, Remove, ApplyDiff, Diff... mean to
+dockerd (which IDs are valid, what Init's options are, that Remove of an
+unknown layer succeeds), and nothing of HTTP.  dockerd calls Init only once
+per daemon life, so Init's arguments are persisted: a restarted txgraph
+under a running dockerd reloads them from the store.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from txgraph.archive import Change, IDMap
+from txgraph.backends import (
+    AsyncBackend,
+    Backend,
+    LayerInfo,
+    backend_class,
+    parse_options,
+)
+from txgraph.errors import BadRequest, ConfigurationError, InvalidLayerState
+from txgraph.layers import LayerRegistry
+from txgraph.store import Store, states_in
+
+log = Logger()
+
+#: Docker's layer IDs: 64 hex digits, "-init" for a container's init layer.
+LAYER_ID = re.compile(r"^[0-9a-f]{64}(-init)?$")
+
+#: Where the host's boot id is; a different one means the host rebooted.
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def check_id(value: Any, field: str = "ID") -> str:
+    """
+    Return C{value} if it is a valid layer ID, else raise L{BadRequest}
+    naming the field.
+    """
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"missing {field}: a layer ID is required")
+    if not LAYER_ID.match(value):
+        shown = value if len(value) <= 80 else value[:77] + "..."
+        raise BadRequest(
+            f"invalid {field} {shown!r}: layer IDs are 64 lowercase hex digits, "
+            "optionally followed by -init"
+        )
+    return value
+
+
+def parse_storage_opts(
+    opts: list[str], backend: type[Backend]
+) -> dict[str, str]:
+    """
+    Turn dockerd's C{--storage-opt} list into this backend's option values.
+    Keys are C{txgraph.<backend>.<key>}; C{txgraph.backend} may restate
+    the running backend.  Anything else is a L{ConfigurationError} naming
+    the key.
+    """
+    values: dict[str, str] = {}
+    for item in opts:
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigurationError(
+                f"invalid storage option {item!r}: expected key=value"
+            )
+        key, value = item.split("=", 1)
+        key = key.strip().lower()
+        if key == "txgraph.backend":
+            if value != backend.name:
+                raise ConfigurationError(
+                    f"storage option txgraph.backend={value} does not match the "
+                    f"running backend {backend.name}: start txgraph with "
+                    f"--backend {value}"
+                )
+            continue
+        prefix = f"txgraph.{backend.name}."
+        if key.startswith(prefix):
+            values[key[len(prefix) :]] = value
+            continue
+        raise ConfigurationError(
+            f"unknown storage option {key!r}: txgraph accepts "
+            f"txgraph.{backend.name}.* options for its {backend.name} backend"
+        )
+    return values
+
+
+def read_boot_id() -> str:
+    """
+    The host's boot id.
+    """
+    with open(BOOT_ID) as f:
+        return f.read().strip()
+
+
+@dataclass
+class InitArgs:
+    """
+    What dockerd sent in Init, as persisted.
+    """
+
+    home: str
+    opts: list[str]
+    uid_maps: list[dict[str, int]] | None
+    gid_maps: list[dict[str, int]] | None
+
+    def to_json(self) -> dict[str, Any]:
+        """
+        A JSON-able form for the store.
+        """
+        return self.__dict__.copy()
+
+
+class Driver:
+    """
+    The graph driver.
+
+    @ivar ready: fires once state is restored and recovered; requests wait
+        on it.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        store: Store,
+        backend: Backend,
+        pool: ThreadPool,
+        cli_options: dict[str, str],
+        state_dir: str,
+    ) -> None:
+        self._reactor = reactor
+        self.store = store
+        self.state_dir = state_dir
+        self._pool = pool
+        self._cli_options = cli_options
+        self.backend = AsyncBackend(backend, reactor, pool)
+        self.registry = LayerRegistry(store, self.backend)
+        self.init_args: InitArgs | None = None
+        self.ready: Deferred[None] = Deferred()
+        self.started_at = time.time()
+        self.recovered: dict[str, int] = {}
+        self.max_lag = 0.0
+
+    # -- start ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """
+        Reload Init's arguments and every layer from the store, recover what
+        a crash left in flight, then declare the driver ready.
+        """
+        config = await self.store.get_config()
+        init = config.get("init")
+        if init is not None:
+            self.init_args = InitArgs(**init)
+            self.registry.id_map = IDMap.from_docker(
+                self.init_args.uid_maps, self.init_args.gid_maps
+            )
+        boot_id = await self.backend.run(read_boot_id)
+        rebooted = config.get("boot_id") not in (None, boot_id)
+        rows = await self.store.load_layers()
+        self.recovered = await self.registry.restore(rows, rebooted)
+        await self.store.set_config({"boot_id": boot_id})
+        log.info(
+            "txgraph ready: {count} layers on the {backend} backend"
+            "{reboot}; recovered {recovered}",
+            count=len(rows),
+            backend=self.backend.name,
+            reboot=" after a host reboot" if rebooted else "",
+            recovered=self.recovered or "nothing",
+        )
+        self.ready.callback(None)
+
+    # -- the protocol ----------------------------------------------------------
+
+    async def init(
+        self,
+        home: str,
+        opts: list[str],
+        uid_maps: list[dict[str, int]] | None,
+        gid_maps: list[dict[str, int]] | None,
+    ) -> None:
+        """
+        Init: validate dockerd's storage options and ID maps and persist
+        them.  Options may change only while there are no layers.
+        """
+        cls = type(self.backend.sync)
+        values = parse_storage_opts(opts, cls)
+        merged = {**self._cli_options, **values}
+        effective = parse_options(cls, merged)
+        id_map = IDMap.from_docker(uid_maps, gid_maps)
+        if effective != self.backend.sync.config:
+            if self.registry.rows():
+                changed = sorted(
+                    k
+                    for k in effective
+                    if effective[k] != self.backend.sync.config.get(k)
+                )
+                raise ConfigurationError(
+                    "cannot change option(s) "
+                    + ", ".join(f"txgraph.{cls.name}.{k}" for k in changed)
+                    + " while layers exist"
+                )
+            replacement = cls(self.state_dir, effective)
+            await self.backend.run(replacement.start)
+            old = self.backend.sync
+            self.backend.sync = replacement
+            await self.backend.run(old.stop)
+        self.registry.id_map = id_map
+        self.init_args = InitArgs(home, list(opts), uid_maps, gid_maps)
+        await self.store.set_config({"init": self.init_args.to_json()})
+
+    async def create(
+        self,
+        layer_id: str,
+        parent: str | None,
+        readwrite: bool,
+        storage_opt: dict[str, str],
+    ) -> None:
+        """
+        Create or CreateReadWrite.
+        """
+        await self.registry.create(layer_id, parent, readwrite, storage_opt)
+
+    async def remove(self, layer_id: str) -> None:
+        """
+        Remove (a layer that does not exist is already removed).
+        """
+        await self.registry.remove(layer_id)
+
+    async def get(self, layer_id: str) -> str:
+        """
+        Get: the layer's directory, mounted, with a reference taken.
+        """
+        return await self.registry.get(layer_id)
+
+    async def put(self, layer_id: str) -> None:
+        """
+        Put: drop a reference taken by Get.
+        """
+        await self.registry.put(layer_id)
+
+    def exists(self, layer_id: str) -> bool:
+        """
+        Exists.
+        """
+        return layer_id in self.registry
+
+    async def apply_diff(
+        self, layer_id: str, parent: str | None, stream: IO[bytes]
+    ) -> int:
+        """
+        ApplyDiff: the layer's content becomes the tar; return its size.
+        """
+        layer = self.registry.lookup(layer_id)
+        if parent != layer.row.parent:
+            raise BadRequest(
+                f"ApplyDiff parent {parent or '(none)'} is not the parent of layer "
+                f"{layer_id} ({layer.row.parent or 'none'})"
+            )
+        return await self.registry.apply(layer_id, stream)
+
+    async def check_read(self, layer_id: str, parent: str | None) -> None:
+        """
+        Raise now, before a Diff starts streaming, if it cannot be served.
+        """
+        layer = self.registry.lookup(layer_id)
+        if parent is not None:
+            self.registry.lookup(parent)
+        if layer.row.state == "faulty":
+            raise InvalidLayerState(
+                f"layer {layer_id} is faulty ({layer.row.error}); remove it, or run "
+                "txgraph-admin gc"
+            )
+
+    async def diff(self, layer_id: str, parent: str | None, out: IO[bytes]) -> None:
+        """
+        Diff: write the layer tar to C{out} (from a backend thread).
+        """
+        backend = self.backend
+
+        def read(layer: LayerInfo, chain: list[LayerInfo], p: str | None) -> Deferred[None]:
+            return backend.diff(layer, chain, p, out, self.registry.id_map)
+
+        await self.registry.read(layer_id, parent, read)
+
+    async def changes(self, layer_id: str, parent: str | None) -> list[Change]:
+        """
+        Changes.
+        """
+        return await self.registry.read(layer_id, parent, self.backend.changes)
+
+    async def diff_size(self, layer_id: str, parent: str | None) -> int:
+        """
+        DiffSize.
+        """
+        return await self.registry.read(layer_id, parent, self.backend.diff_size)
+
+    async def metadata(self, layer_id: str) -> dict[str, str]:
+        """
+        GetMetadata.
+        """
+        info = self.registry.info(layer_id)
+        return await self.backend.metadata(info, self.registry.chain(layer_id))
+
+    async def status(self) -> list[tuple[str, str]]:
+        """
+        Status, for C{docker info}.
+        """
+        rows = self.registry.rows()
+        counts = states_in(rows)
+        lines = [
+            ("Backend", self.backend.name),
+            ("State Dir", self.state_dir),
+            ("Layers", str(len(rows))),
+            (
+                "Layers By State",
+                " ".join(f"{s}={n}" for s, n in sorted(counts.items())) or "none",
+            ),
+            ("Mounts", str(counts.get("mounted", 0))),
+            ("References", str(sum(r.refcount for r in rows))),
+            ("Faulty Layers", str(counts.get("faulty", 0))),
+        ]
+        lines.extend(await self.backend.status())
+        lines.append(("Reactor Max Lag", f"{self.max_lag * 1000:.1f} ms"))
+        return lines
+
+    async def cleanup(self) -> None:
+        """
+        Cleanup (dockerd is shutting down): nothing to release, since every
+        mount is reference-counted and persisted; say what is still held.
+        """
+        held = [r.id for r in self.registry.rows() if r.refcount]
+        if held:
+            log.info(
+                "dockerd shut down with {n} layer(s) still mounted: {ids}",
+                n=len(held),
+                ids=", ".join(i[:12] for i in held),
+            )
+
+    def capabilities(self) -> dict[str, bool]:
+        """
+        Capabilities: txgraph's diffs are not byte-for-byte reproducible,
+        so dockerd rebuilds exported layers from its tar-split data.
+        """
+        return {"ReproducesExactDiffs": False}
+
+
+def watch_reactor_lag(
+    driver: Driver, clock: IReactorTime, interval: float = 0.1
+) -> Callable[[], None]:
+    """
+    Measure how late the reactor runs a timer, and keep the worst in
+    C{driver.max_lag}: the proof that nothing blocks the reactor thread.
+    Returns a function that stops the watch.
+    """
+    state = {"call": None, "expected": 0.0, "running": True}
+
+    def tick() -> None:
+        now = clock.seconds()
+        lag = now - state["expected"]  # type: ignore[operator]
+        if lag > driver.max_lag:
+            driver.max_lag = lag
+        if state["running"]:
+            state["expected"] = now + interval
+            state["call"] = clock.callLater(interval, tick)
+
+    state["expected"] = clock.seconds() + interval
+    state["call"] = clock.callLater(interval, tick)
+
+    def stop() -> None:
+        state["running"] = False
+        call = state["call"]
+        if call is not None and call.active():  # type: ignore[attr-defined]
+            call.cancel()  # type: ignore[attr-defined]
+
+    return stop
+

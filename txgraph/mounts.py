@@ -1,0 +1,148 @@
+"""
+Mounting and unmounting, and reading the kernel's mount table.
+
+mount(2) and umount2(2) are called directly through ctypes: a mount is on
+the hot path of every C{docker run}, and forking mount(8) would cost more
+than the mount itself.  All of this blocks and runs in backend threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import time
+from dataclasses import dataclass
+
+from txgraph.errors import BackendError
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
+
+#: mount(2) takes at most one page of option data.
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+    """
+    mount(2); raises L{OSError} with the errno on failure.
+    """
+    if _libc.mount(
+        source.encode(), target.encode(), fstype.encode(), flags, data.encode()
+    ) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {fstype} on {target}: {os.strerror(err)}")
+
+
+def unmount(target: str, attempts: int = 50, delay: float = 0.1) -> None:
+    """
+    Unmount C{target}, retrying while it is busy (a container's processes
+    may still be exiting), then detaching it lazily as a last resort.  An
+    already-unmounted target is not an error.
+    """
+    for _ in range(attempts):
+        if _libc.umount2(target.encode(), UMOUNT_NOFOLLOW) == 0:
+            return
+        err = ctypes.get_errno()
+        if err in (errno.EINVAL, errno.ENOENT):
+            # Not a mount point (any more), or gone.
+            return
+        if err != errno.EBUSY:
+            raise BackendError(f"unmount {target}: {os.strerror(err)}")
+        time.sleep(delay)
+    if _libc.umount2(target.encode(), MNT_DETACH | UMOUNT_NOFOLLOW) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOENT):
+            raise BackendError(f"unmount {target}: {os.strerror(err)}")
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """
+    One line of /proc/self/mountinfo.
+    """
+
+    mount_id: int
+    parent_id: int
+    root: str
+    mountpoint: str
+    fstype: str
+    source: str
+    options: str
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo.
+    if "\\" not in field:
+        return field
+    out = []
+    i = 0
+    while i < len(field):
+        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_table(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
+    """
+    The current mounts, parsed.
+    """
+    entries = []
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            entries.append(
+                MountEntry(
+                    mount_id=int(fields[0]),
+                    parent_id=int(fields[1]),
+                    root=_unescape(fields[3]),
+                    mountpoint=_unescape(fields[4]),
+                    fstype=fields[sep + 1],
+                    source=_unescape(fields[sep + 2]),
+                    options=fields[sep + 3] if len(fields) > sep + 3 else "",
+                )
+            )
+    return entries
+
+
+def mounted_under(prefix: str) -> list[str]:
+    """
+    Mount points at or below C{prefix}, deepest first (the order to
+    unmount them in).
+    """
+    prefix = prefix.rstrip("/")
+    points = {
+        e.mountpoint
+        for e in mount_table()
+        if e.mountpoint == prefix or e.mountpoint.startswith(prefix + "/")
+    }
+    return sorted(points, key=lambda p: (-p.count("/"), p))
+
+
+def is_mountpoint(path: str) -> bool:
+    """
+    Whether something is mounted exactly at C{path}.
+    """
+    return any(e.mountpoint == path for e in mount_table())

@@ -1,0 +1,421 @@
+"""
+Persistent state: every layer's machine state, refcount and device mapping,
+and the options dockerd gave at Init, in SQLite.
+
+SQLite is used through SQLAlchemy Core from exactly one dedicated thread
+(L{DatabaseThread}): requests run there in FIFO order, so transitions commit
+in the order the layer machines issue them, and the reactor thread never
+blocks on the disk.  Functions that run in that thread end in C{_thd}; each
+is one transaction, which never spans a Deferred, and returns plain Python
+values (never SQLAlchemy result objects).
+
+The schema is created and upgraded only by the Alembic migrations in
+C{migrations/} (installed as L{txgraph.migrations}); L{Store.open_thd}
+refuses a database written by a newer txgraph.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from txgraph.errors import SchemaTooNew
+
+T = TypeVar("T")
+
+#: Every state a layer row may hold; the CHECK constraint on C{layers.state}
+#: and the layer machine's states are both built from this tuple.
+LAYER_STATES: tuple[str, ...] = (
+    "creating",
+    "created",
+    "applying",
+    "committing",
+    "mapping",
+    "mapped",
+    "mounting",
+    "mounted",
+    "unmounting",
+    "unmapping",
+    "removing",
+    "faulty",
+)
+
+metadata = sa.MetaData()
+
+layers = sa.Table(
+    "layers",
+    metadata,
+    sa.Column("id", sa.String(80), primary_key=True),
+    sa.Column("parent", sa.String(80), nullable=True, index=True),
+    sa.Column("kind", sa.String(2), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("refcount", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("committed", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("size", sa.BigInteger, nullable=True),
+    sa.Column("mountpoint", sa.Text, nullable=True),
+    sa.Column("mapping", sa.Text, nullable=True),
+    sa.Column("storage_opt", sa.Text, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.CheckConstraint("kind IN ('ro', 'rw')", name="ck_layers_kind"),
+    sa.CheckConstraint(
+        "state IN (" + ", ".join(f"'{s}'" for s in LAYER_STATES) + ")",
+        name="ck_layers_state",
+    ),
+    sa.CheckConstraint("refcount >= 0", name="ck_layers_refcount"),
+)
+
+config = sa.Table(
+    "config",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+
+@dataclass
+class LayerRow:
+    """
+    One layer as persisted: what the layer machine needs to be rebuilt after
+    a restart.
+
+    @ivar mapping: backend-specific description of the attached block device
+        (None when unmapped, or for backends that do not map).
+    @ivar storage_opt: CreateReadWrite's StorageOpt (e.g. C{{"size": "1G"}}).
+    """
+
+    id: str
+    parent: str | None
+    kind: str
+    state: str
+    refcount: int = 0
+    committed: bool = False
+    size: int | None = None
+    mountpoint: str | None = None
+    mapping: dict[str, Any] | None = None
+    storage_opt: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    @property
+    def readwrite(self) -> bool:
+        """
+        Whether this is a container (CreateReadWrite) layer.
+        """
+        return self.kind == "rw"
+
+    def to_db(self) -> dict[str, Any]:
+        """
+        The column values for this row.
+        """
+        return {
+            "id": self.id,
+            "parent": self.parent,
+            "kind": self.kind,
+            "state": self.state,
+            "refcount": self.refcount,
+            "committed": self.committed,
+            "size": self.size,
+            "mountpoint": self.mountpoint,
+            "mapping": None if self.mapping is None else json.dumps(self.mapping),
+            "storage_opt": json.dumps(self.storage_opt) if self.storage_opt else None,
+            "error": self.error,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+    @classmethod
+    def from_db(cls, row: sa.Row[Any]) -> LayerRow:
+        """
+        Build a L{LayerRow} from a C{layers} result row.
+        """
+        m = row._mapping
+        return cls(
+            id=m["id"],
+            parent=m["parent"],
+            kind=m["kind"],
+            state=m["state"],
+            refcount=m["refcount"],
+            committed=bool(m["committed"]),
+            size=m["size"],
+            mountpoint=m["mountpoint"],
+            mapping=None if m["mapping"] is None else json.loads(m["mapping"]),
+            storage_opt=json.loads(m["storage_opt"]) if m["storage_opt"] else {},
+            error=m["error"],
+            created_at=m["created_at"],
+            updated_at=m["updated_at"],
+        )
+
+
+def migrations_dir() -> Path:
+    """
+    Where the Alembic scripts are: C{txgraph/migrations} in an installed
+    copy, C{migrations/} at the top of a source checkout.
+    """
+    here = Path(__file__).resolve().parent
+    installed = here / "migrations"
+    if (installed / "env.py").exists():
+        return installed
+    return here.parent / "migrations"
+
+
+def alembic_config(connection: sa.Connection | None = None) -> Any:
+    """
+    An Alembic configuration for txgraph's migrations, bound to
+    C{connection} when given (the migrations then run on it).
+    """
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def _configure_sqlite(dbapi_connection: Any, connection_record: Any) -> None:
+    # WAL lets readers (txgraph-admin) look while the daemon writes;
+    # synchronous=FULL makes each commit durable across a host crash.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def create_engine(path: str) -> sa.Engine:
+    """
+    An engine for the SQLite database at C{path}, one connection, with the
+    pragmas txgraph relies on.
+    """
+    engine = sa.create_engine(
+        f"sqlite:///{path}",
+        poolclass=sa.pool.StaticPool,
+        connect_args={"check_same_thread": False},
+    )
+    sa.event.listen(engine, "connect", _configure_sqlite)
+    return engine
+
+
+class DatabaseThread:
+    """
+    One thread that runs every database call, in the order submitted.
+
+    @ivar pool: a L{ThreadPool} of exactly one thread.
+    """
+
+    def __init__(self, reactor: IReactorThreads, name: str = "txgraph-db") -> None:
+        self._reactor = reactor
+        self.pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
+
+    def start(self) -> None:
+        """
+        Start the thread.
+        """
+        self.pool.start()
+
+    def stop(self) -> None:
+        """
+        Finish what was submitted, then stop the thread.
+        """
+        self.pool.stop()
+
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
+        """
+        Run C{fn(*args, **kwargs)} in the database thread.
+        """
+        return deferToThreadPool(self._reactor, self.pool, fn, *args, **kwargs)
+
+
+class Store:
+    """
+    txgraph's state database.
+
+    Methods ending in C{_thd} are blocking and must run in the database
+    thread (or, for C{txgraph-admin} on a stopped daemon, in a process that
+    holds the state directory's lock); the others return Deferreds.
+    """
+
+    def __init__(self, path: str, dbthread: DatabaseThread | None = None) -> None:
+        self.path = path
+        self.engine = create_engine(path)
+        self._thread = dbthread
+
+    # -- blocking API ------------------------------------------------------
+
+    def open_thd(self) -> None:
+        """
+        Create or upgrade the schema to the head migration, refusing a
+        database newer than this code.
+        """
+        from alembic import command
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        if os.path.exists(self.path):
+            os.chmod(self.path, 0o600)
+        else:
+            fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+        with self.engine.begin() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+            script = ScriptDirectory.from_config(alembic_config())
+            known = {rev.revision for rev in script.walk_revisions()}
+            if current is not None and current not in known:
+                raise SchemaTooNew(
+                    f"the state database {self.path} is at schema revision "
+                    f"{current}, which this txgraph does not know (it knows up to "
+                    f"{script.get_current_head()}); it was written by a newer "
+                    "txgraph: run that version, or restore a backup"
+                )
+            if current != script.get_current_head():
+                command.upgrade(alembic_config(conn), "head")
+
+    def schema_revision_thd(self) -> str | None:
+        """
+        The Alembic revision the database is at.
+        """
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def load_layers_thd(self) -> list[LayerRow]:
+        """
+        Every persisted layer.
+        """
+        with self.engine.connect() as conn:
+            return [
+                LayerRow.from_db(r)
+                for r in conn.execute(sa.select(layers).order_by(layers.c.created_at))
+            ]
+
+    def insert_layer_thd(self, row: LayerRow) -> None:
+        """
+        Persist a new layer.
+        """
+        with self.engine.begin() as conn:
+            conn.execute(layers.insert().values(**row.to_db()))
+
+    def update_layer_thd(self, row: LayerRow) -> None:
+        """
+        Persist a layer's new state and fields.
+        """
+        values = row.to_db()
+        del values["id"]
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                layers.update().where(layers.c.id == row.id).values(**values)
+            )
+            if result.rowcount != 1:
+                raise LookupError(f"layer {row.id} is not in the database")
+
+    def delete_layer_thd(self, layer_id: str) -> None:
+        """
+        Forget a layer.
+        """
+        with self.engine.begin() as conn:
+            conn.execute(layers.delete().where(layers.c.id == layer_id))
+
+    def get_config_thd(self) -> dict[str, Any]:
+        """
+        All persisted settings (Init's arguments, the effective options).
+        """
+        with self.engine.connect() as conn:
+            return {
+                r.key: json.loads(r.value) for r in conn.execute(sa.select(config))
+            }
+
+    def set_config_thd(self, values: dict[str, Any]) -> None:
+        """
+        Persist settings, replacing those with the same keys.
+        """
+        with self.engine.begin() as conn:
+            for key, value in values.items():
+                conn.execute(config.delete().where(config.c.key == key))
+                conn.execute(config.insert().values(key=key, value=json.dumps(value)))
+
+    def close_thd(self) -> None:
+        """
+        Close the database connection.
+        """
+        self.engine.dispose()
+
+    # -- asynchronous API --------------------------------------------------
+
+    def _run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        assert self._thread is not None, "Store has no database thread"
+        return self._thread.run(fn, *args)
+
+    def load_layers(self) -> Deferred[list[LayerRow]]:
+        """
+        Every persisted layer.
+        """
+        return self._run(self.load_layers_thd)
+
+    def insert_layer(self, row: LayerRow) -> Deferred[None]:
+        """
+        Persist a new layer (a copy of C{row} as it is now).
+        """
+        row.created_at = row.updated_at = time.time()
+        return self._run(self.insert_layer_thd, _copy(row))
+
+    def update_layer(self, row: LayerRow) -> Deferred[None]:
+        """
+        Persist a layer's fields (a copy of C{row} as it is now).
+        """
+        row.updated_at = time.time()
+        return self._run(self.update_layer_thd, _copy(row))
+
+    def delete_layer(self, layer_id: str) -> Deferred[None]:
+        """
+        Forget a layer.
+        """
+        return self._run(self.delete_layer_thd, layer_id)
+
+    def get_config(self) -> Deferred[dict[str, Any]]:
+        """
+        All persisted settings.
+        """
+        return self._run(self.get_config_thd)
+
+    def set_config(self, values: dict[str, Any]) -> Deferred[None]:
+        """
+        Persist settings.
+        """
+        return self._run(self.set_config_thd, dict(values))
+
+
+def _copy(row: LayerRow) -> LayerRow:
+    # The reactor keeps mutating its LayerRow; the database thread gets a
+    # snapshot so that what is written is what was true when it was asked.
+    return LayerRow(
+        **{
+            **row.__dict__,
+            "mapping": None if row.mapping is None else dict(row.mapping),
+            "storage_opt": dict(row.storage_opt),
+        }
+    )
+
+
+def states_in(rows: Iterable[LayerRow]) -> dict[str, int]:
+    """
+    How many layers are in each state.
+    """
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row.state] = counts.get(row.state, 0) + 1
+    return counts

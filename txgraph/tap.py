@@ -1,0 +1,328 @@
+"""
+C{twistd txgraph}: command-line options and the service tree.
+
+Start-up, in order: take the state directory's lock (one txgraph per state
+directory), open and upgrade the database, configure and check the backend
+(command-line options, overridden by the storage options dockerd sent at
+Init and txgraph persisted), start the backend thread pool and the database
+thread, listen on the plugin socket, then restore every layer and recover
+what a crash left in flight.  Requests that arrive before that finishes
+wait for it; dockerd itself waits for the socket.  Anything wrong up to
+listening stops the start with an error naming it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import grp
+import os
+import sys
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from txgraph import __version__
+from txgraph.api import GraphDriverAPI, PluginSite
+from txgraph.backends import BACKEND_NAMES, backend_class, parse_options
+from txgraph.driver import Driver, parse_storage_opts, watch_reactor_lag
+from txgraph.errors import ConfigurationError, TxgraphError
+from txgraph.store import DatabaseThread, Store
+
+log = Logger()
+
+DEFAULT_LISTEN = "unix:/run/docker/plugins/txgraph.sock:mode=660:lockfile=1"
+DEFAULT_STATE_DIR = "/var/lib/txgraph"
+
+
+def _backend_flags() -> list[list[Any]]:
+    flags = []
+    for name in BACKEND_NAMES:
+        try:
+            cls = backend_class(name)
+        except ConfigurationError:
+            continue
+        for option in cls.options:
+            flags.append(
+                [
+                    f"{name}-{option.key}",
+                    None,
+                    None,
+                    f"{option.help} (storage-opt txgraph.{name}.{option.key}; "
+                    f"default: {option.default!r})",
+                ]
+            )
+    return flags
+
+
+class Options(usage.Options):
+    """
+    C{twistd txgraph} options.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve the txgraph Docker graph driver plugin. Start dockerd with "
+        "--experimental -s txgraph once it is listening."
+    )
+    optParameters = [
+        [
+            "listen",
+            None,
+            DEFAULT_LISTEN,
+            "Twisted server endpoint to serve the plugin protocol on; dockerd "
+            "finds the plugin NAME at /run/docker/plugins/NAME.sock",
+        ],
+        [
+            "state-dir",
+            None,
+            DEFAULT_STATE_DIR,
+            "directory for the state database and the backend's local state",
+        ],
+        ["backend", None, "overlay", f"storage backend: {', '.join(BACKEND_NAMES)}"],
+        [
+            "socket-group",
+            None,
+            None,
+            "group that may use the plugin socket (default: root only)",
+        ],
+        ["threads", None, "16", "size of the backend thread pool", int],
+    ] + _backend_flags()
+
+    def opt_version(self) -> None:
+        """
+        Print the version and exit.
+        """
+        print(f"txgraph {__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        if self["threads"] < 1:
+            raise usage.UsageError("--threads must be at least 1")
+        try:
+            cls = backend_class(self["backend"])
+        except ConfigurationError as e:
+            raise usage.UsageError(str(e)) from None
+        prefix = f"{cls.name}-"
+        values = {
+            key[len(prefix) :]: value
+            for key, value in self.items()
+            if key.startswith(prefix) and value is not None
+        }
+        for other in BACKEND_NAMES:
+            if other == cls.name:
+                continue
+            for key, value in self.items():
+                if key.startswith(f"{other}-") and value is not None:
+                    raise usage.UsageError(
+                        f"--{key} is an option of the {other} backend, not of "
+                        f"--backend {cls.name}"
+                    )
+        try:
+            parse_options(cls, values)
+        except ConfigurationError as e:
+            raise usage.UsageError(str(e)) from None
+        self["backend-options"] = values
+
+
+class StateDirLock:
+    """
+    An exclusive lock on the state directory, held for the daemon's life
+    (and by C{txgraph-admin} working on a stopped daemon's database).
+    """
+
+    def __init__(self, state_dir: str) -> None:
+        self.path = os.path.join(state_dir, "lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """
+        Take the lock or raise a L{TxgraphError} saying who holds it.
+        """
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise TxgraphError(
+                    f"another txgraph (pid {holder or 'unknown'}) is using the state "
+                    f"directory {os.path.dirname(self.path)}"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """
+        Drop the lock.
+        """
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class TxgraphService(Service):
+    """
+    The whole daemon: database, backend, driver, and the plugin socket.
+    """
+
+    def __init__(self, options: Options, reactor: Any = None) -> None:
+        self.options = options
+        self.reactor = reactor if reactor is not None else global_reactor
+        self.state_dir = os.path.abspath(options["state-dir"])
+        self.port: IListeningPort | None = None
+        self.driver: Driver | None = None
+        self._lock = StateDirLock(self.state_dir)
+        self._pool = ThreadPool(
+            minthreads=0, maxthreads=options["threads"], name="txgraph-backend"
+        )
+        self._dbthread = DatabaseThread(self.reactor)
+        self._stop_lag_watch: Any = None
+        self.ready: Deferred[None] = Deferred()
+
+    def startService(self) -> None:
+        """
+        Start synchronously up to listening; restore state asynchronously.
+        """
+        super().startService()
+        try:
+            self._start()
+        except TxgraphError as e:
+            log.critical("txgraph cannot start: {error}", error=e.message)
+            raise SystemExit(f"txgraph: {e.message}") from None
+
+    def _start(self) -> None:
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)
+        self._lock.acquire()
+        store = Store(os.path.join(self.state_dir, "txgraph.db"), self._dbthread)
+        store.open_thd()
+        config = store.get_config_thd()
+        cls = backend_class(self.options["backend"])
+        persisted = config.get("backend")
+        if persisted is not None and persisted != cls.name and store.load_layers_thd():
+            raise ConfigurationError(
+                f"the state directory holds layers of the {persisted} backend; "
+                f"start txgraph with --backend {persisted}"
+            )
+        values = dict(self.options["backend-options"])
+        init = config.get("init")
+        if init is not None:
+            values.update(parse_storage_opts(init["opts"], cls))
+        backend = cls(self.state_dir, parse_options(cls, values))
+        backend.start()
+        store.set_config_thd({"backend": cls.name})
+        self._pool.start()
+        self._dbthread.start()
+        self.reactor.addSystemEventTrigger("after", "shutdown", self._pool.stop)
+        self.driver = Driver(
+            self.reactor,
+            store,
+            backend,
+            self._pool,
+            dict(self.options["backend-options"]),
+            self.state_dir,
+        )
+        self._listen()
+        self._stop_lag_watch = watch_reactor_lag(self.driver, self.reactor)
+        d = ensureDeferred(self.driver.start())
+        d.addCallbacks(self.ready.callback, self._recoveryFailed)
+
+    def _listen(self) -> None:
+        listen = self.options["listen"]
+        if listen.startswith("unix:"):
+            address = listen[5:].split(":")[0]
+            if address.startswith("address="):
+                address = address[len("address=") :]
+            os.makedirs(os.path.dirname(address) or ".", mode=0o755, exist_ok=True)
+        assert self.driver is not None
+        api = GraphDriverAPI(self.driver, self.reactor)
+        site = PluginSite(api)
+        try:
+            endpoint = serverFromString(self.reactor, listen)
+        except (ValueError, KeyError) as e:
+            raise ConfigurationError(f"invalid --listen {listen!r}: {e}") from None
+        d = endpoint.listen(site)
+        d.addCallbacks(self._listening, self._listenFailed)
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.port = port
+        group = self.options["socket-group"]
+        address = getattr(port.getHost(), "name", None)
+        if group and address:
+            try:
+                gid = grp.getgrnam(group).gr_gid
+            except KeyError:
+                log.critical("--socket-group {group}: no such group", group=group)
+                self._fatal()
+                return
+            os.chown(address, 0, gid)
+        log.info("txgraph {version} listening on {address}", version=__version__,
+                 address=address or self.options["listen"])
+
+    def _listenFailed(self, failure: Any) -> None:
+        log.critical(
+            "txgraph cannot listen on {listen}: {error}",
+            listen=self.options["listen"],
+            error=failure.getErrorMessage(),
+        )
+        self._fatal()
+
+    def _recoveryFailed(self, failure: Any) -> None:
+        log.failure("txgraph could not restore its state", failure)
+        self._fatal()
+
+    def _fatal(self) -> None:
+        # twistd exits 0 when the reactor stops; a failed start must not.
+        self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        if self.reactor.running:
+            self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
+
+    def stopService(self) -> Deferred[None] | None:
+        """
+        Stop listening, let the database thread finish, release the lock.
+        """
+        super().stopService()
+        if self._stop_lag_watch is not None:
+            self._stop_lag_watch()
+        d: Deferred[Any]
+        if self.port is not None:
+            d = Deferred.fromCoroutine(self._stop_listening())
+        else:
+            d = Deferred()
+            d.callback(None)
+
+        def finish(result: object) -> object:
+            self._dbthread.stop()
+            if self.driver is not None:
+                self.driver.backend.sync.stop()
+            self._lock.release()
+            return result
+
+        d.addBoth(finish)
+        return d
+
+    async def _stop_listening(self) -> None:
+        assert self.port is not None
+        await self.port.stopListening()
+
+
+def makeService(options: Options) -> MultiService:
+    """
+    Build the daemon's service tree.
+    """
+    top = MultiService()
+    TxgraphService(options).setServiceParent(top)
+    return top

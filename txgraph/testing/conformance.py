@@ -1,0 +1,406 @@
+"""
+The backend conformance suite: the same tests for every storage backend.
+
+A backend subscribes with one line::
+
+    class OverlayBackendTests(make_backend_tests(lambda path: OverlayBackend(path, {...}))):
+        "The overlay backend passes the conformance suite."
+
+The tests drive the synchronous L{txgraph.backends.Backend} interface the
+way the layer machines do, and check what dockerd relies on, after moby's
+graphtest: an empty layer is an empty 0755 root-owned directory; a child
+sees its parent's files with their modes and owners; 128-deep chains read
+through; Diff then ApplyDiff reproduces a layer, with ApplyDiff's size
+equal to DiffSize; Changes are exact; removal and the other life-cycle
+calls are idempotent, as crash recovery needs.  They need root (mounts).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from txgraph.archive import Change, ChangeKind, IDMap
+from txgraph.backends import Backend, LayerInfo
+
+IDENTITY = IDMap.from_docker(None, None)
+
+
+def new_id(suffix: str = "") -> str:
+    """
+    A fresh 64-hex layer ID.
+    """
+    return uuid.uuid4().hex + uuid.uuid4().hex + suffix
+
+
+class Layers:
+    """
+    Drives a backend the way the layer machines do, remembering each
+    layer's parent and mapping, and cleaning everything up at the end.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.infos: dict[str, LayerInfo] = {}
+        self.mounted: set[str] = set()
+
+    def chain(self, layer_id: str) -> list[LayerInfo]:
+        """
+        Ancestors, nearest first.
+        """
+        result = []
+        parent = self.infos[layer_id].parent
+        while parent is not None:
+            result.append(self.infos[parent])
+            parent = self.infos[parent].parent
+        return result
+
+    def create(self, parent: str | None = None, readwrite: bool = True) -> str:
+        """
+        Prepare a new layer (committing the parent first).
+        """
+        if parent is not None:
+            self.backend.commit(self.infos[parent])
+        layer_id = new_id()
+        info = LayerInfo(id=layer_id, parent=parent, readwrite=readwrite)
+        self.infos[layer_id] = info
+        self.backend.prepare(info)
+        return layer_id
+
+    def get(self, layer_id: str) -> str:
+        """
+        Map and mount; return the directory.
+        """
+        info = self.infos[layer_id]
+        mapping = self.backend.map(info)
+        info = self.infos[layer_id] = LayerInfo(
+            id=info.id, parent=info.parent, readwrite=info.readwrite, mapping=mapping
+        )
+        self.mounted.add(layer_id)
+        return self.backend.mount(info, self.chain(layer_id))
+
+    def put(self, layer_id: str) -> None:
+        """
+        Unmount and unmap.
+        """
+        info = self.infos[layer_id]
+        self.backend.unmount(info)
+        self.backend.unmap(info)
+        self.mounted.discard(layer_id)
+
+    def write(self, layer_id: str, files: dict[str, bytes]) -> None:
+        """
+        Write files into a layer through a mount.
+        """
+        root = self.get(layer_id)
+        try:
+            for name, data in files.items():
+                path = os.path.join(root, name)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(data)
+        finally:
+            self.put(layer_id)
+
+    def cleanup(self) -> None:
+        """
+        Remove every layer, children first.
+        """
+        for layer_id in list(self.mounted):
+            self.put(layer_id)
+        for layer_id in reversed(list(self.infos)):
+            self.backend.remove(self.infos[layer_id])
+
+
+def _tree(root: str) -> dict[str, tuple[int, int, int, bytes | str | None]]:
+    """
+    Every entry below C{root}: mode, uid, gid and content (or link target).
+    """
+    result: dict[str, tuple[int, int, int, bytes | str | None]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            rel = os.path.relpath(path, root)
+            if rel == "lost+found":
+                continue
+            content: bytes | str | None = None
+            if stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as f:
+                    content = f.read()
+            elif stat.S_ISLNK(st.st_mode):
+                content = os.readlink(path)
+            result[rel] = (st.st_mode, st.st_uid, st.st_gid, content)
+    return result
+
+
+def make_backend_tests(factory: Callable[[str], Backend]) -> type:
+    """
+    The conformance test class for backends made by C{factory(state_dir)}.
+    """
+
+    class BackendConformanceTests:
+        """
+        The contract every backend keeps (see L{txgraph.backends}).
+        """
+
+        @pytest.fixture
+        def layers(self, tmp_path: Any) -> Iterator[Layers]:
+            backend = factory(str(tmp_path))
+            backend.start()
+            driver = Layers(backend)
+            try:
+                yield driver
+            finally:
+                driver.cleanup()
+                backend.stop()
+
+        def test_status(self, layers: Layers) -> None:
+            """
+            Status gives key/value string pairs.
+            """
+            lines = layers.backend.status()
+            assert lines and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in lines
+            )
+
+        def test_create_empty(self, layers: Layers) -> None:
+            """
+            A new layer exists and is an empty 0755 directory owned by root.
+            """
+            layer = layers.create(readwrite=False)
+            assert layers.backend.exists(layers.infos[layer])
+            assert layer in layers.backend.list_layers()
+            root = layers.get(layer)
+            st = os.stat(root)
+            assert stat.S_IMODE(st.st_mode) == 0o755
+            assert (st.st_uid, st.st_gid) == (0, 0)
+            assert [n for n in os.listdir(root) if n != "lost+found"] == []
+            layers.put(layer)
+
+        def test_create_snapshot(self, layers: Layers) -> None:
+            """
+            A child sees its parent's files with identical modes and owners.
+            """
+            base = layers.create()
+            root = layers.get(base)
+            os.mkdir(os.path.join(root, "a subdir"))
+            os.chmod(os.path.join(root, "a subdir"), 0o705 | stat.S_ISVTX)
+            os.chown(os.path.join(root, "a subdir"), 1, 2)
+            with open(os.path.join(root, "a file"), "wb") as f:
+                f.write(b"some content")
+            os.chmod(os.path.join(root, "a file"), 0o222 | stat.S_ISUID)
+            expected = _tree(root)
+            layers.put(base)
+            snap = layers.create(base, readwrite=False)
+            assert _tree(layers.get(snap)) == expected
+            layers.put(snap)
+            assert len(expected) == 2
+
+        def test_deep_layer_read(self, layers: Layers) -> None:
+            """
+            A chain of 128 layers mounts, and the top sees every layer's files.
+            """
+            parent = None
+            ids = []
+            for i in range(128):
+                layer = layers.create(parent)
+                layers.write(layer, {f"layer-{i}/id": layer.encode(), "top-id": layer.encode()})
+                ids.append(layer)
+                parent = layer
+            root = layers.get(ids[-1])
+            with open(os.path.join(root, "layer-0", "id"), "rb") as f:
+                assert f.read() == ids[0].encode()
+            with open(os.path.join(root, "top-id"), "rb") as f:
+                assert f.read() == ids[-1].encode()
+            assert len([n for n in os.listdir(root) if n.startswith("layer-")]) == 128
+            layers.put(ids[-1])
+
+        def _base_and_upper(self, layers: Layers) -> tuple[str, str]:
+            base = layers.create()
+            layers.write(
+                base,
+                {
+                    "keep": b"kept",
+                    "change-me": b"old content",
+                    "remove-me": b"doomed",
+                    "dir/remove-too": b"doomed too",
+                    "same-size": b"aaaa",
+                },
+            )
+            upper = layers.create(base)
+            root = layers.get(upper)
+            try:
+                with open(os.path.join(root, "change-me"), "wb") as f:
+                    f.write(b"new and longer content")
+                with open(os.path.join(root, "same-size"), "wb") as f:
+                    f.write(b"bbbb")
+                os.utime(os.path.join(root, "same-size"), ns=(10**9, 10**9))
+                os.unlink(os.path.join(root, "remove-me"))
+                os.unlink(os.path.join(root, "dir", "remove-too"))
+                os.mkdir(os.path.join(root, "added"))
+                with open(os.path.join(root, "added", "file"), "wb") as f:
+                    f.write(b"x" * 5000)
+                os.symlink("keep", os.path.join(root, "link"))
+                os.link(os.path.join(root, "added", "file"), os.path.join(root, "hard"))
+            finally:
+                layers.put(upper)
+            return base, upper
+
+        def test_changes(self, layers: Layers) -> None:
+            """
+            Changes lists exactly what changed, as moby computes it.
+            """
+            base, upper = self._base_and_upper(layers)
+            info = layers.infos[upper]
+            changes = layers.backend.changes(info, layers.chain(upper), base)
+            assert changes == sorted(changes, key=lambda c: c.path)
+            assert set(changes) == {
+                Change("/added", ChangeKind.ADD),
+                Change("/added/file", ChangeKind.ADD),
+                Change("/change-me", ChangeKind.MODIFY),
+                Change("/dir", ChangeKind.MODIFY),
+                Change("/dir/remove-too", ChangeKind.DELETE),
+                Change("/hard", ChangeKind.ADD),
+                Change("/link", ChangeKind.ADD),
+                Change("/remove-me", ChangeKind.DELETE),
+                Change("/same-size", ChangeKind.MODIFY),
+            }
+
+        def test_diff_apply(self, layers: Layers) -> None:
+            """
+            Diff against the parent, applied to a new child of the parent,
+            reproduces the layer; ApplyDiff's size equals DiffSize.
+            """
+            base, upper = self._base_and_upper(layers)
+            info = layers.infos[upper]
+            size = layers.backend.diff_size(info, layers.chain(upper), base)
+            out = io.BytesIO()
+            layers.backend.diff(info, layers.chain(upper), base, out, IDENTITY)
+            copy = layers.create(base, readwrite=False)
+            out.seek(0)
+            applied = layers.backend.apply(layers.infos[copy], out, IDENTITY)
+            assert applied == size
+            assert applied == layers.backend.diff_size(
+                layers.infos[copy], layers.chain(copy), base
+            )
+            expected = _tree(layers.get(upper))
+            layers.put(upper)
+            actual = _tree(layers.get(copy))
+            layers.put(copy)
+            assert "remove-me" not in actual and "dir/remove-too" not in actual
+            assert {k: v[3] for k, v in actual.items()} == {
+                k: v[3] for k, v in expected.items()
+            }
+
+        def test_apply_is_idempotent(self, layers: Layers) -> None:
+            """
+            Applying again replaces the layer's content (dockerd retries).
+            """
+            layer = layers.create(readwrite=False)
+            for content in (b"first", b"second"):
+                tar = io.BytesIO()
+                import tarfile
+
+                with tarfile.open(fileobj=tar, mode="w") as tf:
+                    ti = tarfile.TarInfo(f"file-{content.decode()}")
+                    ti.size = len(content)
+                    tf.addfile(ti, io.BytesIO(content))
+                tar.seek(0)
+                layers.backend.apply(layers.infos[layer], tar, IDENTITY)
+            assert sorted(
+                n for n in os.listdir(layers.get(layer)) if n != "lost+found"
+            ) == ["file-second"]
+            layers.put(layer)
+
+        def test_reset_empties(self, layers: Layers) -> None:
+            """
+            Reset leaves the layer empty but present.
+            """
+            layer = layers.create()
+            layers.write(layer, {"junk": b"junk"})
+            layers.backend.reset(layers.infos[layer])
+            assert layers.backend.exists(layers.infos[layer])
+            assert [n for n in os.listdir(layers.get(layer)) if n != "lost+found"] == []
+            layers.put(layer)
+
+        def test_remove_is_idempotent(self, layers: Layers) -> None:
+            """
+            Removing removes the storage; removing again succeeds.
+            """
+            layer = layers.create()
+            info = layers.infos.pop(layer)
+            layers.backend.remove(info)
+            assert not layers.backend.exists(info)
+            assert layer not in layers.backend.list_layers()
+            layers.backend.remove(info)
+
+        def test_remove_mounted(self, layers: Layers) -> None:
+            """
+            Remove also tears down a mount left behind (crash recovery).
+            """
+            base = layers.create()
+            child = layers.create(base)
+            root = layers.get(child)
+            info = layers.infos.pop(child)
+            layers.mounted.discard(child)
+            layers.backend.remove(info)
+            assert not layers.backend.exists(info)
+            assert not os.path.ismount(root)
+
+        def test_prepare_replaces_leftovers(self, layers: Layers) -> None:
+            """
+            Preparing a layer whose storage half-exists (a crashed Create)
+            gives a fresh, empty layer.
+            """
+            layer = layers.create()
+            layers.write(layer, {"leftover": b"x"})
+            layers.backend.prepare(layers.infos[layer])
+            assert [n for n in os.listdir(layers.get(layer)) if n != "lost+found"] == []
+            layers.put(layer)
+
+        def test_unmount_is_idempotent(self, layers: Layers) -> None:
+            """
+            Unmounting and unmapping what is not mounted or mapped succeeds.
+            """
+            base = layers.create()
+            child = layers.create(base)
+            layers.get(child)
+            layers.put(child)
+            layers.put(child)
+
+        def test_ensure_mounted(self, layers: Layers) -> None:
+            """
+            After a restart, a layer recorded as mounted is mounted again if
+            its mount is gone, showing the same files.
+            """
+            base = layers.create()
+            layers.write(base, {"f": b"data"})
+            child = layers.create(base)
+            root = layers.get(child)
+            layers.backend.unmount(layers.infos[child])
+            again = layers.backend.ensure_mounted(layers.infos[child], layers.chain(child))
+            with open(os.path.join(again, "f"), "rb") as f:
+                assert f.read() == b"data"
+            assert layers.backend.ensure_mounted(
+                layers.infos[child], layers.chain(child)
+            ) == again
+            layers.put(child)
+            assert root
+
+        def test_metadata(self, layers: Layers) -> None:
+            """
+            GetMetadata gives string pairs.
+            """
+            base = layers.create()
+            child = layers.create(base)
+            meta = layers.backend.metadata(layers.infos[child], layers.chain(child))
+            assert meta and all(isinstance(v, str) for v in meta.values())
+
+    return BackendConformanceTests
