@@ -339,6 +339,12 @@ class PluginSite(Site):
         super().__init__(api.app.resource(), **kwargs)
         self.api = api
 
+    def log(self, request: Any) -> None:
+        """
+        No access log: dockerd makes a dozen calls per container, and
+        failures are logged where they are answered (L{_error}).
+        """
+
 
 # -- JSON handling -------------------------------------------------------------
 
@@ -429,6 +435,12 @@ def _respond(request: IRequest, status: int, payload: dict[str, Any]) -> bytes:
 def _error(request: IRequest, failure: Failure) -> bytes:
     error = failure.value
     if isinstance(error, TxgraphError):
+        log.info(
+            "{uri} failed ({status}): {message}",
+            uri=request.uri,
+            status=error.status,
+            message=error.message,
+        )
         return _respond(request, error.status, {"Err": error.message})
     log.failure("internal error serving {uri}", failure, uri=request.uri)
     return _respond(

@@ -93,7 +93,7 @@ class Options(usage.Options):
             None,
             "group that may use the plugin socket (default: root only)",
         ],
-        ["threads", None, "16", "size of the backend thread pool", int],
+        ["threads", None, 16, "size of the backend thread pool", int],
     ] + _backend_flags()
 
     def opt_version(self) -> None:

@@ -1,0 +1,213 @@
+"""
+Integration fixtures: cached test images, real txgraph daemons, and
+isolated dockerd daemons (Debian's docker.io 20.10) using them.
+
+Each real component is started once per module where the tests allow it;
+every one is stopped and cleaned up by PID, whatever happens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Generator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import images
+import pytest
+from dockerd import Dockerd
+from txgraphd import Txgraphd
+
+DockerdFactory = Callable[..., Dockerd]
+_names = itertools.count()
+
+
+def plugin_name() -> str:
+    """
+    A plugin name no other test run on this machine uses.
+    """
+    return f"txgraph-test-{os.getpid()}-{next(_names)}"
+
+
+@pytest.fixture(scope="session")
+def image_cache() -> Path:
+    """
+    The image cache directory ($TXGRAPH_TEST_CACHE or /var/cache/txgraph-tests).
+    """
+    return images.default_cache_dir()
+
+
+@pytest.fixture(scope="session")
+def busybox_rootfs(image_cache: Path) -> Path:
+    """
+    The deterministic busybox rootfs tar (busybox:local's only layer).
+    """
+    return images.busybox_rootfs(image_cache)
+
+
+@pytest.fixture(scope="session")
+def busybox_image(image_cache: Path) -> Path:
+    """
+    A `docker save` tarball of busybox:local, for `docker load -i`.
+    """
+    return images.busybox_image(image_cache)
+
+
+@pytest.fixture(scope="session")
+def debian_rootfs(image_cache: Path) -> Path:
+    """
+    A Debian bookworm minbase rootfs tar (debootstrap, or the shared copy).
+    """
+    return images.debian_rootfs(image_cache)
+
+
+@pytest.fixture(scope="session")
+def debian_image(image_cache: Path) -> Path:
+    """
+    A `docker save` tarball of debian:local, for `docker load -i`.
+    """
+    return images.debian_image(image_cache)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
+    """
+    Remember each phase's report on the item, so fixtures can see a failure.
+    """
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+class Components:
+    """
+    Every real process a test (or module) started, cleaned up in reverse.
+    """
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.made: list[Txgraphd | Dockerd] = []
+
+    def txgraph(self, *extra: str, start: bool = True, name: str | None = None) -> Txgraphd:
+        """
+        A txgraph daemon on its own socket and state directory.
+        """
+        workdir = self.base / f"txgraph-{len(self.made)}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        daemon = Txgraphd(workdir, name or plugin_name(), *extra)
+        self.made.append(daemon)
+        if start:
+            daemon.start()
+        return daemon
+
+    def dockerd(
+        self,
+        driver: str = "overlay2",
+        *,
+        extra_args: Sequence[str] = (),
+        debug: bool = True,
+        start: bool = True,
+        timeout: float = 60.0,
+    ) -> Dockerd:
+        """
+        An isolated dockerd (data-root, exec-root, socket of its own).
+        """
+        daemon = Dockerd(
+            self.base / f"dockerd-{len(self.made)}", driver, extra_args=extra_args, debug=debug
+        )
+        self.made.append(daemon)
+        if start:
+            daemon.start(timeout)
+        return daemon
+
+    def logs(self) -> list[tuple[str, str]]:
+        """
+        The tails of every component's log.
+        """
+        result = []
+        for c in self.made:
+            if isinstance(c, Dockerd):
+                result.append((f"dockerd log {c.log_path}", c.log_tail(20000)))
+            else:
+                result.append((f"txgraph log {c.log_path}", c.log_tail(200)))
+        return result
+
+    def cleanup(self) -> None:
+        """
+        Stop dockerds before the txgraphs they use; clean up everything.
+        """
+        errors: list[BaseException] = []
+        ordered = [c for c in reversed(self.made) if isinstance(c, Dockerd)] + [
+            c for c in reversed(self.made) if isinstance(c, Txgraphd)
+        ]
+        for component in ordered:
+            try:
+                component.cleanup()
+            except BaseException as error:  # clean the others up before failing
+                errors.append(error)
+        if errors:
+            raise errors[0]
+
+
+@pytest.fixture
+def components(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Components]:
+    """
+    Start real components for one test; all are cleaned up afterwards, and
+    their logs attached to a failed test's report.
+    """
+    made = Components(tmp_path)
+    yield made
+    failed = getattr(request.node, "rep_call", None)
+    if failed is not None and failed.failed:
+        for title, text in made.logs():
+            request.node.add_report_section("teardown", title, text)
+    made.cleanup()
+
+
+@pytest.fixture(scope="module")
+def module_components(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Components]:
+    """
+    Real components shared by the tests of one module.
+    """
+    made = Components(tmp_path_factory.mktemp("stack"))
+    try:
+        yield made
+    finally:
+        made.cleanup()
+
+
+class Stack:
+    """
+    A txgraph daemon and a dockerd using it as its storage driver.
+    """
+
+    def __init__(self, txgraph: Txgraphd, dockerd: Dockerd) -> None:
+        self.txgraph = txgraph
+        self.dockerd = dockerd
+
+    def docker(self, *args: str, **kwargs: Any) -> Any:
+        """
+        Run the docker CLI against this stack's dockerd.
+        """
+        return self.dockerd.docker(*args, **kwargs)
+
+    def status(self) -> dict[str, str]:
+        """
+        txgraph's Status pairs.
+        """
+        code, reply = self.txgraph.call("GraphDriver.Status", {})
+        assert code == 200, reply
+        return {k: v for k, v in reply["Status"]}
+
+
+@pytest.fixture(scope="module")
+def overlay_stack(module_components: Components) -> Stack:
+    """
+    txgraph on the overlay backend, with a dockerd using it.
+    """
+    txgraph = module_components.txgraph()
+    dockerd = module_components.dockerd(txgraph.name)
+    return Stack(txgraph, dockerd)

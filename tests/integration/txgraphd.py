@@ -1,0 +1,227 @@
+"""
+A real C{twistd -n txgraph} process for integration tests: started on its
+own plugin socket (a unique plugin name, so parallel runs never collide)
+and state directory, spoken to over the UNIX socket exactly as dockerd
+does, killed or stopped by PID.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import txgraph
+
+PLUGIN_DIR = Path("/run/docker/plugins")
+REPO = Path(txgraph.__file__).resolve().parent.parent
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """
+    HTTP over a UNIX socket, as dockerd's plugin client does it.
+    """
+
+    def __init__(self, path: str, timeout: float = 120) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class Txgraphd:
+    """
+    One txgraph daemon.
+
+    @ivar name: the plugin name (dockerd's C{-s NAME}).
+    """
+
+    def __init__(self, workdir: Path, name: str, *extra: str) -> None:
+        self.workdir = workdir
+        self.name = name
+        self.state_dir = workdir / "state"
+        self.socket = PLUGIN_DIR / f"{name}.sock"
+        self.log_path = workdir / "txgraph.log"
+        self.extra = list(extra)
+        self.env: dict[str, str] = {}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def twistd(self) -> str:
+        """
+        The twistd of the environment running the tests.
+        """
+        return str(Path(sys.executable).parent / "twistd")
+
+    def command(self) -> list[str]:
+        """
+        The command line that starts the daemon.
+        """
+        return [
+            self.twistd,
+            "-n",
+            "--pidfile=",
+            "txgraph",
+            "--listen",
+            f"unix:{self.socket}:mode=660:lockfile=1",
+            "--state-dir",
+            str(self.state_dir),
+            *self.extra,
+        ]
+
+    def start(self, timeout: float = 30) -> None:
+        """
+        Start the daemon and wait until it answers the handshake.
+        """
+        PLUGIN_DIR.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            # The code under test, with the installed twistd drop-in.
+            "PYTHONPATH": str(REPO),
+            **self.env,
+        }
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=self.workdir,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"txgraph exited with {self.process.returncode}:\n{self.log_tail()}"
+                )
+            try:
+                status, reply = self.call("GraphDriver.Status", {}, timeout=5)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"txgraph did not become ready:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 60) -> str:
+        """
+        The end of the daemon's log.
+        """
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def call(
+        self, method: str, body: Any, timeout: float = 120
+    ) -> tuple[int, Any]:
+        """
+        POST a JSON call as dockerd does; return the status and decoded reply.
+        """
+        conn = UnixHTTPConnection(str(self.socket), timeout=timeout)
+        try:
+            data = b"" if body is None else json.dumps(body).encode() + b"\n"
+            conn.request(
+                "POST",
+                f"/{method}",
+                body=data,
+                headers={"Accept": "application/vnd.docker.plugins.v1.2+json"},
+            )
+            response = conn.getresponse()
+            raw = response.read()
+            try:
+                return response.status, json.loads(raw) if raw else None
+            except ValueError:
+                return response.status, raw
+        finally:
+            conn.close()
+
+    def raw(
+        self, method: str, body: bytes, query: str = "", chunked: bool = False
+    ) -> tuple[int, bytes]:
+        """
+        POST raw bytes (ApplyDiff's tar, or malformed JSON).
+        """
+        conn = UnixHTTPConnection(str(self.socket))
+        try:
+            path = f"/{method}" + (f"?{query}" if query else "")
+            if chunked:
+                conn.putrequest("POST", path)
+                conn.putheader("Transfer-Encoding", "chunked")
+                conn.endheaders()
+                for i in range(0, len(body), 65536):
+                    chunk = body[i : i + 65536]
+                    conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                conn.send(b"0\r\n\r\n")
+            else:
+                conn.request("POST", path, body=body)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    @property
+    def pid(self) -> int:
+        """
+        The daemon's PID.
+        """
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self, timeout: float = 30) -> int:
+        """
+        SIGTERM, and wait; SIGKILL if it does not stop.  Returns the exit
+        code.
+        """
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        code = self.process.returncode
+        self.process = None
+        return code
+
+    def kill(self) -> None:
+        """
+        SIGKILL, as a crash.
+        """
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def restart(self) -> None:
+        """
+        Stop, then start again.
+        """
+        self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        """
+        Stop the daemon and remove its socket and lock.
+        """
+        self.stop()
+        for path in (self.socket, Path(f"{self.socket}.lock")):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
