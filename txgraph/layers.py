@@ -1044,3 +1044,23 @@ __all__ = [
     "transitions",
     "Change",
 ]
+
+
+def mermaid() -> str:
+    """
+    The layer machine as a Mermaid state diagram, drawn from the built
+    machine's transition table (C{python -m txgraph.layers}).
+    """
+    edges: dict[tuple[str, str], list[str]] = {}
+    for start, inp, end in transitions():
+        edges.setdefault((start, end), []).append(inp)
+    lines = ["stateDiagram-v2", "    [*] --> new"]
+    for (start, end), inputs in sorted(edges.items()):
+        label = ", ".join(sorted(set(inputs)))
+        lines.append(f"    {start} --> {end}: {label}")
+    lines.append("    released --> [*]")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(mermaid(), end="")
