@@ -44,7 +44,12 @@ put into one; export carries every extended attribute except those and
 C{security.selinux} (moby carries only C{security.capability}); a whiteout
 naming C{""}, C{"."} or C{".."} is an error (moby would delete the
 directory itself); a name with C{".."} climbing above the root is an error
-even when it starts with C{"/"}.
+even when it starts with C{"/"}; a hard link entry re-applies owner and
+mode to the shared inode only when they differ (a C{chown} drops its file
+capabilities); overlay whiteouts get the time of their C{.wh.} entry, so
+that exporting a layer again gives the same tar; in Changes, a lower layer
+where a parent of the path is not a directory simply lacks the path (moby
+fails the whole call).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ import errno
 import os
 import shutil
 import stat
+import struct
 import tempfile
 import time
 import zlib
@@ -74,6 +80,7 @@ __all__ = [
     "Change",
     "ChangeKind",
     "IDMap",
+    "IDRange",
     "apply_layer",
     "changes_dirs",
     "changes_size",
@@ -257,6 +264,9 @@ _WRITE_SIZE = 1 << 20
 _HOLE = 4096
 _ZERO_HOLE = bytes(_HOLE)
 _MAX_META = 1 << 20
+# name, mode, uid, gid, size, mtime, chksum, typeflag, linkname, magic and
+# version, uname, gname, devmajor, devminor, prefix (or GNU atime...).
+_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
 _NS = 1_000_000_000
 
 _REG, _LINK, _SYMLINK, _CHR, _BLK, _DIR, _FIFO = (b"0", b"1", b"2", b"3", b"4", b"5", b"6")
@@ -557,6 +567,10 @@ class _Input:
         """
         Discard the next C{n} bytes.
         """
+        if len(self._buf) - self._pos >= n:
+            self._pos += n
+            self.consumed += n
+            return
         for _ in self.pieces(n):
             pass
 
@@ -601,7 +615,7 @@ def _num(field: bytes) -> int:
     A numeric header field: octal text, or GNU base-256.
     """
     try:
-        return int(field.rstrip(b"\0"), 8)
+        return int(field.strip(b" \0"), 8)
     except ValueError:
         return _num_slow(field)
 
@@ -636,8 +650,8 @@ def _pax_time(value: bytes) -> int:
     return -ns if negative else ns
 
 
-def _checksum_ok(block: bytes) -> bool:
-    stored = _num(block[148:156])
+def _checksum_ok(block: bytes, field: bytes) -> bool:
+    stored = _num(field)
     # Adler-32's first half is 1 + the byte sum modulo 65521, exact for
     # 256 bytes (at most 65280): two C calls instead of a Python sum.
     view = memoryview(block)
@@ -645,7 +659,7 @@ def _checksum_ok(block: bytes) -> bool:
         (zlib.adler32(view[:256]) & 0xFFFF)
         + (zlib.adler32(view[256:]) & 0xFFFF)
         - 2
-        - sum(block[148:156])
+        - sum(field)
         + 8 * 32
     )
     if stored == unsigned:
@@ -715,7 +729,7 @@ class _TarReader:
             return self._next()
         except _Truncated:
             raise ArchiveError(
-                f"layer tar: the stream ends inside a header at byte {self.inp.consumed}"
+                f"layer tar: the stream ends inside a record at byte {self.inp.consumed}"
             ) from None
         except (ValueError, UnicodeDecodeError, OverflowError) as e:
             raise ArchiveError(
@@ -745,46 +759,42 @@ class _TarReader:
                     self.tar_bytes = inp.consumed
                     return None
                 raise ArchiveError(f"layer tar: data follows an end-of-archive block at byte {at}")
-            if not _checksum_ok(block):
+            fields = _HEADER.unpack_from(block)
+            if not _checksum_ok(block, fields[6]):
                 raise ArchiveError(f"layer tar: invalid header checksum at byte {at}")
-            flag = block[156:157]
-            size = _num(block[124:136])
+            flag = fields[7]
+            size = _num(fields[4])
             if size < 0:
                 raise ValueError("negative size")
             if flag == b"x":
                 _parse_pax(self._meta(size, "PAX"), pax, sparse00)
-                continue
-            if flag == b"g":
+            elif flag == b"g":
                 self._meta(size, "PAX global")
-                continue
-            if flag == b"L":
+            elif flag == b"L":
                 longname = self._meta(size, "GNU long name").split(b"\0", 1)[0]
-                continue
-            if flag == b"K":
+            elif flag == b"K":
                 longlink = self._meta(size, "GNU long link").split(b"\0", 1)[0]
-                continue
-            return self._entry(block, flag, size, pax, sparse00, longname, longlink)
+            else:
+                return self._entry(block, fields, size, pax, sparse00, longname, longlink)
 
     def _entry(
         self,
         block: bytes,
-        flag: bytes,
+        fields: tuple[bytes, ...],
         size: int,
         pax: dict[bytes, bytes],
         sparse00: list[int],
         longname: bytes | None,
         longlink: bytes | None,
     ) -> _Entry:
-        magic = block[257:265]
-        gnu = magic == b"ustar  \0"
+        flag = fields[7]
+        magic = fields[9]
         if longname is not None:
             name = longname
         else:
-            name = block[0:100].split(b"\0", 1)[0]
-            if magic == b"ustar\x0000":
-                prefix = block[345:500].split(b"\0", 1)[0]
-                if prefix:
-                    name = prefix + b"/" + name
+            name = fields[0].split(b"\0", 1)[0]
+            if magic == b"ustar\x0000" and fields[14][0]:
+                name = fields[14].split(b"\0", 1)[0] + b"/" + name
         kind = _TYPES.get(flag)
         if kind is None:
             raise ArchiveError(
@@ -792,29 +802,33 @@ class _TarReader:
             )
         if flag == b"\0" and name.endswith(b"/"):
             kind = _DIR
-        mtime_ns = _num(block[136:148]) * _NS
         atime_ns: int | None = None
-        if gnu and block[345] != 0:
+        if magic == b"ustar  \0" and block[345]:
             atime_ns = _num(block[345:357]) * _NS
         entry = _Entry(
-            name=name,
-            kind=kind,
-            mode=_num(block[100:108]) & 0o7777,
-            uid=_num(block[108:116]),
-            gid=_num(block[116:124]),
-            size=size,
-            mtime_ns=mtime_ns,
-            atime_ns=0,
-            linkname=longlink if longlink is not None else block[157:257].split(b"\0", 1)[0],
+            name,
+            kind,
+            _num(fields[1]) & 0o7777,
+            _num(fields[2]),
+            _num(fields[3]),
+            size,
+            _num(fields[5]) * _NS,
+            0,
+            longlink if longlink is not None else fields[8].split(b"\0", 1)[0],
         )
-        if kind in (_CHR, _BLK):
-            entry.devmajor = _num(block[329:337])
-            entry.devminor = _num(block[337:345])
+        if kind is _CHR or kind is _BLK:
+            entry.devmajor = _num(fields[12])
+            entry.devminor = _num(fields[13])
         if flag == b"S":
             entry.sparse, entry.realsize = self._old_gnu_sparse(block)
         if pax or sparse00:
             atime_ns = self._apply_pax(entry, pax, sparse00, atime_ns)
-        entry.atime_ns = entry.mtime_ns if atime_ns is None or atime_ns < entry.mtime_ns else atime_ns
+        if entry.uid < 0 or entry.gid < 0:
+            raise ValueError("negative owner")
+        # moby: the access time is never before the modification time.
+        if atime_ns is None or atime_ns < entry.mtime_ns:
+            atime_ns = entry.mtime_ns
+        entry.atime_ns = atime_ns
         self._left = entry.size
         self._pad = -entry.size % _BLOCK
         if entry.sparse is not None and pax.get(b"GNU.sparse.major") == b"1":
@@ -847,8 +861,8 @@ class _TarReader:
                 if entry.xattrs is None:
                     entry.xattrs = {}
                 entry.xattrs[key[13:]] = value
-        if entry.size < 0 or entry.uid < 0 or entry.gid < 0:
-            raise ValueError("negative size or id")
+        if entry.size < 0:
+            raise ValueError("negative size")
         if b"GNU.sparse.name" in pax:
             entry.name = pax[b"GNU.sparse.name"]
         realsize = pax.get(b"GNU.sparse.realsize", pax.get(b"GNU.sparse.size"))
@@ -936,11 +950,34 @@ class _TarReader:
             os.ftruncate(fd, final)
 
     def _copy(self, fd: int, n: int, offset: int) -> bool:
-        holes = False
-        for buf, start, end in self.inp.pieces(n):
-            holes |= _write_sparse(fd, buf, start, end, offset)
-            offset += end - start
+        inp = self.inp
+        start = inp._pos
         self._left -= n
+        if len(inp._buf) - start >= n:
+            inp._pos = start + n
+            inp.consumed += n
+            return _write_sparse(fd, inp._buf, start, start + n, offset)
+        # The data spans several reads: the bytes after the last block
+        # boundary of each piece are carried into the next, so that zero
+        # blocks straddling two reads still become holes.
+        holes = False
+        carry = b""
+        for buf, start, end in inp.pieces(n):
+            if carry:
+                fill = min(_HOLE - len(carry), end - start)
+                carry += buf[start : start + fill]
+                start += fill
+                if len(carry) < _HOLE:
+                    continue
+                holes |= _write_sparse(fd, carry, 0, _HOLE, offset)
+                offset += _HOLE
+                carry = b""
+            cut = max(start, end - (offset + end - start) % _HOLE)
+            holes |= _write_sparse(fd, buf, start, cut, offset)
+            offset += cut - start
+            carry = buf[cut:end]
+        if carry:
+            holes |= _write_sparse(fd, carry, 0, len(carry), offset)
         return holes
 
 
@@ -957,30 +994,27 @@ def _write_sparse(fd: int, buf: bytes, start: int, end: int, offset: int) -> boo
     block aligned in the file as a hole; whether any hole was left.
     """
     view = memoryview(buf)
-    if end - start < _HOLE:
+    pos = start + (-offset % _HOLE)
+    if pos + _HOLE > end:
         _write_at(fd, view[start:end], offset)
         return False
+    # startswith is a memcmp that stops at the first non-zero byte, so
+    # testing each aligned block costs little on ordinary data.
+    is_zero = buf.startswith
     holes = False
-    done = search = start
-    while True:
-        hit = buf.find(_ZERO_HOLE, search, end)
-        if hit < 0:
-            break
-        aligned = hit + (-(offset + hit - start)) % _HOLE
-        if aligned + _HOLE > end:
-            break
-        if not buf.startswith(_ZERO_HOLE, aligned):
-            # The run of zeros at hit ends inside the aligned block; the
-            # next aligned block is the next candidate.
-            search = aligned + _HOLE
+    done = start
+    while pos + _HOLE <= end:
+        if not is_zero(_ZERO_HOLE, pos):
+            pos += _HOLE
             continue
-        stop = aligned + _HOLE
-        while stop + _HOLE <= end and buf.startswith(_ZERO_HOLE, stop):
+        stop = pos + _HOLE
+        while stop + _HOLE <= end and is_zero(_ZERO_HOLE, stop):
             stop += _HOLE
-        if aligned > done:
-            _write_at(fd, view[done:aligned], offset + done - start)
+        if pos > done:
+            _write_at(fd, view[done:pos], offset + done - start)
         holes = True
-        done = search = stop
+        done = stop
+        pos = stop + _HOLE
     if done < end:
         _write_at(fd, view[done:end], offset + done - start)
     return holes
@@ -999,6 +1033,7 @@ class _Applier:
         self.tree = _Tree(root)
         self.mode = mode
         self.ids = ids
+        self._identity = ids.identity
         self._owner: tuple[int, int] | None = None
         self.dirs: list[tuple[bytes, int, int]] = []
         self.unpacked: set[bytes] | None = set() if mode is ApplyMode.INPLACE else None
@@ -1023,7 +1058,7 @@ class _Applier:
         """
         The entry's owner on the host.
         """
-        if self.ids.identity:
+        if self._identity:
             return e.uid, e.gid
         return self.ids.to_host(e.uid, e.gid)
 
@@ -1036,7 +1071,7 @@ class _Applier:
             parts = _split_name(e.name)
         except ValueError as err:
             raise ArchiveError(f"layer tar entry {e.display!r}: {err}") from None
-        if parts and parts[0].startswith(_WH_META) and not (len(parts) == 1 and parts[0] == _WH_OPAQUE):
+        if parts and parts[0].startswith(_WH_META) and parts != [_WH_OPAQUE]:
             # AUFS metadata at the top (.wh..wh.plnk, .wh..wh.aufs, ...):
             # only hard link targets in .wh..wh.plnk are kept, aside.
             if parts[0] == _WH_LINKDIR and len(parts) == 2 and e.kind == _REG:
@@ -1161,7 +1196,8 @@ class _Applier:
             target = _split_name(e.linkname)
         except ValueError as err:
             raise ArchiveError(
-                f"layer tar entry {e.display!r}: hard link target {os.fsdecode(e.linkname)!r}: {err}"
+                f"layer tar entry {e.display!r}: "
+                f"hard link target {os.fsdecode(e.linkname)!r}: {err}"
             ) from None
         if not target:
             raise ArchiveError(f"layer tar entry {e.display!r}: hard link to the root")
@@ -1178,7 +1214,9 @@ class _Applier:
         for attempt in (1, 2):
             try:
                 tparent = self.tree.lookup(target_dir)
-                os.link(target[-1], name, src_dir_fd=tparent, dst_dir_fd=parent, follow_symlinks=False)
+                os.link(
+                    target[-1], name, src_dir_fd=tparent, dst_dir_fd=parent, follow_symlinks=False
+                )
                 break
             except (FileNotFoundError, NotADirectoryError):
                 raise missing from None
@@ -1186,14 +1224,25 @@ class _Applier:
                 if attempt == 2:
                     raise
                 _remove(self.tree, parent, name)
+        # moby re-applies the header's metadata to the shared inode; a
+        # chown, even to the same owner, drops file capabilities and
+        # setuid, so it and chmod are only done when something differs.
         st = os.stat(name, dir_fd=parent, follow_symlinks=False)
         is_link = stat.S_ISLNK(st.st_mode)
-        self._metadata(parent, name, e, chmod=not is_link, times=not is_link)
+        if (st.st_uid, st.st_gid) != self.host_ids(e):
+            os.chown(name, *self.host_ids(e), dir_fd=parent, follow_symlinks=False)
+        if e.xattrs:
+            self._set_xattrs(_proc_path(parent, name), e)
+        if not is_link:
+            if stat.S_IMODE(st.st_mode) != e.mode or (st.st_uid, st.st_gid) != self.host_ids(e):
+                os.chmod(name, e.mode, dir_fd=parent, follow_symlinks=False)
+            os.utime(name, ns=(e.atime_ns, e.mtime_ns), dir_fd=parent, follow_symlinks=False)
 
     def _save_plnk(self, base: bytes, e: _Entry, reader: _TarReader) -> None:
         if self._plnk_dir is None:
             self._plnk_dir = tempfile.mkdtemp(prefix="txgraph-plnk-")
-        fd = os.open(os.path.join(os.fsencode(self._plnk_dir), base), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        path = os.path.join(os.fsencode(self._plnk_dir), base)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             reader.copy_to(fd, e)
         finally:
@@ -1206,7 +1255,9 @@ class _Applier:
         source = self._plnk.get(target[1]) if len(target) == 2 else None
         if source is None or self._plnk_dir is None:
             raise ArchiveError(f"layer tar entry {e.display!r}: invalid AUFS hard link")
-        src = os.open(os.path.join(os.fsencode(self._plnk_dir), target[1]), os.O_RDONLY | os.O_CLOEXEC)
+        src = os.open(
+            os.path.join(os.fsencode(self._plnk_dir), target[1]), os.O_RDONLY | os.O_CLOEXEC
+        )
         try:
             fd = self._create_file(parent, name)
             try:
@@ -1247,6 +1298,9 @@ class _Applier:
                 _remove(self.tree, parent, original)
                 os.mknod(original, stat.S_IFCHR, 0, dir_fd=parent)
             os.chown(original, uid, gid, dir_fd=parent, follow_symlinks=False)
+            # moby leaves the time of creation; the header's makes a
+            # re-export of the layer reproducible.
+            os.utime(original, ns=(e.atime_ns, e.mtime_ns), dir_fd=parent, follow_symlinks=False)
             return
         try:
             parent = self.tree.ensure(dir_rel, self.owner())
@@ -1262,7 +1316,8 @@ class _Applier:
         """
         assert self.unpacked is not None
         removed = False
-        stack = [(dir_rel, os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd))]
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        stack = [(dir_rel, os.open(b".", flags, dir_fd=dirfd))]
         try:
             while stack:
                 rel, fd = stack.pop()
@@ -1277,7 +1332,6 @@ class _Applier:
                             _remove(None, fd, name, st)
                             removed = True
                         elif stat.S_ISDIR(st.st_mode):
-                            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
                             stack.append((child, os.open(name, flags, dir_fd=fd)))
                 finally:
                     os.close(fd)
@@ -1534,7 +1588,9 @@ class _Node:
 
     __slots__ = ("path", "st", "capability", "children", "parent", "added")
 
-    def __init__(self, path: str, st: os.stat_result | None, capability: bytes, parent: _Node | None) -> None:
+    def __init__(
+        self, path: str, st: os.stat_result | None, capability: bytes, parent: _Node | None
+    ) -> None:
         self.path = path
         self.st = st
         self.capability = capability
@@ -1564,7 +1620,8 @@ def _collect(old_dir: str, new_dir: str) -> tuple[_Node, _Node]:
     """
     old_root = _Node("/", None, b"", None)
     new_root = _Node("/", None, b"", None)
-    stack: list[tuple[str, os.stat_result | None, os.stat_result | None, _Node | None, _Node | None]] = [
+    Stat = os.stat_result | None
+    stack: list[tuple[str, Stat, Stat, _Node | None, _Node | None]] = [
         ("", os.lstat(old_dir), os.lstat(new_dir), old_root, new_root)
     ]
     while stack:
@@ -1645,7 +1702,10 @@ def changes_dirs(new: str, old: str | None) -> list[Change]:
             old_child = olds.pop(name, None)
             if old_child is not None:
                 assert old_child.st is not None and child.st is not None
-                if _stat_different(old_child.st, child.st) or old_child.capability != child.capability:
+                if (
+                    _stat_different(old_child.st, child.st)
+                    or old_child.capability != child.capability
+                ):
                     changes.append(Change(child.path, ChangeKind.MODIFY))
                     child.added = True
             stack.append(enter(child, old_child))
@@ -1654,7 +1714,8 @@ def changes_dirs(new: str, old: str | None) -> list[Change]:
             stack.pop()
             for old_child in olds.values():
                 changes.append(Change(old_child.path, ChangeKind.DELETE))
-            if len(changes) > start and info.is_dir() and not info.added and info.parent is not None:
+            inside = len(changes) > start
+            if inside and info.is_dir() and not info.added and info.parent is not None:
                 changes.append(Change(info.path, ChangeKind.MODIFY))
     return _sorted_changes(changes)
 
@@ -1699,22 +1760,26 @@ def _ustar_block(
     devmajor: int = 0,
     devminor: int = 0,
 ) -> bytes:
-    block = bytearray(_BLOCK)
-    block[0 : len(name[:100])] = name[:100]
-    block[100:108] = _octal(mode, 8)
-    block[108:116] = _octal(uid, 8)
-    block[116:124] = _octal(gid, 8)
-    block[124:136] = _octal(size, 12)
-    block[136:148] = _octal(mtime, 12)
-    block[148:156] = b" " * 8
-    block[156:157] = typeflag
-    block[157 : 157 + len(linkname[:100])] = linkname[:100]
-    block[257:265] = b"ustar\x0000"
-    block[329:337] = _octal(devmajor, 8)
-    block[337:345] = _octal(devminor, 8)
-    block[345 : 345 + len(prefix)] = prefix
-    block[148:156] = b"%06o\0 " % sum(block)
-    return bytes(block)
+    block = _HEADER.pack(
+        name[:100],
+        _octal(mode, 8),
+        _octal(uid, 8),
+        _octal(gid, 8),
+        _octal(size, 12),
+        _octal(mtime, 12),
+        b" " * 8,
+        typeflag,
+        linkname[:100],
+        b"ustar\x0000",
+        b"",
+        b"",
+        _octal(devmajor, 8),
+        _octal(devminor, 8),
+        prefix,
+    )
+    view = memoryview(block)
+    checksum = (zlib.adler32(view[:256]) & 0xFFFF) + (zlib.adler32(view[256:]) & 0xFFFF) - 2
+    return block[:148] + b"%06o\0 " % checksum + block[156:]
 
 
 def _pax_record(key: bytes, value: bytes) -> bytes:
@@ -1797,17 +1862,20 @@ class _TarWriter:
 
     def __init__(self, out: BinaryIO) -> None:
         self._out = out
-        self._buf = bytearray()
+        self._chunks: list[bytes] = []
+        self._size = 0
 
     def write(self, data: bytes) -> None:
-        self._buf += data
-        if len(self._buf) >= _WRITE_SIZE:
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size >= _WRITE_SIZE:
             self.flush()
 
     def flush(self) -> None:
-        if self._buf:
-            self._out.write(bytes(self._buf))
-            self._buf = bytearray()
+        if self._chunks:
+            self._out.write(b"".join(self._chunks))
+            self._chunks = []
+            self._size = 0
 
     def content(self, fd: int, size: int) -> None:
         """
@@ -1820,11 +1888,11 @@ class _TarWriter:
             if not data:
                 break
             left -= len(data)
-            if len(self._buf) + len(data) < _WRITE_SIZE:
-                self._buf += data
-            else:
+            if len(data) >= _WRITE_SIZE:
                 self.flush()
                 self._out.write(data)
+            else:
+                self.write(data)
         padding = left + (-size % _BLOCK)
         while padding > 0:
             n = min(padding, _READ_SIZE)
@@ -1944,8 +2012,15 @@ class _Exporter:
         if fmt != stat.S_IFDIR and st.st_nlink > 1:
             first = self.seen.get(st.st_ino)
             if first is not None:
+                # Attributes too, as moby does: whoever applies this may
+                # chown the inode again, which drops its capabilities.
                 uid, gid = self.container_ids(st, tarname)
-                self.writer.write(_tar_header(tarname, header_mode, uid, gid, 0, mtime, _LINK, first))
+                xattrs, _ = _export_xattrs(xattr_target)
+                self.writer.write(
+                    _tar_header(
+                        tarname, header_mode, uid, gid, 0, mtime, _LINK, first, xattrs=xattrs
+                    )
+                )
                 return
         if typeflag == _REG:
             flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
@@ -1963,14 +2038,25 @@ class _Exporter:
             uid, gid = self.container_ids(st, tarname)
             self.writer.write(
                 _tar_header(
-                    tarname, header_mode, uid, gid, size, mtime, typeflag, linkname, devmajor, devminor, xattrs
+                    tarname,
+                    header_mode,
+                    uid,
+                    gid,
+                    size,
+                    mtime,
+                    typeflag,
+                    linkname,
+                    devmajor,
+                    devminor,
+                    xattrs,
                 )
             )
             if fd is not None:
                 self.writer.content(fd, size)
             if opaque and self.overlay:
+                marker = tarname + _WH_OPAQUE
                 self.writer.write(
-                    _tar_header(tarname + _WH_OPAQUE, stat.S_IMODE(mode) & 0o777, uid, gid, 0, 0, _REG)
+                    _tar_header(marker, stat.S_IMODE(mode) & 0o777, uid, gid, 0, 0, _REG)
                 )
         finally:
             if fd is not None:
