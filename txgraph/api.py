@@ -263,11 +263,13 @@ class PluginRequest(ServerRequest):
     spooling them, and refuses oversized JSON bodies early.
     """
 
+    content: Any
+
     def gotLength(self, length: int | None) -> None:
         channel = self.channel
         path = getattr(channel, "_path", b"")
         command = getattr(channel, "_command", b"")
-        site = channel.site if channel is not None else None
+        site = getattr(channel, "site", None)
         api = getattr(site, "api", None)
         if (
             api is not None
@@ -437,7 +439,7 @@ def _error(request: IRequest, failure: Failure) -> bytes:
     if isinstance(error, TxgraphError):
         log.info(
             "{uri} failed ({status}): {message}",
-            uri=request.uri,
+            uri=request.uri.decode(errors="replace"),
             status=error.status,
             message=error.message,
         )
@@ -640,7 +642,7 @@ class GraphDriverAPI:
         }
 
     @app.route("/GraphDriver.Diff", methods=["POST"])
-    def diff(self, request: IRequest) -> Deferred[bytes]:
+    def diff(self, request: ServerRequest) -> Deferred[bytes]:
         """
         Stream the layer tar of a layer's changes.
         """
@@ -706,7 +708,7 @@ class GraphDriverAPI:
         the body as it arrives.
         """
         # Flow control pauses reading from the connection itself.
-        transport = request.channel.transport
+        transport: Any = request.channel.transport
         stream = ApplyStream(
             self._reactor, transport.pauseProducing, transport.resumeProducing
         )
@@ -715,7 +717,7 @@ class GraphDriverAPI:
             try:
                 query = parse_qs(urlsplit(path.decode("utf-8", "replace")).query,
                                  keep_blank_values=True)
-                layer_id = check_id((query.get("id") or [None])[0], "id")
+                layer_id = check_id((query.get("id") or [""])[0], "id")
                 parent = (query.get("parent") or [""])[0] or None
                 if parent is not None:
                     check_id(parent, "parent")

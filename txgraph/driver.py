@@ -15,10 +15,10 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any, BinaryIO
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
@@ -256,7 +256,7 @@ class Driver:
         return layer_id in self.registry
 
     async def apply_diff(
-        self, layer_id: str, parent: str | None, stream: IO[bytes]
+        self, layer_id: str, parent: str | None, stream: BinaryIO
     ) -> int:
         """
         ApplyDiff: the layer's content becomes the tar; return its size.
@@ -273,16 +273,17 @@ class Driver:
         """
         Raise now, before a Diff starts streaming, if it cannot be served.
         """
-        layer = self.registry.lookup(layer_id)
-        if parent is not None:
-            self.registry.lookup(parent)
-        if layer.row.state == "faulty":
-            raise InvalidLayerState(
-                f"layer {layer_id} is faulty ({layer.row.error}); remove it, or run "
-                "txgraph-admin gc"
-            )
+        for which in (layer_id, parent):
+            if which is None:
+                continue
+            layer = self.registry.lookup(which)
+            if layer.row.state == "faulty":
+                raise InvalidLayerState(
+                    f"layer {which} is faulty ({layer.row.error}); remove it, or run "
+                    "txgraph-admin gc"
+                )
 
-    async def diff(self, layer_id: str, parent: str | None, out: IO[bytes]) -> None:
+    async def diff(self, layer_id: str, parent: str | None, out: BinaryIO) -> None:
         """
         Diff: write the layer tar to C{out} (from a backend thread).
         """
@@ -363,25 +364,27 @@ def watch_reactor_lag(
     C{driver.max_lag}: the proof that nothing blocks the reactor thread.
     Returns a function that stops the watch.
     """
-    state = {"call": None, "expected": 0.0, "running": True}
+
+    class Watch:
+        expected = clock.seconds() + interval
+        running = True
+        call: IDelayedCall | None = None
 
     def tick() -> None:
         now = clock.seconds()
-        lag = now - state["expected"]  # type: ignore[operator]
+        lag = now - Watch.expected
         if lag > driver.max_lag:
             driver.max_lag = lag
-        if state["running"]:
-            state["expected"] = now + interval
-            state["call"] = clock.callLater(interval, tick)
+        if Watch.running:
+            Watch.expected = now + interval
+            Watch.call = clock.callLater(interval, tick)
 
-    state["expected"] = clock.seconds() + interval
-    state["call"] = clock.callLater(interval, tick)
+    Watch.call = clock.callLater(interval, tick)
 
     def stop() -> None:
-        state["running"] = False
-        call = state["call"]
-        if call is not None and call.active():  # type: ignore[attr-defined]
-            call.cancel()  # type: ignore[attr-defined]
+        Watch.running = False
+        if Watch.call is not None and Watch.call.active():
+            Watch.call.cancel()
 
     return stop
 

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any, Protocol, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 from automat import NoTransition, TypeMachineBuilder
 from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from txgraph import faults
 from txgraph.archive import Change, IDMap
 from txgraph.backends import AsyncBackend, LayerInfo
 from txgraph.errors import (
@@ -68,7 +69,7 @@ class LayerInputs(Protocol):
         parent).
         """
 
-    def applyDiff(self, stream: IO[bytes]) -> Deferred[int]:
+    def applyDiff(self, stream: BinaryIO) -> Deferred[int]:
         """
         Replace the layer's content with a layer tar; fire with its size.
         """
@@ -226,9 +227,19 @@ class LayerCore:
             inputs._succeeded(None)
             return
         d = self.persist(trying, **fields)
-        d.addCallback(lambda _: work())
+        d.addCallback(lambda _: self._work(trying, work))
         d.addCallbacks(inputs._succeeded, inputs._failed)
         d.addErrback(self._bug)
+
+    def _work(self, trying: str, work: Callable[[], Deferred[Any]]) -> Deferred[Any]:
+        # The crash points around every side effect (txgraph.faults).
+        faults.point(f"{trying}.before")
+
+        def after(result: Any) -> Any:
+            faults.point(f"{trying}.after")
+            return result
+
+        return work().addBoth(after)
 
     def settle(self, state: str, **fields: Any) -> None:
         """
@@ -305,7 +316,7 @@ def _create(inputs: LayerInputs, core: LayerCore) -> Deferred[None]:
     pending = core.begin()
     core.row.state = "creating"
     d = core.store.insert_layer(core.row)
-    d.addCallback(lambda _: core.backend.prepare(core.info()))
+    d.addCallback(lambda _: core._work("creating", lambda: core.backend.prepare(core.info())))
     d.addCallbacks(inputs._succeeded, inputs._failed)
     d.addErrback(core._bug)
     return pending
@@ -357,7 +368,7 @@ def _removeFailed(inputs: LayerInputs, core: LayerCore, failure: Failure) -> Non
 
 
 @created.upon(LayerInputs.applyDiff).to(applying)
-def _apply(inputs: LayerInputs, core: LayerCore, stream: IO[bytes]) -> Deferred[int]:
+def _apply(inputs: LayerInputs, core: LayerCore, stream: BinaryIO) -> Deferred[int]:
     pending = core.begin()
     core.step(
         inputs,
@@ -370,7 +381,8 @@ def _apply(inputs: LayerInputs, core: LayerCore, stream: IO[bytes]) -> Deferred[
 
 
 @applying.upon(LayerInputs._succeeded).to(committing)
-def _applied(inputs: LayerInputs, core: LayerCore, size: int) -> None:
+def _applied(inputs: LayerInputs, core: LayerCore, result: Any) -> None:
+    size: int = result
     core.result = size
     core.step(
         inputs,
@@ -422,8 +434,9 @@ def _commitMounted(inputs: LayerInputs, core: LayerCore) -> Deferred[None]:
         return _invalid(
             core, "it is mounted; a layer is committed only when nothing holds it"
         )
-    core.row.committed = True
-    return succeed(None)
+    pending = core.begin()
+    core.settle("mounted", committed=True)
+    return pending
 
 
 # -- get: map, then mount ----------------------------------------------------
@@ -440,7 +453,8 @@ def _startGet(inputs: LayerInputs, core: LayerCore) -> Deferred[str]:
 
 
 @mapping.upon(LayerInputs._succeeded).to(mapped)
-def _mapped(inputs: LayerInputs, core: LayerCore, device: dict[str, Any] | None) -> None:
+def _mapped(inputs: LayerInputs, core: LayerCore, result: Any) -> None:
+    device: dict[str, Any] | None = result
     core.row.mapping = device
     if core.registry.backend.maps:
         d = core.persist("mapped")
@@ -473,7 +487,8 @@ def _getMapped(inputs: LayerInputs, core: LayerCore) -> Deferred[str]:
 
 
 @mounting.upon(LayerInputs._succeeded).to(mounted)
-def _mounted(inputs: LayerInputs, core: LayerCore, directory: str) -> None:
+def _mounted(inputs: LayerInputs, core: LayerCore, result: Any) -> None:
+    directory: str = result
     core.result = directory
     core.settle("mounted", refcount=1, mountpoint=directory, error=None)
 
@@ -532,7 +547,7 @@ def _unmapped(inputs: LayerInputs, core: LayerCore, result: Any) -> None:
     core.settle("created", mapping=None, mountpoint=None, refcount=0)
 
 
-def _toFaulty(what: str) -> Callable[[LayerInputs, LayerCore, Failure], None]:
+def _toFaulty(what: str) -> Any:
     def behaviour(inputs: LayerInputs, core: LayerCore, failure: Failure) -> None:
         if core.failure is None:
             core.failure = failure
@@ -566,7 +581,7 @@ def _removeMounted(inputs: LayerInputs, core: LayerCore) -> Deferred[None]:
 
 
 @mounted.upon(LayerInputs.applyDiff).loop()
-def _applyMounted(inputs: LayerInputs, core: LayerCore, stream: IO[bytes]) -> Deferred[int]:
+def _applyMounted(inputs: LayerInputs, core: LayerCore, stream: BinaryIO) -> Deferred[int]:
     return _invalid(core, "cannot ApplyDiff: it is mounted")
 
 
@@ -994,7 +1009,7 @@ class LayerRegistry:
         layer = self.lookup(layer_id)
         await self._run(layer, layer.machine.put)
 
-    async def apply(self, layer_id: str, stream: IO[bytes]) -> int:
+    async def apply(self, layer_id: str, stream: BinaryIO) -> int:
         """
         ApplyDiff: replace the layer's content with a tar; return its size.
         """

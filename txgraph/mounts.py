@@ -48,7 +48,7 @@ def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "")
         source.encode(), target.encode(), fstype.encode(), flags, data.encode()
     ) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"mount {fstype} on {target}: {os.strerror(err)}")
+        raise OSError(err, os.strerror(err), target)
 
 
 def unmount(target: str, attempts: int = 50, delay: float = 0.1) -> None:

@@ -28,8 +28,9 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
+from twisted.web.server import Site
 
-from txgraph import __version__
+from txgraph import __version__, faults
 from txgraph.api import GraphDriverAPI, PluginSite
 from txgraph.backends import BACKEND_NAMES, backend_class, parse_options
 from txgraph.driver import Driver, parse_storage_opts, watch_reactor_lag
@@ -52,7 +53,7 @@ def _backend_flags() -> list[list[Any]]:
         for option in cls.options:
             flags.append(
                 [
-                    f"{name}-{option.key}",
+                    f"{name}-{option.key.replace('_', '-')}",
                     None,
                     None,
                     f"{option.help} (storage-opt txgraph.{name}.{option.key}; "
@@ -112,7 +113,7 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         prefix = f"{cls.name}-"
         values = {
-            key[len(prefix) :]: value
+            key[len(prefix) :].replace("-", "_"): value
             for key, value in self.items()
             if key.startswith(prefix) and value is not None
         }
@@ -178,15 +179,16 @@ class TxgraphService(Service):
 
     def __init__(self, options: Options, reactor: Any = None) -> None:
         self.options = options
-        self.reactor = reactor if reactor is not None else global_reactor
+        self.reactor: Any = reactor if reactor is not None else global_reactor
         self.state_dir = os.path.abspath(options["state-dir"])
         self.port: IListeningPort | None = None
+        self.admin_port: IListeningPort | None = None
         self.driver: Driver | None = None
         self._lock = StateDirLock(self.state_dir)
         self._pool = ThreadPool(
             minthreads=0, maxthreads=options["threads"], name="txgraph-backend"
         )
-        self._dbthread = DatabaseThread(self.reactor)
+        self._dbthread = DatabaseThread(self.reactor)  # type: ignore[arg-type]
         self._stop_lag_watch: Any = None
         self.ready: Deferred[None] = Deferred()
 
@@ -196,47 +198,68 @@ class TxgraphService(Service):
         """
         super().startService()
         try:
+            armed = faults.arm_from_environment()
+            if armed:
+                log.warn(
+                    "TEST ONLY: txgraph will kill itself at crash point(s) {points}",
+                    points=", ".join(sorted(armed)),
+                )
             self._start()
+        except ValueError as e:
+            log.critical("txgraph cannot start: {error}", error=e)
+            raise SystemExit(f"txgraph: {e}") from None
         except TxgraphError as e:
             log.critical("txgraph cannot start: {error}", error=e.message)
             raise SystemExit(f"txgraph: {e.message}") from None
 
     def _start(self) -> None:
-        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-        os.chmod(self.state_dir, 0o700)
-        self._lock.acquire()
-        store = Store(os.path.join(self.state_dir, "txgraph.db"), self._dbthread)
-        store.open_thd()
-        config = store.get_config_thd()
-        cls = backend_class(self.options["backend"])
-        persisted = config.get("backend")
-        if persisted is not None and persisted != cls.name and store.load_layers_thd():
-            raise ConfigurationError(
-                f"the state directory holds layers of the {persisted} backend; "
-                f"start txgraph with --backend {persisted}"
-            )
-        values = dict(self.options["backend-options"])
-        init = config.get("init")
-        if init is not None:
-            values.update(parse_storage_opts(init["opts"], cls))
-        backend = cls(self.state_dir, parse_options(cls, values))
-        backend.start()
-        store.set_config_thd({"backend": cls.name})
-        self._pool.start()
-        self._dbthread.start()
-        self.reactor.addSystemEventTrigger("after", "shutdown", self._pool.stop)
-        self.driver = Driver(
+        listen = self.options["listen"]
+        try:
+            self._endpoint = serverFromString(self.reactor, listen)
+        except (ValueError, KeyError) as e:
+            raise ConfigurationError(f"invalid --listen {listen!r}: {e}") from None
+        self.driver = open_driver(
             self.reactor,
-            store,
-            backend,
-            self._pool,
-            dict(self.options["backend-options"]),
             self.state_dir,
+            self.options["backend"],
+            dict(self.options["backend-options"]),
+            self._lock,
+            self._pool,
+            self._dbthread,
         )
-        self._listen()
+        self.reactor.addSystemEventTrigger("after", "shutdown", self._pool.stop)
+        try:
+            self._listen()
+            self._listen_admin()
+        except BaseException:
+            # Threads would keep a failed start's process alive.
+            self._pool.stop()
+            self._dbthread.stop()
+            raise
         self._stop_lag_watch = watch_reactor_lag(self.driver, self.reactor)
         d = ensureDeferred(self.driver.start())
         d.addCallbacks(self.ready.callback, self._recoveryFailed)
+
+    def _listen_admin(self) -> None:
+        assert self.driver is not None
+        from txgraph.admin import AdminAPI
+
+        path = os.path.join(self.state_dir, "admin.sock")
+        endpoint = serverFromString(self.reactor, f"unix:{path}:mode=600:lockfile=1")
+        d = endpoint.listen(Site(AdminAPI(self.driver).app.resource()))
+
+        def listening(port: IListeningPort) -> None:
+            self.admin_port = port
+
+        def failed(failure: Any) -> None:
+            log.critical(
+                "txgraph cannot listen on its admin socket {path}: {error}",
+                path=path,
+                error=failure.getErrorMessage(),
+            )
+            self._fatal()
+
+        d.addCallbacks(listening, failed)
 
     def _listen(self) -> None:
         listen = self.options["listen"]
@@ -248,11 +271,7 @@ class TxgraphService(Service):
         assert self.driver is not None
         api = GraphDriverAPI(self.driver, self.reactor)
         site = PluginSite(api)
-        try:
-            endpoint = serverFromString(self.reactor, listen)
-        except (ValueError, KeyError) as e:
-            raise ConfigurationError(f"invalid --listen {listen!r}: {e}") from None
-        d = endpoint.listen(site)
+        d = self._endpoint.listen(site)
         d.addCallbacks(self._listening, self._listenFailed)
 
     def _listening(self, port: IListeningPort) -> None:
@@ -267,6 +286,8 @@ class TxgraphService(Service):
                 self._fatal()
                 return
             os.chown(address, 0, gid)
+        if isinstance(address, bytes):
+            address = address.decode(errors="replace")
         log.info("txgraph {version} listening on {address}", version=__version__,
                  address=address or self.options["listen"])
 
@@ -315,8 +336,52 @@ class TxgraphService(Service):
         return d
 
     async def _stop_listening(self) -> None:
-        assert self.port is not None
-        await self.port.stopListening()
+        for port in (self.port, self.admin_port):
+            if port is not None:
+                stopped = port.stopListening()
+                if stopped is not None:
+                    await stopped
+
+
+def open_driver(
+    reactor: Any,
+    state_dir: str,
+    backend_name: str,
+    backend_options: dict[str, str],
+    lock: StateDirLock,
+    pool: ThreadPool,
+    dbthread: DatabaseThread,
+) -> Driver:
+    """
+    Everything up to a driver ready to L{Driver.start}: take the state
+    directory's lock, open and upgrade the database, configure and start
+    the backend (options from the command line, overridden by those dockerd
+    gave at Init), start the thread pool and the database thread.  Used by
+    the daemon and by C{txgraph-admin} on a stopped daemon's state.
+    """
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    os.chmod(state_dir, 0o700)
+    lock.acquire()
+    store = Store(os.path.join(state_dir, "txgraph.db"), dbthread)
+    store.open_thd()
+    config = store.get_config_thd()
+    cls = backend_class(backend_name)
+    persisted = config.get("backend")
+    if persisted is not None and persisted != cls.name and store.load_layers_thd():
+        raise ConfigurationError(
+            f"the state directory holds layers of the {persisted} backend; "
+            f"start txgraph with --backend {persisted}"
+        )
+    values = dict(backend_options)
+    init = config.get("init")
+    if init is not None:
+        values.update(parse_storage_opts(init["opts"], cls))
+    backend = cls(state_dir, parse_options(cls, values))
+    backend.start()
+    store.set_config_thd({"backend": cls.name, "backend_options": backend_options})
+    pool.start()
+    dbthread.start()
+    return Driver(reactor, store, backend, pool, backend_options, state_dir)
 
 
 def makeService(options: Options) -> MultiService:

@@ -106,9 +106,32 @@ def test_bad_command_line(components: Components, args: list[str], message: str)
     A bad option stops txgraph with a message naming it.
     """
     daemon = components.txgraph(*args, start=False)
+    started = time.monotonic()
     with pytest.raises(RuntimeError) as e:
         daemon.start(timeout=20)
+    assert "txgraph exited with" in str(e.value), "txgraph did not exit"
+    assert time.monotonic() - started < 10
     assert message in str(e.value)
+
+
+def test_disk_full_during_apply(components: Components) -> None:
+    """
+    A full disk during ApplyDiff is a clear error naming the operation and
+    the layer, and leaves the layer empty.
+    """
+    daemon = components.txgraph(start=False)
+    daemon.state_dir.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "small", str(daemon.state_dir)], check=True)
+    daemon.start()
+    _ok(daemon, "GraphDriver.Create", {"ID": A})
+    tar = _tar({f"f{i}": os.urandom(1 << 20) for i in range(4)})
+    code, body = daemon.raw("GraphDriver.ApplyDiff", tar, query=f"id={A}&parent=", chunked=True)
+    message = json.loads(body)["Err"]
+    assert code == 500
+    assert "apply of layer " + A in message and "No space left on device" in message
+    assert os.listdir(daemon.state_dir / "overlay" / A / "diff") == []
+    daemon.stop()
+    subprocess.run(["umount", str(daemon.state_dir)], check=True)
 
 
 def test_init_storage_opts(components: Components) -> None:

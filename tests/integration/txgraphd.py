@@ -217,9 +217,19 @@ class Txgraphd:
 
     def cleanup(self) -> None:
         """
-        Stop the daemon and remove its socket and lock.
+        Stop the daemon, unmount whatever is left under its directory (a
+        failed test may leave planted or layer mounts), and remove its
+        socket and lock.
         """
         self.stop()
+        prefix = str(self.workdir)
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4] for line in f]
+        for point in sorted(
+            (p for p in points if p == prefix or p.startswith(prefix + "/")),
+            key=lambda p: -p.count("/"),
+        ):
+            subprocess.run(["umount", "-l", point], check=False)
         for path in (self.socket, Path(f"{self.socket}.lock")):
             try:
                 path.unlink()

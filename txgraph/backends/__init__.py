@@ -34,7 +34,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Any, ClassVar, TypeVar
+from typing import Any, BinaryIO, ClassVar, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads
@@ -42,7 +42,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from txgraph.archive import Change, IDMap
-from txgraph.errors import ConfigurationError
+from txgraph.errors import BackendError, ConfigurationError
 
 T = TypeVar("T")
 
@@ -64,6 +64,32 @@ class LayerInfo:
     mapping: dict[str, Any] | None = None
     storage_opt: dict[str, str] = field(default_factory=dict)
     root_ids: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """
+    What gc tells a backend about a layer it has a row for.
+    """
+
+    id: str
+    state: str
+    mountpoint: str | None
+    mapping: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """
+    Something a backend holds that no layer accounts for.
+
+    @ivar kind: C{mount}, C{device} or C{object} (see L{txgraph.gc}).
+    @ivar id: what identifies it: a mount point, a device, a layer ID.
+    """
+
+    kind: str
+    id: str
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -221,10 +247,24 @@ class Backend(abc.ABC):
         The IDs of every layer this backend holds storage for (for gc).
         """
 
+    def orphans(self, layers: dict[str, LayerView]) -> list[Orphan]:
+        """
+        Mounts, mapped devices and storage objects of this backend (this
+        node's only) that none of C{layers} accounts for.  A backend that
+        cannot tell finds none.
+        """
+        return []
+
+    def repair(self, orphan: Orphan) -> None:
+        """
+        Unmount, unmap or delete an orphan that L{orphans} found.
+        """
+        raise NotImplementedError(f"the {self.name} backend cannot repair {orphan.kind}s")
+
     # -- content ---------------------------------------------------------
 
     @abc.abstractmethod
-    def apply(self, layer: LayerInfo, stream: IO[bytes], id_map: IDMap) -> int:
+    def apply(self, layer: LayerInfo, stream: BinaryIO, id_map: IDMap) -> int:
         """
         Replace the layer's content with the layer tar read from C{stream}
         and return its size, equal to what L{diff_size} reports for it.
@@ -236,7 +276,7 @@ class Backend(abc.ABC):
         layer: LayerInfo,
         chain: list[LayerInfo],
         parent: str | None,
-        out: IO[bytes],
+        out: BinaryIO,
         id_map: IDMap,
     ) -> None:
         """
@@ -313,8 +353,20 @@ class AsyncBackend:
         if not callable(method) or name.startswith("_"):
             raise AttributeError(name)
 
+        def guarded(*args: Any) -> Any:
+            # Host errors (a full disk, an I/O error) become errors that
+            # say which operation of which layer failed.
+            try:
+                return method(*args)
+            except OSError as e:
+                layer = next((a.id for a in args if isinstance(a, LayerInfo)), None)
+                where = f" of layer {layer}" if layer else ""
+                raise BackendError(
+                    f"{self.sync.name} backend: {name}{where} failed: {e}"
+                ) from e
+
         def threaded(*args: Any) -> Deferred[Any]:
-            return self.run(method, *args)
+            return self.run(guarded, *args)
 
         threaded.__name__ = name
         return threaded

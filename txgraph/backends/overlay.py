@@ -27,12 +27,12 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import Any, BinaryIO
 
 from txgraph import archive, mounts
 from txgraph.archive import ApplyMode, Change, IDMap
-from txgraph.backends import Backend, BackendOption, LayerInfo
-from txgraph.errors import BackendError, ConfigurationError
+from txgraph.backends import Backend, BackendOption, LayerInfo, LayerView, Orphan
+from txgraph.errors import BackendError, BadRequest, ConfigurationError
 
 _ID = re.compile(r"^[0-9a-f]{64}(-init)?$")
 
@@ -185,6 +185,42 @@ class OverlayBackend(Backend):
         """
         return sorted(n for n in os.listdir(self.root) if _ID.match(n))
 
+    def orphans(self, layers: dict[str, LayerView]) -> list[Orphan]:
+        """
+        Mounts under the layer directory that no mounted layer holds, and
+        layer directories (or leftovers in .tmp) with no layer row.
+        """
+        held = {v.mountpoint for v in layers.values() if v.state == "mounted"}
+        found = [
+            Orphan("mount", point, "mounted, but no mounted layer holds it")
+            for point in mounts.mounted_under(self.root)
+            if point not in held
+        ]
+        for name in sorted(os.listdir(self.root)):
+            if _ID.match(name) and name not in layers:
+                found.append(Orphan("object", name, f"layer directory {self._dir(name)} has no layer row"))
+        for name in sorted(os.listdir(self._tmp)):
+            found.append(
+                Orphan("object", f".tmp/{name}", f"leftover {os.path.join(self._tmp, name)}")
+            )
+        return found
+
+    def repair(self, orphan: Orphan) -> None:
+        """
+        Unmount a stray mount; delete a stray directory.
+        """
+        if orphan.kind == "mount":
+            mounts.unmount(orphan.id)
+        elif orphan.kind == "object" and orphan.id.startswith(".tmp/"):
+            path = os.path.join(self._tmp, orphan.id[len(".tmp/") :])
+            for point in mounts.mounted_under(path):
+                mounts.unmount(point)
+            shutil.rmtree(path, ignore_errors=True)
+        elif orphan.kind == "object" and _ID.match(orphan.id):
+            self._destroy(orphan.id)
+        else:
+            super().repair(orphan)
+
     # -- mounting ------------------------------------------------------------
 
     def mount(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
@@ -254,7 +290,7 @@ class OverlayBackend(Backend):
 
     # -- content -------------------------------------------------------------
 
-    def apply(self, layer: LayerInfo, stream: IO[bytes], id_map: IDMap) -> int:
+    def apply(self, layer: LayerInfo, stream: BinaryIO, id_map: IDMap) -> int:
         """
         Extract the tar into the layer's diff directory (AUFS whiteouts
         become overlay whiteouts), after emptying it (ApplyDiff may be a
@@ -290,7 +326,7 @@ class OverlayBackend(Backend):
                 if parent in ids:
                     parent_lowers = [self.diff_dir(i) for i in ids[ids.index(parent) :]]
                 else:
-                    raise BackendError(
+                    raise BadRequest(
                         f"layer {parent} is not an ancestor of {layer.id}; "
                         "diffs are only taken against ancestors"
                     )
@@ -317,7 +353,7 @@ class OverlayBackend(Backend):
         layer: LayerInfo,
         chain: list[LayerInfo],
         parent: str | None,
-        out: IO[bytes],
+        out: BinaryIO,
         id_map: IDMap,
     ) -> None:
         """
