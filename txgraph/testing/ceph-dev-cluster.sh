@@ -278,13 +278,16 @@ release_loop() {
             umount_hard "$sub" || die "cannot unmount $sub (on $dev)"
         done
     done
-    # right after a umount the kernel may still hold the device for a moment: retry
-    local i err=''
-    for ((i = 0; i < 150; i++)); do
-        [ -e "/sys/class/block/${dev#/dev/}/loop/backing_file" ] || return 0
-        err=$(losetup -d "$dev" 2>&1) && return 0
-        # a device that is still open elsewhere gets autoclear: it goes with its last user
-        [ "$(cat "/sys/class/block/${dev#/dev/}/loop/autoclear" 2>/dev/null)" = 1 ] && return 0
+    # Right after a umount the kernel may still hold the device for a moment,
+    # and losetup -d on a busy device only sets autoclear and returns 0: wait
+    # until the device is really detached, or rbd-fuse would be stopped while
+    # the loop still holds its file (and its watch would outlive it for 30 s).
+    local i err='' sys=/sys/class/block/${dev#/dev/}/loop
+    for ((i = 0; i < 250; i++)); do
+        [ -e "$sys/backing_file" ] || return 0
+        if [ "$(cat "$sys/autoclear" 2>/dev/null)" != 1 ]; then
+            err=$(losetup -d "$dev" 2>&1) || true
+        fi
         sleep 0.02
     done
     die "cannot detach loop device $dev: ${err##*$'\n'}"
