@@ -165,13 +165,14 @@ class AdminAPI:
 # -- the command line --------------------------------------------------------
 
 
-class AdminSocket(http.client.HTTPConnection):
+class UnixHTTPConnection(http.client.HTTPConnection):
     """
-    HTTP to the daemon's admin socket.
+    HTTP over a UNIX socket (the admin socket; the tests also speak to the
+    plugin socket with it, as dockerd does).
     """
 
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=3600)
+    def __init__(self, path: str, timeout: float = 3600) -> None:
+        super().__init__("localhost", timeout=timeout)
         self._path = path
 
     def connect(self) -> None:
@@ -194,7 +195,7 @@ class Daemon:
         Whether a daemon answers on the admin socket.
         """
         try:
-            conn = AdminSocket(self.path)
+            conn = UnixHTTPConnection(self.path)
             conn.connect()
             conn.close()
             return True
@@ -211,7 +212,7 @@ class Daemon:
         """
         POST and yield the reply's lines as they come.
         """
-        conn = AdminSocket(self.path)
+        conn = UnixHTTPConnection(self.path)
         conn.request("POST", path, body=json.dumps(body or {}).encode())
         response = conn.getresponse()
         if response.status != 200:

@@ -7,11 +7,9 @@ does, killed or stopped by PID.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,25 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import txgraph
+from txgraph.admin import UnixHTTPConnection
 
 PLUGIN_DIR = Path("/run/docker/plugins")
 REPO = Path(txgraph.__file__).resolve().parent.parent
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """
-    HTTP over a UNIX socket, as dockerd's plugin client does it.
-    """
-
-    def __init__(self, path: str, timeout: float = 120) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
 
 
 class Txgraphd:
