@@ -1,0 +1,828 @@
+"""
+The rbd backend on a real single-node Ceph cluster (memstore) that the
+suite starts itself, mapped with whatever mapper this host offers (rbd-fuse
++ loop devices where there is no kernel rbd or nbd): the backend
+conformance suite, plus what is particular to RBD: nodes sharing a pool,
+option and cluster faults, failed operations that must leave nothing
+behind, the size storage option, and dead librbd clients.
+
+Every test gets its own RBD namespace, so tests do not see each other's
+images; after every test, nothing of it (loop device, mount, rbd-fuse
+process) may be left on the host.  Skipped when Ceph is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from txgraph.archive import ChangeKind
+from txgraph.backends import LayerInfo, backend_class, parse_options
+from txgraph.backends.rbd import K_OWNER, K_STATE, SNAP, RBDBackend
+from txgraph.errors import ArchiveError, BackendError, ConfigurationError
+from txgraph.testing.ceph import DevCluster
+from txgraph.testing.conformance import IDENTITY, Layers, make_backend_tests, new_id
+
+pytestmark = [
+    pytest.mark.ceph,
+    pytest.mark.skipif(
+        not DevCluster.available(), reason="Ceph is not installed (needs ceph-mon and ceph-osd)"
+    ),
+]
+
+MiB = 1 << 20
+
+
+def _bindings() -> tuple[ModuleType, ModuleType]:
+    try:
+        return importlib.import_module("rados"), importlib.import_module("rbd")
+    except ImportError as e:
+        pytest.fail(
+            f"Ceph is installed but its Python bindings are not importable ({e}); "
+            "run .ci/link-ceph-bindings.sh on the virtualenv"
+        )
+
+
+class Ceph:
+    """
+    The session's cluster, an admin connection to it, and a fresh
+    namespace per test.
+    """
+
+    def __init__(self, cluster: DevCluster) -> None:
+        self.cluster = cluster
+        self.rados, self.rbd = _bindings()
+        self.conn = self.rados.Rados(conffile=cluster.conf)
+        self.conn.connect(timeout=30)
+        self.ioctx = self.conn.open_ioctx(cluster.pool)
+
+    def close(self) -> None:
+        self.ioctx.close()
+        self.conn.shutdown()
+
+    def namespace(self) -> str:
+        """
+        A new, empty RBD namespace.
+        """
+        name = f"t{uuid.uuid4().hex[:12]}"
+        self.rbd.RBD().namespace_create(self.ioctx, name)
+        return name
+
+    def options(self, namespace: str, **extra: str) -> dict[str, Any]:
+        """
+        Parsed options for a backend in C{namespace}, as the restricted
+        client.txgraph (mon 'profile rbd', osd 'profile rbd pool=rbd').
+        """
+        values = {
+            "conf": self.cluster.conf,
+            "client": DevCluster.client_id,
+            "keyring": self.cluster.client_keyring,
+            "pool": self.cluster.pool,
+            "namespace": namespace,
+            "base_size": "256M",
+            "node_id": "node-a",
+            "timeout": "20",
+        }
+        values.update(extra)
+        return parse_options(RBDBackend, values)
+
+    def backend(self, state_dir: str, namespace: str | None = None, **extra: str) -> RBDBackend:
+        """
+        A backend (not started) in a new or the given namespace.
+        """
+        return RBDBackend(state_dir, self.options(namespace or self.namespace(), **extra))
+
+    def io(self, namespace: str) -> Any:
+        """
+        An admin I/O context in C{namespace}.
+        """
+        ioctx = self.conn.open_ioctx(self.cluster.pool)
+        ioctx.set_namespace(namespace)
+        return ioctx
+
+    def images(self, namespace: str) -> list[str]:
+        """
+        C{rbd ls} of a namespace.
+        """
+        ioctx = self.io(namespace)
+        try:
+            return sorted(self.rbd.RBD().list(ioctx))
+        finally:
+            ioctx.close()
+
+    def snaps(self, namespace: str, image: str) -> list[str]:
+        """
+        The snapshots of an image.
+        """
+        ioctx = self.io(namespace)
+        try:
+            with self.rbd.Image(ioctx, image, read_only=True) as img:
+                return [s["name"] for s in img.list_snaps()]
+        finally:
+            ioctx.close()
+
+    def meta(self, namespace: str, image: str) -> dict[str, str]:
+        """
+        An image's metadata.
+        """
+        ioctx = self.io(namespace)
+        try:
+            with self.rbd.Image(ioctx, image, read_only=True) as img:
+                return dict(img.metadata_list())
+        finally:
+            ioctx.close()
+
+
+_ceph: Ceph | None = None
+
+
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ceph]:
+    """
+    One memstore cluster for the session (about 1.5 s to start).
+    """
+    global _ceph
+    cluster = DevCluster(tmp_path_factory.mktemp("ceph"))
+    cluster.up()
+    try:
+        _ceph = Ceph(cluster)
+        try:
+            yield _ceph
+        finally:
+            _ceph.close()
+            _ceph = None
+    finally:
+        cluster.down()
+
+
+def _host_leftovers(path: str) -> list[str]:
+    """
+    Loop devices, mounts and rbd-fuse processes that refer to C{path}.
+    """
+    found = []
+    for name in os.listdir("/sys/block"):
+        try:
+            with open(f"/sys/block/{name}/loop/backing_file") as f:
+                backing = f.read().strip()
+        except OSError:
+            continue
+        if backing.startswith(path):
+            found.append(f"loop device /dev/{name} on {backing}")
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4]
+            if point.startswith(path):
+                found.append(f"mount {point}")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+            with open(f"/proc/{pid}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            continue
+        if not zombie and args and args[0].endswith("rbd-fuse") and any(path in a for a in args):
+            found.append(f"rbd-fuse process {pid}: {' '.join(args)}")
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(ceph: Ceph, tmp_path: Path) -> Iterator[None]:
+    """
+    Every test of this module runs against the session cluster, and leaves
+    no loop device, mount or rbd-fuse process behind.
+    """
+    yield
+    assert _host_leftovers(str(tmp_path)) == []
+
+
+def conformance_backend(state_dir: str) -> RBDBackend:
+    """
+    A backend for the conformance suite, in a namespace of its own.
+    """
+    assert _ceph is not None, "the ceph fixture is not active"
+    return _ceph.backend(state_dir)
+
+
+class RBDBackendConformanceTests(make_backend_tests(conformance_backend)):
+    """
+    The rbd backend keeps the backend contract.
+    """
+
+
+# -- helpers -----------------------------------------------------------------------
+
+
+@dataclass
+class Started:
+    """
+    A started backend in a namespace of its own, and a driver for it.
+    """
+
+    backend: RBDBackend
+    namespace: str
+    layers: Layers
+
+
+@pytest.fixture
+def started(ceph: Ceph, tmp_path: Path) -> Iterator[Started]:
+    """
+    A started backend; everything it made is removed afterwards.
+    """
+    namespace = ceph.namespace()
+    backend = ceph.backend(str(tmp_path / "state"), namespace)
+    backend.start()
+    env = Started(backend, namespace, Layers(backend))
+    try:
+        yield env
+    finally:
+        env.layers.cleanup()
+        env.backend.stop()
+
+
+def _tar(files: dict[str, bytes]) -> io.BytesIO:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    out.seek(0)
+    return out
+
+
+def _read(root: str, name: str) -> bytes:
+    with open(os.path.join(root, name), "rb") as f:
+        return f.read()
+
+
+# -- sharing a pool ----------------------------------------------------------------
+
+
+def test_two_nodes_share_a_pool(ceph: Ceph, tmp_path: Path) -> None:
+    """
+    Two backends with different node ids in one pool and namespace each
+    have their own base and layers: neither lists, changes nor removes the
+    other's images, even for the same layer ID.
+    """
+    namespace = ceph.namespace()
+    a = ceph.backend(str(tmp_path / "a"), namespace, node_id="node-a")
+    b = ceph.backend(str(tmp_path / "b"), namespace, node_id="node-b")
+    a.start()
+    b.start()
+    la, lb = Layers(a), Layers(b)
+    try:
+        shared = new_id()
+        for layers, content in ((la, b"from a"), (lb, b"from b")):
+            info = LayerInfo(id=shared, parent=None, readwrite=True)
+            layers.infos[shared] = info
+            layers.backend.prepare(info)
+            layers.write(shared, {"who": content})
+        only_b = lb.create()
+        assert a.list_layers() == [shared]
+        assert sorted(b.list_layers()) == sorted([shared, only_b])
+        assert not a.exists(LayerInfo(id=only_b, parent=None))
+        # A removing, committing or resetting "its" copy of B's layer
+        # touches only its own (missing) image.
+        for call in (a.commit, a.reset):
+            with pytest.raises(BackendError, match="its image does not exist"):
+                call(LayerInfo(id=only_b, parent=None))
+        a.remove(LayerInfo(id=only_b, parent=None))
+        a.remove(la.infos[shared])
+        del la.infos[shared]
+        assert b.exists(lb.infos[only_b])
+        assert _read(lb.get(shared), "who") == b"from b"
+        lb.put(shared)
+        images = ceph.images(namespace)
+        assert all(not i.startswith("txgraph.node-a.") or i.endswith(".base") for i in images)
+        assert f"txgraph.node-b.{shared}" in images and f"txgraph.node-b.{only_b}" in images
+        assert ceph.meta(namespace, f"txgraph.node-b.{shared}")[K_OWNER] == "node-b"
+    finally:
+        la.cleanup()
+        lb.cleanup()
+        a.stop()
+        b.stop()
+
+
+# -- options and faults ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("base_size", "ten gigs"),
+        ("base_size", "1K"),
+        ("fs", "btrfs"),
+        ("mapper", "magic"),
+        ("node_id", "a.b"),
+        ("timeout", "0"),
+        ("mount_options", "ro"),
+        ("pool", "a/b"),
+    ],
+)
+def test_bad_option(key: str, value: str) -> None:
+    """
+    An invalid option value is a configuration error naming the key.
+    """
+    with pytest.raises(ConfigurationError, match=f"txgraph.rbd.{key}"):
+        parse_options(RBDBackend, {key: value})
+
+
+def test_unknown_option() -> None:
+    """
+    An unknown key is refused, naming it and the known ones.
+    """
+    with pytest.raises(ConfigurationError, match="txgraph.rbd.poool.*known: .*pool"):
+        parse_options(RBDBackend, {"poool": "rbd"})
+
+
+def test_without_bindings(tmp_path: Path) -> None:
+    """
+    Without Ceph's Python bindings the module still imports (the overlay
+    backend is unaffected) and start() says what to install.
+    """
+    script = f"""
+import sys
+sys.modules["rados"] = None
+sys.modules["rbd"] = None
+from txgraph.backends import backend_class
+from txgraph.errors import BackendError
+cls = backend_class("rbd")
+backend_class("overlay")
+try:
+    cls({str(tmp_path)!r}, {{}}).start()
+except BackendError as e:
+    print(e)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(Path(__file__).resolve().parents[2]),
+        check=True,
+    ).stdout
+    assert "python3-rados" in out and "python3-rbd" in out
+
+
+def test_pool_missing(ceph: Ceph, tmp_path: Path) -> None:
+    """
+    A pool that does not exist: a clear error naming it, the conf and the
+    client, at once.
+    """
+    backend = RBDBackend(
+        str(tmp_path), ceph.options(ceph.namespace(), pool="nosuchpool")
+    )
+    began = time.monotonic()
+    with pytest.raises(BackendError, match="pool nosuchpool does not exist") as info:
+        backend.start()
+    assert ceph.cluster.conf in info.value.message and "client.txgraph" in info.value.message
+    assert time.monotonic() - began < 10
+
+
+def test_data_pool_missing(ceph: Ceph, tmp_path: Path) -> None:
+    """
+    A data pool that does not exist is an error naming it.
+    """
+    backend = RBDBackend(str(tmp_path), ceph.options(ceph.namespace(), data_pool="nosuchdata"))
+    with pytest.raises(BackendError, match="data pool nosuchdata does not exist"):
+        backend.start()
+
+
+def test_namespace_missing(ceph: Ceph, tmp_path: Path) -> None:
+    """
+    A namespace that does not exist is an error saying how to create it.
+    """
+    backend = RBDBackend(str(tmp_path), ceph.options("nosuchns"))
+    with pytest.raises(BackendError, match="namespace nosuchns does not exist.*rbd namespace create"):
+        backend.start()
+
+
+def test_wrong_keyring(ceph: Ceph, tmp_path: Path) -> None:
+    """
+    A keyring with the wrong key: permission denied, naming the client.
+    """
+    keyring = tmp_path / "wrong.keyring"
+    keyring.write_text("[client.txgraph]\n\tkey = AQBu7YdkAAAAABAAdGhpc2lzbm90dGhla2V5MTIzNA==\n")
+    backend = RBDBackend(
+        str(tmp_path / "state"), ceph.options(ceph.namespace(), keyring=str(keyring))
+    )
+    began = time.monotonic()
+    with pytest.raises(BackendError, match="client.txgraph") as info:
+        backend.start()
+    assert "permission denied" in info.value.message or "refused" in info.value.message
+    assert str(keyring) in info.value.message
+    assert time.monotonic() - began < 25
+
+
+def test_mapper_unavailable(ceph: Ceph, tmp_path: Path) -> None:
+    """
+    Asking for a mapper this host cannot offer fails at start, saying why.
+    """
+    if os.path.isdir("/sys/bus/rbd"):
+        pytest.skip("this host has kernel rbd")
+    backend = ceph.backend(str(tmp_path), mapper="krbd")
+    with pytest.raises(BackendError, match="mapper krbd is not available here: .*rbd module"):
+        backend.start()
+    assert backend._cluster is None
+
+
+def test_auto_mapper_is_fuse_here(started: Started) -> None:
+    """
+    On a host without kernel rbd and nbd, auto picks rbd-fuse, and Status
+    says so (and why the others are out).
+    """
+    backend = started.backend
+    status = dict(backend.status())
+    if os.path.isdir("/sys/bus/rbd"):
+        pytest.skip("this host has kernel rbd")
+    assert status["Mapper"] == "fuse"
+    assert "krbd" in status["Unavailable Mappers"]
+
+
+def test_cluster_down(ceph: Ceph, tmp_path: Path) -> None:
+    """
+    A cluster that goes down mid-run makes calls fail within the timeout
+    (not hang); a cluster that is down at start is a clear error naming the
+    conf and client, within the timeout.
+    """
+    cluster = DevCluster(tmp_path / "c")
+    cluster.up()
+    try:
+        saved = tmp_path / "saved"
+        saved.mkdir()
+        conf = str(shutil.copy(cluster.conf, saved / "ceph.conf"))
+        keyring = str(shutil.copy(cluster.client_keyring, saved / "client.keyring"))
+        values = {
+            "conf": conf,
+            "client": "txgraph",
+            "keyring": keyring,
+            "pool": cluster.pool,
+            "base_size": "64M",
+            "node_id": "down",
+            "timeout": "3",
+        }
+        backend = RBDBackend(str(tmp_path / "state"), parse_options(RBDBackend, values))
+        backend.start()
+        layers = Layers(backend)
+        layers.create()
+        cluster.down()
+        began = time.monotonic()
+        with pytest.raises(BackendError, match="rbd prepare of layer") as failed:
+            layers.create()
+        assert time.monotonic() - began < 30
+        assert "timeout" in failed.value.message.lower()
+        backend.stop()
+        again = RBDBackend(str(tmp_path / "state"), parse_options(RBDBackend, values))
+        began = time.monotonic()
+        with pytest.raises(BackendError, match="no answer from the Ceph cluster") as info:
+            again.start()
+        assert conf in info.value.message and "client.txgraph" in info.value.message
+        assert time.monotonic() - began < 15
+    finally:
+        cluster.down()
+
+
+def test_image_name_taken(started: Started, ceph: Ceph) -> None:
+    """
+    An image that already has a layer's name but is not this node's is an
+    error, and is left untouched by prepare and remove.
+    """
+    backend, namespace = started.backend, started.namespace
+    layer = LayerInfo(id=new_id(), parent=None)
+    name = backend.image_name(layer.id)
+    ioctx = ceph.io(namespace)
+    try:
+        ceph.rbd.RBD().create(ioctx, name, 64 * MiB)
+        with ceph.rbd.Image(ioctx, name) as img:
+            img.metadata_set("mine", "yes")
+    finally:
+        ioctx.close()
+    with pytest.raises(BackendError, match="already exists and is not a txgraph layer") as info:
+        backend.prepare(layer)
+    assert layer.id in info.value.message and name in info.value.message
+    backend.remove(layer)
+    assert not backend.exists(layer)
+    assert name in ceph.images(namespace)
+    assert ceph.meta(namespace, name) == {"mine": "yes"}
+    assert layer.id not in backend.list_layers()
+    ioctx = ceph.io(namespace)
+    try:
+        ceph.rbd.RBD().remove(ioctx, name)
+    finally:
+        ioctx.close()
+
+
+def _assert_clean_namespace(ceph: Ceph, namespace: str, keep: set[str]) -> None:
+    images = set(ceph.images(namespace))
+    assert images == keep | {i for i in images if i.endswith(".base")}
+
+
+def test_failed_prepare_leaves_nothing(started: Started, ceph: Ceph) -> None:
+    """
+    A prepare that fails (bad size, size below the parent's, parent not
+    committed) leaves no image, snapshot, mapping or mount.
+    """
+    backend, namespace, layers = started.backend, started.namespace, started.layers
+    parent = layers.create()
+    for opt, error in (
+        ({"size": "lots"}, "invalid storage option size='lots'"),
+        ({"size": "64M"}, "smaller than the layer's parent"),
+        ({"quota": "1G"}, "quota are not supported"),
+    ):
+        layer = LayerInfo(id=new_id(), parent=None, readwrite=True, storage_opt=opt)
+        with pytest.raises(ConfigurationError, match=error) as info:
+            backend.prepare(layer)
+        assert layer.id in info.value.message
+        backend.remove(layer)
+    orphan = LayerInfo(id=new_id(), parent=parent)
+    with pytest.raises(BackendError, match="is not committed"):
+        backend.prepare(orphan)
+    assert _host_leftovers(backend.state_dir) == []
+    backend.remove(orphan)
+    _assert_clean_namespace(ceph, namespace, {backend.image_name(parent)})
+    assert ceph.snaps(namespace, backend.image_name(parent)) == []
+    assert _host_leftovers(backend.state_dir) == []
+
+
+def test_failed_apply_leaves_nothing(started: Started, ceph: Ceph) -> None:
+    """
+    A malformed tar fails with an error naming the layer; the layer is
+    empty (a fresh clone) again, with no snapshot, mapping or mount left.
+    Applying to a layer others were made from is refused.
+    """
+    backend, namespace, layers = started.backend, started.namespace, started.layers
+    base = layers.create()
+    layers.write(base, {"inherited": b"x"})
+    layer = layers.create(base, readwrite=False)
+    good = _tar({"half": b"y" * 3000})
+    truncated = io.BytesIO(good.getvalue()[:1024])
+    with pytest.raises(ArchiveError, match=f"rbd apply of layer {layer}"):
+        backend.apply(layers.infos[layer], truncated, IDENTITY)
+    assert _host_leftovers(backend.state_dir) == []
+    name = backend.image_name(layer)
+    assert ceph.snaps(namespace, name) == []
+    assert ceph.meta(namespace, name)[K_STATE] == "clean"
+    root = layers.get(layer)
+    assert sorted(os.listdir(root)) == ["inherited"]
+    layers.put(layer)
+    # A committed layer with children cannot be re-applied.
+    layers.create(layer)
+    with pytest.raises(BackendError, match="layers were made from"):
+        backend.apply(layers.infos[layer], _tar({"f": b"z"}), IDENTITY)
+    assert ceph.snaps(namespace, name) == [SNAP]
+    assert _host_leftovers(backend.state_dir) == []
+
+
+def test_apply_to_committed_layer(started: Started, ceph: Ceph) -> None:
+    """
+    ApplyDiff again on a committed layer without children undoes the
+    commit and replaces the content.
+    """
+    backend, namespace, layers = started.backend, started.namespace, started.layers
+    layer = layers.create(readwrite=False)
+    assert backend.apply(layers.infos[layer], _tar({"one": b"1"}), IDENTITY) == 1
+    backend.commit(layers.infos[layer])
+    assert backend.apply(layers.infos[layer], _tar({"two": b"22"}), IDENTITY) == 2
+    assert ceph.snaps(namespace, backend.image_name(layer)) == []
+    assert sorted(os.listdir(layers.get(layer))) == ["two"]
+    layers.put(layer)
+
+
+def test_size_option_grows_the_layer(started: Started) -> None:
+    """
+    CreateReadWrite's size storage option grows the clone and its
+    filesystem; the parent's files are still there.
+    """
+    backend, layers = started.backend, started.layers
+    base = layers.create()
+    layers.write(base, {"kept": b"k"})
+    backend.commit(layers.infos[base])
+    big = LayerInfo(id=new_id(), parent=base, readwrite=True, storage_opt={"size": "512M"})
+    layers.infos[big.id] = big
+    backend.prepare(big)
+    root = layers.get(big.id)
+    st = os.statvfs(root)
+    assert st.f_blocks * st.f_frsize > 400 * MiB
+    assert _read(root, "kept") == b"k"
+    layers.put(big.id)
+    small = os.statvfs(layers.get(base))
+    assert small.f_blocks * small.f_frsize < 300 * MiB
+    layers.put(base)
+
+
+def test_userns_root(started: Started) -> None:
+    """
+    A layer without a parent is owned by the remapped root (userns-remap).
+    """
+    backend, layers = started.backend, started.layers
+    layer = LayerInfo(id=new_id(), parent=None, root_ids=(100000, 100000))
+    layers.infos[layer.id] = layer
+    backend.prepare(layer)
+    st = os.stat(layers.get(layer.id))
+    assert (st.st_uid, st.st_gid) == (100000, 100000)
+    layers.put(layer.id)
+
+
+def test_unmap_finds_mapping_after_crash(started: Started) -> None:
+    """
+    With no recorded mapping (a crash before it was persisted), unmap and
+    remove find the layer's mapping and mount from what exists.
+    """
+    backend, layers = started.backend, started.layers
+    layer = layers.create()
+    info = layers.infos[layer]
+    mapping = backend.map(info)
+    root = backend.mount(replace(info, mapping=mapping), [])
+    backend.unmap(info)
+    assert not os.path.ismount(os.path.dirname(root))
+    assert not os.path.exists(mapping["fuse_dir"]) or not os.listdir(mapping["fuse_dir"])
+    backend.map(info)
+    backend.remove(info)
+    del layers.infos[layer]
+
+
+def test_dead_rbd_fuse(started: Started, ceph: Ceph) -> None:
+    """
+    After rbd-fuse is killed with -9 under a mounted layer (its exclusive
+    lock and watch stay behind), the layer is remounted, and mapped and
+    written again at once rather than after the 30 s watch timeout.
+    """
+    backend, namespace, layers = started.backend, started.namespace, started.layers
+    layer = layers.create()
+    root = layers.get(layer)
+    with open(os.path.join(root, "before"), "wb") as f:
+        f.write(b"b")
+        f.flush()
+        os.fsync(f.fileno())
+    info = layers.infos[layer]
+    assert info.mapping is not None
+    os.kill(info.mapping["pid"], signal.SIGKILL)
+    began = time.monotonic()
+    again = backend.ensure_mounted(info, [])
+    assert again == root
+    with open(os.path.join(again, "after"), "wb") as f:
+        f.write(b"a")
+        f.flush()
+        os.fsync(f.fileno())
+    assert time.monotonic() - began < 15
+    layers.put(layer)
+    began = time.monotonic()
+    root = layers.get(layer)
+    assert sorted(os.listdir(root)) == ["after", "before"]
+    layers.put(layer)
+    assert time.monotonic() - began < 15
+
+
+def test_dead_reader_is_no_obstacle_to_removal(started: Started) -> None:
+    """
+    A committed layer is mapped read-only; its rbd-fuse killed with -9
+    leaves a stale watch, which would make removing the image fail for
+    30 s: remove blocklists the dead client and succeeds at once.
+    """
+    backend, layers = started.backend, started.layers
+    layer = layers.create()
+    layers.write(layer, {"f": b"x"})
+    backend.commit(layers.infos[layer])
+    layers.get(layer)
+    info = layers.infos.pop(layer)
+    layers.mounted.discard(layer)
+    assert info.mapping is not None and info.mapping["readonly"]
+    os.kill(info.mapping["pid"], signal.SIGKILL)
+    began = time.monotonic()
+    backend.remove(info)
+    assert time.monotonic() - began < 15
+    assert not backend.exists(info)
+
+
+def test_restart_keeps_base(started: Started, ceph: Ceph, tmp_path: Path) -> None:
+    """
+    A second start of the same node finds its formatted base and does not
+    format it again: existing layers keep their content.
+    """
+    backend, namespace, layers = started.backend, started.namespace, started.layers
+    layer = layers.create()
+    layers.write(layer, {"f": b"data"})
+    base = backend.base_image
+    snaps_before = ceph.snaps(namespace, base)
+    second = RBDBackend(str(tmp_path / "state2"), dict(backend.config))
+    second.start()
+    try:
+        assert ceph.snaps(namespace, base) == snaps_before
+        view = Layers(second)
+        view.infos[layer] = layers.infos[layer]
+        assert _read(view.get(layer), "f") == b"data"
+        view.put(layer)
+    finally:
+        second.stop()
+
+
+def test_restart_with_mounted_layer(started: Started) -> None:
+    """
+    After a txgraph restart (a new backend on the same state directory,
+    the old one never unmounting), a layer recorded as mounted is found
+    mounted and mapped as it was, and can be put away as usual.
+    """
+    backend, layers = started.backend, started.layers
+    layer = layers.create()
+    root = layers.get(layer)
+    with open(os.path.join(root, "f"), "wb") as f:
+        f.write(b"kept")
+    info = layers.infos[layer]
+    backend.stop()
+    again = RBDBackend(backend.state_dir, dict(backend.config))
+    again.start()
+    try:
+        assert again.ensure_mounted(info, []) == root
+        assert _read(root, "f") == b"kept"
+        # The same mapping (device and rbd-fuse process) is still in use.
+        assert info.mapping is not None
+        assert [m["device"] for m in again._mappings(again.image_name(layer), layer)] == [
+            info.mapping["device"]
+        ]
+        again.unmount(info)
+        again.unmap(info)
+        layers.mounted.discard(layer)
+        assert _host_leftovers(backend.state_dir) == []
+    finally:
+        layers.backend = again
+        started.backend = again
+
+
+def test_diff_of_mounted_layer(started: Started) -> None:
+    """
+    Changes and DiffSize of a layer that is mounted (a running container)
+    read it through its mount.
+    """
+    backend, layers = started.backend, started.layers
+    base = layers.create()
+    layers.write(base, {"a": b"a"})
+    child = layers.create(base)
+    root = layers.get(child)
+    with open(os.path.join(root, "new"), "wb") as f:
+        f.write(b"12345")
+    info = layers.infos[child]
+    changes = backend.changes(info, layers.chain(child), base)
+    assert [(c.path, c.kind) for c in changes] == [("/new", ChangeKind.ADD)]
+    assert backend.diff_size(info, layers.chain(child), base) == 5
+    layers.put(child)
+
+
+@pytest.mark.skipif(shutil.which("mkfs.xfs") is None, reason="xfsprogs is not installed")
+def test_xfs(ceph: Ceph, tmp_path: Path) -> None:
+    """
+    With fs=xfs, parent and child (same filesystem UUID) mount together,
+    and diffs work.
+    """
+    backend = ceph.backend(str(tmp_path), fs="xfs", base_size="320M")
+    backend.start()
+    layers = Layers(backend)
+    try:
+        base = layers.create()
+        layers.write(base, {"a": b"a"})
+        child = layers.create(base)
+        layers.write(child, {"b": b"bb"})
+        parent_root = layers.get(base)
+        child_root = layers.get(child)
+        assert sorted(os.listdir(child_root)) == ["a", "b"]
+        assert os.listdir(parent_root) == ["a"]
+        layers.put(base)
+        layers.put(child)
+        assert backend.diff_size(layers.infos[child], layers.chain(child), base) == 2
+    finally:
+        layers.cleanup()
+        backend.stop()
+
+
+def test_bad_storage_option_names_key(started: Started) -> None:
+    """
+    An invalid size is a configuration error naming the option (before
+    anything is made).
+    """
+    backend, namespace = started.backend, started.namespace
+    layer = LayerInfo(id=new_id(), parent=None, readwrite=True, storage_opt={"size": "-5G"})
+    with pytest.raises(ConfigurationError, match="size='-5G'"):
+        backend.prepare(layer)
+    assert not backend.exists(layer)
+
+
+def test_backend_class() -> None:
+    """
+    The rbd backend is found by name.
+    """
+    assert backend_class("rbd") is RBDBackend

@@ -1,0 +1,1493 @@
+"""
+The Ceph RBD backend: every layer an RBD image in a Ceph pool, cloned from
+its parent's snapshot, mapped to a local block device and mounted.
+
+Storage model, per node (a Docker host, named by the C{node_id} option)::
+
+  <prefix><node>.base          the node's base image: formatted once with
+                               the chosen filesystem (an empty C{rootfs/}
+                               0755 root:root), then snapshotted and
+                               protected as C{@txgraph}
+  <prefix><node>.<layer id>    a layer: a clone of its parent's C{@txgraph}
+                               snapshot (or the base's); committing it
+                               snapshots and protects it in turn
+
+Image metadata (C{rbd image-meta list}) records C{txgraph.owner} (the
+node), C{txgraph.layer}, C{txgraph.parent} and C{txgraph.state} (C{clean}
+while the layer still equals its parent, C{dirty} once it was mapped
+read-write); the base also records C{txgraph.fs} and C{txgraph.formatted},
+so an existing base is never formatted again.  A node only lists, changes
+or removes images whose names carry its own prefix and node id I{and} whose
+owner is that node: several Docker hosts share one pool safely.
+
+Locally, under C{<state-dir>/rbd/}::
+
+  mnt/<id>       where a layer is mounted; dockerd gets C{mnt/<id>/rootfs}
+                 (devicemapper-style, so lost+found stays out of sight)
+  fuse/<tag>     rbd-fuse mounts of the fuse mapper (see L{mappers})
+  work/          temporary mounts: apply, views for diffs, set-up
+  log/           rbd-fuse logs
+
+Life cycle as the layer machine drives it: C{prepare} clones, C{map}
+attaches a device (read-only once committed, so a committed layer never
+changes under its children), C{mount} mounts it, C{unmount}/C{unmap} undo
+that, C{commit} snapshots and protects (never a mounted or mapped layer),
+C{remove} undoes everything.  C{apply}, C{diff}, C{changes} and
+C{diff_size} work on temporary mappings of their own, so they need the
+layer to be neither mapped nor mounted; the views they compare are
+read-only (a layer that is mounted is seen through a read-only bind mount
+of its mount).  Sizes follow the shared rule for full trees:
+C{changes_size(root, changes_dirs(root, parent_root))}.
+
+Depth: librbd opens a clone's whole ancestry (about 3.5 ms per level
+here), so a layer committed C{flatten_depth} (32) clones below a flat image
+is flattened first (its ancestors' data copied into it); chains stay
+shallow at the price of a copy every 32 levels (dockerd allows 125).  This
+node caches what it knows of its own images (which only it changes), so an
+operation opens no image it does not have to.
+
+Crashes: every call finishes or replaces what an interrupted one left
+(temporary mappings are cleaned up at start; a layer's own mapping is found
+again from the loop devices and processes that exist).  A librbd client
+that died holding an image's exclusive lock (an rbd-fuse killed with -9)
+would make the next writer wait about 30 s for its watch to time out; before
+writing to one of its own images, the backend breaks such locks (which
+blocklists the dead client) when no local mapping of that image is alive.
+
+The Ceph bindings are imported in L{RBDBackend.start}, so that this module
+(and the overlay backend) work on hosts without them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import shlex
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import IO, Any, BinaryIO, cast
+
+from twisted.logger import Logger
+
+from txgraph import archive, mounts
+from txgraph.archive import ApplyMode, Change, IDMap
+from txgraph.backends import Backend, BackendOption, LayerInfo, parse_options
+from txgraph.backends.mappers import (
+    AUTO_ORDER,
+    MAPPERS,
+    ClusterAccess,
+    FuseMapper,
+    Mapper,
+    Mapping,
+    run,
+)
+from txgraph.errors import BackendError, ConfigurationError, TxgraphError
+
+log = Logger()
+
+#: The snapshot a committed layer (and the base) is cloned from.
+SNAP = "txgraph"
+#: The directory inside each filesystem that dockerd sees.
+ROOTFS = "rootfs"
+#: Image metadata keys.
+K_OWNER = "txgraph.owner"
+K_LAYER = "txgraph.layer"
+K_PARENT = "txgraph.parent"
+K_STATE = "txgraph.state"
+K_FS = "txgraph.fs"
+K_FORMATTED = "txgraph.formatted"
+K_DEPTH = "txgraph.depth"
+
+MS_RDONLY = 1
+MS_REMOUNT = 32
+MS_BIND = 4096
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NODE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_PREFIX = re.compile(r"^[A-Za-z0-9_.-]{0,64}$")
+_LAYER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+#: Below this a filesystem is not worth having (and XFS refuses < 300 MiB).
+MIN_SIZE = {"ext4": 32 << 20, "xfs": 300 << 20}
+
+
+# -- option parsing -------------------------------------------------------------
+
+
+def parse_size(value: str) -> int:
+    """
+    A size in bytes from C{"10G"}, C{"512M"}, C{"1.5GiB"} or plain bytes
+    (binary units, as dockerd's C{size} storage option).
+    """
+    match = _SIZE.match(value)
+    if match is None:
+        raise ValueError(
+            "not a size (give bytes, or a number with K, M, G or T, e.g. 10G)"
+        )
+    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise ValueError("a size must be more than 0")
+    return size
+
+
+def _base_size(value: str) -> int:
+    size = parse_size(value)
+    if size < MIN_SIZE["ext4"]:
+        raise ValueError(f"the base image needs at least {MIN_SIZE['ext4'] >> 20} MiB")
+    return size
+
+
+def _name(what: str) -> Any:
+    def parse(value: str) -> str:
+        if not _NAME.match(value) or len(value) > 128:
+            raise ValueError(f"not a valid {what} name (use letters, digits, '.', '_', '-')")
+        return value
+
+    return parse
+
+
+def _client(value: str) -> str:
+    if value.startswith("client."):
+        value = value[len("client.") :]
+    return str(_name("client")(value))
+
+
+def _prefix(value: str) -> str:
+    if not _PREFIX.match(value):
+        raise ValueError("an image prefix may hold only letters, digits, '.', '_' and '-'")
+    return value
+
+
+def _node_id(value: str) -> str:
+    if not _NODE.match(value):
+        raise ValueError("a node id is 1-64 letters, digits, '_' or '-' (no dots)")
+    return value
+
+
+def _fs(value: str) -> str:
+    if value not in ("ext4", "xfs"):
+        raise ValueError("the filesystem must be ext4 or xfs")
+    return value
+
+
+def _mkfs_args(value: str) -> list[str]:
+    return shlex.split(value)
+
+
+def _mount_options(value: str) -> str:
+    for option in (o for o in value.split(",") if o):
+        if not re.match(r"^[A-Za-z0-9_.=:/+-]+$", option):
+            raise ValueError(f"bad mount option {option!r}")
+        if option in ("ro", "rw"):
+            raise ValueError("ro/rw is decided by txgraph (committed layers are read-only)")
+    return value.strip(",")
+
+
+def _mapper(value: str) -> str:
+    if value != "auto" and value not in MAPPERS:
+        raise ValueError(f"the mapper must be auto, {', '.join(AUTO_ORDER)}")
+    return value
+
+
+def _timeout(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError("not a number of seconds") from None
+    if not 0 < seconds <= 3600:
+        raise ValueError("the timeout must be more than 0 and at most 3600 seconds")
+    return seconds
+
+
+def _depth(value: str) -> int:
+    try:
+        depth = int(value)
+    except ValueError:
+        raise ValueError("not a whole number") from None
+    if depth < 0:
+        raise ValueError("must be 0 (never flatten) or more")
+    return depth
+
+
+def _path(value: str) -> str:
+    if not value:
+        raise ValueError("empty path")
+    return value
+
+
+def default_node_id() -> str:
+    """
+    This host's node id: /etc/machine-id, else the host name (made safe).
+    """
+    try:
+        with open("/etc/machine-id") as f:
+            machine = f.read().strip()
+        if _NODE.match(machine):
+            return machine
+    except OSError:
+        pass
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64].strip("-")
+    return host or "localhost"
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+@dataclass
+class _ImageState:
+    """
+    What one read-only look at an image tells.
+
+    @ivar snaps: snapshot name -> (protected, size).
+    """
+
+    name: str
+    meta: dict[str, str]
+    snaps: dict[str, tuple[bool, int]] = field(default_factory=dict)
+    size: int = 0
+    parent: str | None = None
+
+    @property
+    def committed(self) -> bool:
+        """
+        Whether the image has its C{@txgraph} snapshot.
+        """
+        return SNAP in self.snaps
+
+    @property
+    def depth(self) -> int:
+        """
+        How many clones deep the image is below a flat image (the base, or
+        a layer flattened when committed); unknown counts as deep.
+        """
+        try:
+            return int(self.meta.get(K_DEPTH, ""))
+        except ValueError:
+            return 1 << 16
+
+    def copy(self) -> _ImageState:
+        """
+        An independent copy.
+        """
+        return _ImageState(self.name, dict(self.meta), dict(self.snaps), self.size, self.parent)
+
+
+def _client_nonce(address: str) -> str:
+    """
+    The random nonce that tells librados clients apart, from an address
+    however it is printed (C{127.0.0.1:0/2349162579}, C{[v2:...,v1:...]}).
+    """
+    return address.strip("[]").split(",")[0].rsplit("/", 1)[-1]
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, TxgraphError):
+        return error.message
+    if isinstance(error, OSError) and error.strerror:
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror}{where}"
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class RBDBackend(Backend):
+    """
+    Layers as RBD clones of protected snapshots, mapped and mounted.
+    """
+
+    name = "rbd"
+    maps = True
+    commits = True
+    options = (
+        BackendOption("conf", "path of ceph.conf", "/etc/ceph/ceph.conf", _path),
+        BackendOption("client", "Ceph client id (without 'client.')", "admin", _client),
+        BackendOption("keyring", "keyring path (default: the one ceph.conf names)", None, _path),
+        BackendOption("pool", "RBD pool holding the layers", "rbd", _name("pool")),
+        BackendOption("data_pool", "data pool for the images (erasure-coded pools)", None, _name("pool")),
+        BackendOption("namespace", "RBD namespace within the pool", None, _name("namespace")),
+        BackendOption("prefix", "image name prefix", "txgraph.", _prefix),
+        BackendOption("base_size", "size of the base image (e.g. 10G)", "10G", _base_size),
+        BackendOption("fs", "filesystem: ext4 or xfs", "ext4", _fs),
+        BackendOption("mkfs_args", "extra mkfs arguments for the base image", "", _mkfs_args),
+        BackendOption("mount_options", "extra mount options, comma-separated", "", _mount_options),
+        BackendOption("mapper", "auto, krbd, nbd or fuse", "auto", _mapper),
+        BackendOption("node_id", "this host's id in image names (default: /etc/machine-id)", None, _node_id),
+        BackendOption("timeout", "seconds allowed to each cluster call", "30", _timeout),
+        BackendOption(
+            "flatten_depth",
+            "flatten a layer when committed if it is this many clones deep (0: never); "
+            "opening a clone opens all its ancestors",
+            "32",
+            _depth,
+        ),
+    )
+
+    def __init__(self, state_dir: str, options: dict[str, Any]) -> None:
+        super().__init__(state_dir, options)
+        opts = {**parse_options(type(self), {}), **options}
+        self.conf: str = opts["conf"]
+        self.client: str = opts["client"]
+        self.keyring: str | None = opts["keyring"]
+        self.pool: str = opts["pool"]
+        self.data_pool: str | None = opts["data_pool"]
+        self.namespace: str | None = opts["namespace"] or None
+        self.prefix: str = opts["prefix"]
+        self.base_size: int = opts["base_size"]
+        self.fs: str = opts["fs"]
+        self.mkfs_args: list[str] = list(opts["mkfs_args"])
+        self.mount_options: str = opts["mount_options"]
+        self.mapper_choice: str = opts["mapper"]
+        self.node_id: str = opts["node_id"] or default_node_id()
+        self.timeout: float = opts["timeout"]
+        self.flatten_depth: int = opts["flatten_depth"]
+        self.root = os.path.join(state_dir, "rbd")
+        self._mnt = os.path.join(self.root, "mnt")
+        self._work = os.path.join(self.root, "work")
+        self._stem = f"{self.prefix}{self.node_id}."
+        self.base_image = f"{self._stem}base"
+        self.access = ClusterAccess(
+            self.conf, self.client, self.keyring, self.pool, self.namespace, self.timeout
+        )
+        self.mapper: Mapper | None = None
+        self._mappers: dict[str, Mapper] = {}
+        self._unavailable: dict[str, str | None] = {}
+        self._rados: ModuleType | None = None
+        self._rbd: ModuleType | None = None
+        self._cluster: Any = None
+        self._ioctx: Any = None
+        self._fsid = ""
+        self._lock = threading.Lock()
+        # This node's own images, as it last saw or made them.
+        self._known: dict[str, _ImageState] = {}
+        # Images whose locks were checked for dead clients since start.
+        self._checked: set[str] = set()
+
+    # -- names -------------------------------------------------------------------
+
+    def image_name(self, layer_id: str) -> str:
+        """
+        The RBD image of a layer on this node.
+        """
+        if not _LAYER.match(layer_id):
+            raise BackendError(f"bad layer id {layer_id!r}")
+        return f"{self._stem}{layer_id}"
+
+    def spec(self, image: str) -> str:
+        """
+        C{pool/[namespace/]image}.
+        """
+        return self.access.image_spec(image)
+
+    def _mountpoint(self, layer_id: str) -> str:
+        return os.path.join(self._mnt, layer_id)
+
+    @contextlib.contextmanager
+    def _op(self, op: str, layer_id: str | None, image: str | None = None) -> Iterator[None]:
+        """
+        Name the operation, layer and image in any error raised inside.
+        """
+        try:
+            yield
+        except Exception as e:
+            if image is not None:
+                # What this node believed of the image may be wrong now.
+                self._forget(image)
+            target = f" (image {self.spec(image)})" if image else ""
+            subject = f" of layer {layer_id}" if layer_id else ""
+            prefix = f"rbd {op}{subject}{target}"
+            if isinstance(e, TxgraphError):
+                if e.message.startswith("rbd "):
+                    raise
+                raise type(e)(f"{prefix}: {e.message}") from e
+            raise BackendError(f"{prefix}: {_describe(e)}") from e
+
+    # -- start and stop -------------------------------------------------------------
+
+    def start(self) -> None:
+        """
+        Import the bindings, check the tools, connect, pick the mapper,
+        clean up temporary leftovers of a crash and make sure the base
+        image exists, formatted.
+        """
+        try:
+            import rados
+            import rbd
+        except ImportError as e:
+            raise BackendError(
+                f"the rbd backend needs Ceph's Python bindings, which cannot be imported "
+                f"({e}): install Debian's python3-rados and python3-rbd and link them into "
+                f"txgraph's virtualenv (.ci/link-ceph-bindings.sh VENV)"
+            ) from None
+        self._rados, self._rbd = rados, rbd
+        self._check_host()
+        for d in (self.root, self._mnt, self._work):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        self._connect()
+        try:
+            self._choose_mapper()
+            self._cleanup_leftovers()
+            with self._op("set-up of the base image", None, self.base_image):
+                self._ensure_base()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _check_host(self) -> None:
+        if not os.path.isfile(self.conf):
+            raise BackendError(f"rbd backend: Ceph configuration {self.conf} does not exist")
+        if self.keyring is not None and not os.access(self.keyring, os.R_OK):
+            raise BackendError(f"rbd backend: keyring {self.keyring} is not readable")
+        tools = {
+            "ext4": ("mkfs.ext4", "e2fsck", "resize2fs"),
+            "xfs": ("mkfs.xfs", "xfs_growfs"),
+        }[self.fs]
+        for tool in tools:
+            if shutil.which(tool) is None:
+                package = "e2fsprogs" if self.fs == "ext4" else "xfsprogs"
+                raise BackendError(f"rbd backend: {tool} is missing (install {package})")
+        if self.base_size < MIN_SIZE[self.fs]:
+            raise ConfigurationError(
+                f"txgraph.rbd.base_size must be at least {MIN_SIZE[self.fs] >> 20} MiB "
+                f"for {self.fs}"
+            )
+
+    def _connect(self) -> None:
+        assert self._rados is not None and self._rbd is not None
+        rados, rbd = self._rados, self._rbd
+        who = (
+            f"Ceph cluster of {self.conf} as client.{self.client} "
+            f"(keyring {self.keyring or 'named in ' + self.conf})"
+        )
+        try:
+            cluster = rados.Rados(
+                conffile=self.conf,
+                rados_id=self.client,
+                conf={"keyring": self.keyring} if self.keyring else {},
+            )
+        except rados.Error as e:
+            raise BackendError(f"rbd backend: cannot read {self.conf}: {_describe(e)}") from None
+        for key in ("rados_mon_op_timeout", "rados_osd_op_timeout", "client_mount_timeout"):
+            cluster.conf_set(key, str(max(1, math.ceil(self.timeout))))
+        try:
+            cluster.connect(timeout=int(max(1, self.timeout)))
+        except rados.PermissionDeniedError:
+            cluster.shutdown()
+            raise BackendError(
+                f"rbd backend: the {who} refused the connection: permission denied "
+                f"(wrong key for client.{self.client}?)"
+            ) from None
+        except rados.TimedOut:
+            cluster.shutdown()
+            raise BackendError(
+                f"rbd backend: no answer from the {who} within {self.timeout:g} s "
+                f"(are its monitors up?)"
+            ) from None
+        except rados.Error as e:
+            cluster.shutdown()
+            raise BackendError(f"rbd backend: cannot connect to the {who}: {_describe(e)}") from None
+        self._cluster = cluster
+        try:
+            try:
+                self._ioctx = cluster.open_ioctx(self.pool)
+            except rados.ObjectNotFound:
+                raise BackendError(
+                    f"rbd backend: pool {self.pool} does not exist in the {who} (create it: "
+                    f"ceph osd pool create {self.pool}; rbd pool init {self.pool})"
+                ) from None
+            if self.data_pool is not None and not cluster.pool_exists(self.data_pool):
+                raise BackendError(
+                    f"rbd backend: data pool {self.data_pool} does not exist in the {who}"
+                )
+            if self.namespace:
+                if not rbd.RBD().namespace_exists(self._ioctx, self.namespace):
+                    raise BackendError(
+                        f"rbd backend: namespace {self.namespace} does not exist in pool "
+                        f"{self.pool} (create it: rbd namespace create "
+                        f"{self.pool}/{self.namespace})"
+                    )
+                self._ioctx.set_namespace(self.namespace)
+            # A cheap call that needs the client's RBD capabilities.
+            rbd.RBD().list(self._ioctx)
+            self._fsid = cluster.get_fsid()
+        except rados.PermissionError as e:
+            self.stop()
+            raise BackendError(
+                f"rbd backend: client.{self.client} may not use pool {self.pool} of the "
+                f"{who}: {_describe(e)} (give it: mon 'profile rbd' osd 'profile rbd "
+                f"pool={self.pool}')"
+            ) from None
+        except rados.TimedOut:
+            self.stop()
+            raise BackendError(
+                f"rbd backend: pool {self.pool} of the {who} does not answer within "
+                f"{self.timeout:g} s (are its OSDs up?)"
+            ) from None
+        except TxgraphError:
+            self.stop()
+            raise
+        except rados.Error as e:
+            self.stop()
+            raise BackendError(
+                f"rbd backend: pool {self.pool} of the {who}: {_describe(e)}"
+            ) from None
+
+    def _choose_mapper(self) -> None:
+        for name, cls in MAPPERS.items():
+            mapper = cls(self.access, self.root)
+            mapper.dead = self._suspect
+            self._mappers[name] = mapper
+            self._unavailable[name] = mapper.unavailable()
+        if self.mapper_choice == "auto":
+            for name in AUTO_ORDER:
+                if self._unavailable[name] is None:
+                    self.mapper = self._mappers[name]
+                    return
+            raise BackendError(
+                "rbd backend: no way to map RBD images on this host: "
+                + "; ".join(f"{n}: {self._unavailable[n]}" for n in AUTO_ORDER)
+            )
+        reason = self._unavailable[self.mapper_choice]
+        if reason is not None:
+            raise BackendError(
+                f"rbd backend: mapper {self.mapper_choice} is not available here: {reason} "
+                f"(use txgraph.rbd.mapper=auto to pick one that is)"
+            )
+        self.mapper = self._mappers[self.mapper_choice]
+
+    def _usable_mappers(self) -> list[Mapper]:
+        return [m for n, m in self._mappers.items() if self._unavailable.get(n) is None]
+
+    def _cleanup_leftovers(self) -> None:
+        """
+        Temporary mounts and mappings a crash left (a layer's own mapping
+        and mount are the layer machine's to recover).
+        """
+        for point in mounts.mounted_under(self._work):
+            mounts.unmount(point)
+        for mapper in self._usable_mappers():
+            mapper.cleanup_tags(".")
+        for name in os.listdir(self._work):
+            shutil.rmtree(os.path.join(self._work, name), ignore_errors=True)
+
+    def stop(self) -> None:
+        """
+        Close the cluster connection.  Mappings and mounts stay: running
+        containers use them, and the layer machines own them.
+        """
+        for mapper in self._mappers.values():
+            if isinstance(mapper, FuseMapper):
+                mapper.reap()
+        if self._ioctx is not None:
+            with contextlib.suppress(Exception):
+                self._ioctx.close()
+            self._ioctx = None
+        if self._cluster is not None:
+            with contextlib.suppress(Exception):
+                self._cluster.shutdown()
+            self._cluster = None
+
+    def status(self) -> list[tuple[str, str]]:
+        """
+        Where the layers are and how they are mapped.
+        """
+        unavailable = "; ".join(
+            f"{n}: {r}" for n, r in self._unavailable.items() if r is not None
+        )
+        lines = [
+            ("Pool", self.pool),
+            ("Namespace", self.namespace or "(default)"),
+            ("Data Pool", self.data_pool or "(same)"),
+            ("Cluster FSID", self._fsid or "(not connected)"),
+            ("Client", f"client.{self.client}"),
+            ("Node ID", self.node_id),
+            ("Image Prefix", self._stem),
+            ("Base Image", f"{self.spec(self.base_image)}@{SNAP}"),
+            ("Base Size", str(self.base_size)),
+            ("Backing Filesystem", self.fs),
+            ("Mapper", self.mapper.name if self.mapper else "(not started)"),
+        ]
+        if unavailable:
+            lines.append(("Unavailable Mappers", unavailable))
+        return lines
+
+    # -- images ------------------------------------------------------------------------
+
+    def _inspect(self, name: str, fresh: bool = False) -> _ImageState | None:
+        """
+        What this node knows of an image: from its cache of its own images
+        (which only it changes), else from a read-only look (no watch, no
+        lock); None if the image does not exist.  Opening a clone opens
+        its whole ancestry, so looks are kept few.
+        """
+        if not fresh:
+            with self._lock:
+                known = self._known.get(name)
+            if known is not None:
+                return known.copy()
+        assert self._rbd is not None
+        rbd = self._rbd
+        try:
+            image = rbd.Image(self._ioctx, name, read_only=True)
+        except rbd.ImageNotFound:
+            self._forget(name)
+            return None
+        try:
+            state = _ImageState(name=name, meta=dict(image.metadata_list()))
+            for snap in image.list_snaps():
+                state.snaps[snap["name"]] = (
+                    bool(image.is_protected_snap(snap["name"])),
+                    int(snap["size"]),
+                )
+            state.size = int(image.size())
+            try:
+                state.parent = image.get_parent_image_spec()["image_name"]
+            except rbd.ImageNotFound:
+                state.parent = None
+        finally:
+            image.close()
+        if self._ours(state):
+            self._remember(state)
+        return state
+
+    def _remember(self, state: _ImageState) -> None:
+        with self._lock:
+            self._known[state.name] = state.copy()
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            self._known.pop(name, None)
+
+    def _update(self, name: str, **changes: Any) -> None:
+        """
+        Record in the cache a change this node made to its image.
+        """
+        with self._lock:
+            known = self._known.get(name)
+            if known is None:
+                return
+            for key, value in changes.items():
+                if key == "meta":
+                    known.meta.update(value)
+                elif key == "snap":
+                    if value is None:
+                        known.snaps.pop(SNAP, None)
+                    else:
+                        known.snaps[SNAP] = value
+                else:
+                    setattr(known, key, value)
+
+    def _ours(self, state: _ImageState) -> bool:
+        owner = state.meta.get(K_OWNER)
+        if owner is not None:
+            return owner == self.node_id
+        # A clone that crashed before its metadata was written: ours if
+        # its parent is.
+        return state.parent is not None and state.parent.startswith(self._stem)
+
+    def _require(self, name: str) -> _ImageState:
+        state = self._inspect(name)
+        if state is None:
+            raise BackendError("its image does not exist")
+        if not self._ours(state):
+            raise BackendError(
+                f"image {self.spec(name)} belongs to node "
+                f"{state.meta.get(K_OWNER, '(none: not a txgraph image)')}, not {self.node_id}"
+            )
+        return state
+
+    def _refuse_foreign(self, state: _ImageState) -> None:
+        raise BackendError(
+            f"image {self.spec(state.name)} already exists and is not a txgraph layer of "
+            f"node {self.node_id} (owner: {state.meta.get(K_OWNER, 'none')}); "
+            f"refusing to touch it"
+        )
+
+    @contextlib.contextmanager
+    def _open(self, name: str) -> Iterator[Any]:
+        assert self._rbd is not None
+        image = self._rbd.Image(self._ioctx, name)
+        try:
+            yield image
+        finally:
+            image.close()
+
+    def _children(self, name: str) -> list[str]:
+        assert self._rbd is not None
+        try:
+            image = self._rbd.Image(self._ioctx, name, snapshot=SNAP, read_only=True)
+        except self._rbd.ImageNotFound:
+            return []
+        try:
+            return [
+                f"{c['pool']}/{c['pool_namespace'] + '/' if c['pool_namespace'] else ''}"
+                f"{c['image']}{' (in the trash)' if c['trash'] else ''}"
+                for c in image.list_children2()
+            ]
+        finally:
+            image.close()
+
+    def _mappings(self, name: str, tag: str | None = None) -> list[Mapping]:
+        """
+        Every mapping of an image on this host, by reality.
+        """
+        found: list[Mapping] = []
+        for mapper in self._usable_mappers():
+            found += mapper.find(name, tag)
+        return found
+
+    def _suspect(self, image: str) -> None:
+        """
+        A client of this image died (a mapper found dead): check its locks
+        again before the next write.
+        """
+        with self._lock:
+            self._checked.discard(image)
+
+    def _clear_stale_clients(self, name: str, watchers: bool = False) -> None:
+        """
+        Break the exclusive lock (and, with C{watchers}, drop the watches)
+        of clients of this node's image that are dead: held while no local
+        mapping of the image is alive, by another client than ours.  Their
+        next writer would otherwise wait ~30 s for the watch to time out.
+
+        Only dead clients leave locks behind, and this node sees its
+        clients die (a mapping whose process is gone); so each image is
+        checked once after start, and again only after such a death.
+        """
+        assert self._rbd is not None and self._cluster is not None
+        if not watchers:
+            with self._lock:
+                if name in self._checked:
+                    return
+        rbd = self._rbd
+        own = _client_nonce(self._cluster.get_addrs())
+        try:
+            image = rbd.Image(self._ioctx, name, read_only=True)
+        except rbd.ImageNotFound:
+            return
+        try:
+            lockers = image.list_lockers() or {}
+            held = [
+                entry for entry in lockers.get("lockers", []) if _client_nonce(entry[2]) != own
+            ]
+            watching = (
+                [w["addr"] for w in image.watchers_list() if _client_nonce(w["addr"]) != own]
+                if watchers
+                else []
+            )
+        finally:
+            image.close()
+        if held or watching:
+            if any(m["alive"] for m in self._mappings(name)):
+                return
+            if held:
+                with self._open(name) as rw:
+                    for client, cookie, address in held:
+                        log.warn(
+                            "breaking the lock of dead client {client} ({address}) "
+                            "on {image}",
+                            client=client,
+                            address=address,
+                            image=self.spec(name),
+                        )
+                        with contextlib.suppress(rbd.ImageNotFound, rbd.InvalidArgument):
+                            rw.break_lock(client, cookie)
+            for address in watching:
+                log.warn(
+                    "blocklisting dead client {address} still watching {image}",
+                    address=address,
+                    image=self.spec(name),
+                )
+                self._cluster.blocklist_add(address, 3600)
+        with self._lock:
+            self._checked.add(name)
+
+    def _set_meta(self, name: str, values: dict[str, str]) -> None:
+        self._clear_stale_clients(name)
+        with self._open(name) as image:
+            for key, value in values.items():
+                image.metadata_set(key, value)
+        self._update(name, meta=values)
+
+    def _snapshot(self, name: str) -> None:
+        """
+        Snapshot and protect (idempotent).
+        """
+        state = self._inspect(name)
+        if state is None:
+            raise BackendError("its image does not exist")
+        if state.committed and state.snaps[SNAP][0]:
+            return
+        self._clear_stale_clients(name)
+        with self._open(name) as image:
+            if not image.snap_exists(SNAP):
+                image.create_snap(SNAP)
+            if not image.is_protected_snap(SNAP):
+                image.protect_snap(SNAP)
+            size = int(image.size())
+        self._update(name, snap=(True, size))
+
+    def _drop_snapshot(self, name: str) -> None:
+        """
+        Undo a commit: unprotect and remove the snapshot, if nothing was
+        cloned from it.
+        """
+        assert self._rbd is not None
+        self._clear_stale_clients(name)
+        with self._open(name) as image:
+            if image.snap_exists(SNAP):
+                if image.is_protected_snap(SNAP):
+                    try:
+                        image.unprotect_snap(SNAP)
+                    except self._rbd.ImageBusy:
+                        children = self._children(name)
+                        raise BackendError(
+                            f"layers were made from its snapshot @{SNAP}: "
+                            f"{', '.join(children[:5]) or '(children in the trash)'}"
+                        ) from None
+                image.remove_snap(SNAP)
+        self._update(name, snap=None)
+
+    def _destroy(self, layer_id: str, name: str) -> None:
+        """
+        Unmount, unmap and delete one of our layer images (and its snapshot).
+        """
+        assert self._rbd is not None
+        rbd = self._rbd
+        self._release(layer_id, name, None)
+        state = self._inspect(name)
+        if state is None:
+            return
+        if not self._ours(state):
+            self._refuse_foreign(state)
+        for mapping in self._mappings(name):
+            self._unmap(mapping)
+        if state.committed:
+            self._drop_snapshot(name)
+        for attempt in range(3):
+            try:
+                rbd.RBD().remove(self._ioctx, name)
+                break
+            except rbd.ImageNotFound:
+                break
+            except rbd.ImageBusy:
+                # Still watched: by a dead client of ours (blocklist it),
+                # or by a live one somewhere.
+                if attempt == 2:
+                    raise BackendError(
+                        "the image is still open elsewhere (it has watchers); "
+                        "is it mapped on this or another host?"
+                    ) from None
+                self._clear_stale_clients(name, watchers=True)
+                time.sleep(0.2)
+        self._forget(name)
+        with self._lock:
+            self._checked.discard(name)
+
+    def _clone(self, layer: LayerInfo, name: str, grow_to: int | None) -> None:
+        """
+        Make the layer's image: a clone of its parent's snapshot, with its
+        metadata, grown (and root-owned as asked) if need be.
+        """
+        assert self._rbd is not None
+        rbd = self._rbd
+        parent = self.image_name(layer.parent) if layer.parent else self.base_image
+        pstate = self._inspect(parent)
+        what = f"parent layer {layer.parent}" if layer.parent else "the base image"
+        if pstate is None or not self._ours(pstate):
+            raise BackendError(f"{what} has no image {self.spec(parent)} of this node")
+        if SNAP not in pstate.snaps or not pstate.snaps[SNAP][0]:
+            raise BackendError(
+                f"{what} is not committed ({self.spec(parent)} has no protected @{SNAP})"
+            )
+        parent_size = pstate.snaps[SNAP][1]
+        if grow_to is not None and grow_to < parent_size:
+            raise ConfigurationError(
+                f"storage option size={grow_to} is smaller than the layer's parent "
+                f"({parent_size} bytes); it can only grow"
+            )
+        if layer.parent is None and grow_to is None and self.base_size > parent_size:
+            grow_to = self.base_size
+        if grow_to == parent_size:
+            grow_to = None
+        rbd.RBD().clone(
+            self._ioctx, parent, SNAP, self._ioctx, name, data_pool=self.data_pool
+        )
+        # A new image has no clients yet, dead or alive; it starts with a
+        # copy of its parent's metadata (librbd copies it), then gets its own.
+        self._remember(
+            _ImageState(name=name, meta=dict(pstate.meta), size=parent_size, parent=parent)
+        )
+        with self._lock:
+            self._checked.add(name)
+        try:
+            self._set_meta(
+                name,
+                {
+                    K_OWNER: self.node_id,
+                    K_LAYER: layer.id,
+                    K_PARENT: layer.parent or "",
+                    K_STATE: "clean",
+                    K_DEPTH: str(min(pstate.depth, 1 << 16) + 1),
+                },
+            )
+            chown = layer.parent is None and tuple(layer.root_ids) != (0, 0)
+            if grow_to is not None or chown:
+                self._set_up(layer, name, grow_to, chown)
+        except BaseException:
+            try:
+                self._destroy(layer.id, name)
+            except Exception as e:
+                log.error("cannot remove half-made image {image}: {error}", image=name, error=e)
+            raise
+
+    def _set_up(self, layer: LayerInfo, name: str, grow_to: int | None, chown: bool) -> None:
+        """
+        Grow a new clone and its filesystem, and give its root directory
+        to the container's root user (userns-remap).  ext4 grows offline
+        (online growth needs CAP_SYS_RESOURCE, which containers often lack).
+        """
+        if grow_to is not None:
+            self._clear_stale_clients(name)
+            with self._open(name) as image:
+                image.resize(grow_to)
+            self._update(name, size=grow_to)
+        mapping = self._map_temporary(name, readonly=False)
+        try:
+            device = mapping["device"]
+            if grow_to is not None and self.fs == "ext4":
+                # resize2fs wants a freshly checked filesystem; -p repairs
+                # nothing that needs a human (exit 1: fixed, still fine).
+                run(["e2fsck", "-f", "-p", device], "check the filesystem before growing it",
+                    self.timeout * 10, ok=(0, 1))
+                run(["resize2fs", device], "grow the filesystem", self.timeout * 10)
+            if chown or (grow_to is not None and self.fs == "xfs"):
+                top = tempfile.mkdtemp(prefix="setup-", dir=self._work)
+                try:
+                    self._mount_device(device, top, readonly=False)
+                    try:
+                        if grow_to is not None and self.fs == "xfs":
+                            run(["xfs_growfs", top], "grow the filesystem", self.timeout * 10)
+                        if chown:
+                            os.chown(os.path.join(top, ROOTFS), *layer.root_ids)
+                    finally:
+                        mounts.unmount(top)
+                finally:
+                    os.rmdir(top)
+        finally:
+            self._unmap(mapping)
+
+    # -- the base image --------------------------------------------------------------
+
+    def _ensure_base(self) -> None:
+        assert self._rbd is not None
+        name = self.base_image
+        state = self._inspect(name)
+        if state is None:
+            self._rbd.RBD().create(
+                self._ioctx, name, self.base_size, old_format=False, data_pool=self.data_pool
+            )
+            self._set_meta(
+                name, {K_OWNER: self.node_id, K_LAYER: "base", K_FS: self.fs, K_DEPTH: "0"}
+            )
+            state = self._inspect(name)
+            assert state is not None
+        elif not self._ours(state):
+            self._refuse_foreign(state)
+        if K_DEPTH not in state.meta:
+            self._set_meta(name, {K_DEPTH: "0"})
+        recorded = state.meta.get(K_FS)
+        if recorded is not None and recorded != self.fs:
+            raise ConfigurationError(
+                f"the base image {self.spec(name)} holds {recorded}, but "
+                f"txgraph.rbd.fs={self.fs}: a node keeps one filesystem (use another "
+                f"txgraph.rbd.prefix or node_id, or remove this node's layers first)"
+            )
+        if state.meta.get(K_FORMATTED) != "1":
+            if state.snaps:
+                raise BackendError(
+                    "the base image has snapshots but is not marked formatted; "
+                    "refusing to format it over what may be data"
+                )
+            self._format_base(name)
+        if not state.committed or not state.snaps[SNAP][0]:
+            self._snapshot(name)
+
+    def _format_base(self, name: str) -> None:
+        if self.fs == "ext4":
+            # The image reads back zeros where nothing was written, so the
+            # inode tables and the journal need no zeroing (and must not be
+            # zeroed lazily in every clone later: see noinit_itable).
+            mkfs = [
+                "mkfs.ext4", "-q", "-F", "-L", "txgraph",
+                "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+            ]
+        else:
+            mkfs = ["mkfs.xfs", "-q", "-f", "-K", "-L", "txgraph"]
+        mapping = self._map_temporary(name, readonly=False)
+        try:
+            device = mapping["device"]
+            run([*mkfs, *self.mkfs_args, device], f"mkfs.{self.fs} on {device}", self.timeout * 10)
+            top = tempfile.mkdtemp(prefix="base-", dir=self._work)
+            try:
+                self._mount_device(device, top, readonly=False)
+                try:
+                    rootfs = os.path.join(top, ROOTFS)
+                    os.mkdir(rootfs, 0o755)
+                    os.chmod(rootfs, 0o755)
+                    os.chown(rootfs, 0, 0)
+                finally:
+                    mounts.unmount(top)
+            finally:
+                os.rmdir(top)
+        finally:
+            self._unmap(mapping)
+        self._set_meta(name, {K_FORMATTED: "1"})
+
+    # -- mapping and mounting --------------------------------------------------------
+
+    def _mapper_for(self, mapping: Mapping) -> Mapper:
+        mapper = self._mappers.get(mapping.get("mapper", ""))
+        if mapper is None:
+            raise BackendError(f"unknown mapper in mapping {mapping!r}")
+        return mapper
+
+    def _unmap(self, mapping: Mapping) -> None:
+        self._mapper_for(mapping).unmap(mapping)
+
+    def _map_temporary(self, name: str, readonly: bool) -> Mapping:
+        assert self.mapper is not None
+        if not readonly:
+            self._clear_stale_clients(name)
+        tag = f".tmp-{os.urandom(6).hex()}"
+        return self.mapper.map(name, readonly=readonly, tag=tag)
+
+    def _mount_data(self, readonly: bool) -> str:
+        options = []
+        if self.fs == "xfs":
+            # Clones share their parent's filesystem UUID.
+            options.append("nouuid")
+        elif not readonly:
+            options.append("noinit_itable")
+        if self.mount_options:
+            options.append(self.mount_options)
+        return ",".join(options)
+
+    def _mount_device(self, device: str, target: str, readonly: bool) -> None:
+        flags = MS_RDONLY if readonly else 0
+        try:
+            mounts.mount(device, target, self.fs, flags, self._mount_data(readonly))
+        except OSError as e:
+            raise BackendError(
+                f"mount {self.fs} from {device} on {target}"
+                f"{' read-only' if readonly else ''}: {e.strerror}"
+            ) from None
+
+    @contextlib.contextmanager
+    def _work_mount(self, name: str, readonly: bool) -> Iterator[tuple[str, str]]:
+        """
+        A temporary mapping and mount of an image; yields the mount's top
+        directory and the device.  Always cleaned up.
+        """
+        top = tempfile.mkdtemp(prefix="work-", dir=self._work)
+        try:
+            mapping = self._map_temporary(name, readonly)
+            try:
+                self._mount_device(mapping["device"], top, readonly)
+                try:
+                    yield top, mapping["device"]
+                finally:
+                    mounts.unmount(top)
+            finally:
+                self._unmap(mapping)
+        finally:
+            os.rmdir(top)
+
+    @contextlib.contextmanager
+    def _view(self, layer_id: str) -> Iterator[str]:
+        """
+        The layer's tree, read-only: a bind of its mount if it is mounted,
+        else a temporary read-only mapping.
+        """
+        name = self.image_name(layer_id)
+        mounted = self._mountpoint(layer_id)
+        if mounts.is_mountpoint(mounted):
+            target = tempfile.mkdtemp(prefix="view-", dir=self._work)
+            try:
+                mounts.mount(os.path.join(mounted, ROOTFS), target, "none", MS_BIND)
+                try:
+                    mounts.mount("none", target, "none", MS_BIND | MS_REMOUNT | MS_RDONLY)
+                    yield target
+                finally:
+                    mounts.unmount(target)
+            finally:
+                os.rmdir(target)
+            return
+        if self._inspect(name) is None:
+            raise BackendError(f"layer {layer_id} has no image {self.spec(name)}")
+        with self._work_mount(name, readonly=True) as (top, _device):
+            yield os.path.join(top, ROOTFS)
+
+    @contextlib.contextmanager
+    def _views(
+        self, layer: LayerInfo, chain: list[LayerInfo], parent: str | None
+    ) -> Iterator[tuple[str, str | None]]:
+        if parent is not None and parent not in [a.id for a in chain]:
+            raise BackendError(
+                f"layer {parent} is not an ancestor of {layer.id}; diffs are only "
+                "taken against ancestors"
+            )
+        with self._view(layer.id) as new:
+            if parent is None:
+                yield new, None
+            else:
+                with self._view(parent) as old:
+                    yield new, old
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def _requested_size(self, layer: LayerInfo) -> int | None:
+        unknown = sorted(k for k in layer.storage_opt if k != "size")
+        if unknown:
+            raise ConfigurationError(
+                f"storage option(s) {', '.join(unknown)} are not supported by the rbd "
+                "backend (supported: size)"
+            )
+        raw = layer.storage_opt.get("size")
+        if raw is None:
+            return None
+        try:
+            size = parse_size(raw)
+        except ValueError as e:
+            raise ConfigurationError(f"invalid storage option size={raw!r}: {e}") from None
+        if size < MIN_SIZE[self.fs]:
+            raise ConfigurationError(
+                f"invalid storage option size={raw!r}: at least {MIN_SIZE[self.fs] >> 20} MiB"
+            )
+        return size
+
+    def prepare(self, layer: LayerInfo) -> None:
+        """
+        Clone the parent's snapshot (the base's for a layer without a
+        parent); leftovers of an earlier attempt are removed first.  An
+        image of that name that is not this node's is left alone: an error.
+        """
+        name = self.image_name(layer.id)
+        with self._op("prepare", layer.id, name):
+            grow_to = self._requested_size(layer)
+            state = self._inspect(name)
+            if state is not None:
+                if not self._ours(state):
+                    self._refuse_foreign(state)
+                self._destroy(layer.id, name)
+            self._clone(layer, name, grow_to)
+
+    def commit(self, layer: LayerInfo) -> None:
+        """
+        Snapshot and protect the layer's image (idempotent); never while
+        it is mounted or mapped read-write.
+        """
+        name = self.image_name(layer.id)
+        with self._op("commit", layer.id, name):
+            state = self._require(name)
+            if mounts.is_mountpoint(self._mountpoint(layer.id)):
+                raise BackendError(
+                    f"it is mounted at {self._mountpoint(layer.id)}; a mounted "
+                    "filesystem is never snapshotted"
+                )
+            for mapping in self._mappings(name):
+                if mapping["alive"] and not mapping["readonly"]:
+                    raise BackendError(
+                        f"it is mapped read-write at {mapping['device']}; unmap it first"
+                    )
+                if not mapping["alive"]:
+                    self._suspect(name)
+                    self._unmap(mapping)
+            if (
+                self.flatten_depth
+                and not state.committed
+                and state.parent is not None
+                and state.depth >= self.flatten_depth
+            ):
+                # Children of a deep layer would open ever longer chains:
+                # this one becomes a flat image (its parents' data copied).
+                self._clear_stale_clients(name)
+                with self._open(name) as image:
+                    image.flatten()
+                self._update(name, parent=None)
+                self._set_meta(name, {K_DEPTH: "0"})
+            self._snapshot(name)
+
+    def remove(self, layer: LayerInfo) -> None:
+        """
+        Unmount, unmap, unprotect and remove the snapshot, remove the image.
+        What is gone is fine; an image that is not this node's is left alone.
+        """
+        name = self.image_name(layer.id)
+        with self._op("remove", layer.id, name):
+            state = self._inspect(name)
+            if state is not None and not self._ours(state):
+                log.warn(
+                    "not removing {image}: it is not a layer of node {node}",
+                    image=self.spec(name),
+                    node=self.node_id,
+                )
+                self._release(layer.id, name, layer.mapping)
+                return
+            self._release(layer.id, name, layer.mapping)
+            self._destroy(layer.id, name)
+            with contextlib.suppress(OSError):
+                os.rmdir(self._mountpoint(layer.id))
+
+    def reset(self, layer: LayerInfo) -> None:
+        """
+        Make the layer equal to its parent again: a fresh clone.
+        """
+        name = self.image_name(layer.id)
+        with self._op("reset", layer.id, name):
+            self._reclone(layer, name)
+
+    def _reclone(self, layer: LayerInfo, name: str) -> None:
+        self._release(layer.id, name, layer.mapping)
+        self._require(name)
+        self._destroy(layer.id, name)
+        self._clone(layer, name, self._requested_size(layer))
+
+    def exists(self, layer: LayerInfo) -> bool:
+        """
+        Whether this node has the layer's image.
+        """
+        name = self.image_name(layer.id)
+        with self._op("look up", layer.id, name):
+            state = self._inspect(name)
+            return state is not None and self._ours(state)
+
+    def list_layers(self) -> list[str]:
+        """
+        This node's layers: images named with its prefix and node id, and
+        owned by it.
+        """
+        assert self._rbd is not None
+        with self._op("list of the layers", None):
+            result = []
+            for name in self._rbd.RBD().list(self._ioctx):
+                if not name.startswith(self._stem) or name == self.base_image:
+                    continue
+                state = self._inspect(name, fresh=True)
+                if state is not None and self._ours(state):
+                    result.append(name[len(self._stem) :])
+            return sorted(result)
+
+    def map(self, layer: LayerInfo) -> Mapping:
+        """
+        Attach the layer's image: read-write, or read-only once committed.
+        """
+        assert self.mapper is not None
+        name = self.image_name(layer.id)
+        with self._op("map", layer.id, name):
+            return self._map_layer(layer, name)
+
+    def _map_layer(self, layer: LayerInfo, name: str) -> Mapping:
+        assert self.mapper is not None
+        state = self._require(name)
+        readonly = state.committed
+        if not readonly:
+            self._clear_stale_clients(name)
+            if state.meta.get(K_STATE) != "dirty":
+                self._set_meta(name, {K_STATE: "dirty"})
+        return self.mapper.map(name, readonly=readonly, tag=layer.id)
+
+    def unmap(self, layer: LayerInfo) -> None:
+        """
+        Detach the layer's device: the recorded mapping if it still is one,
+        and whatever mapping of the layer exists (after a crash).
+        """
+        name = self.image_name(layer.id)
+        with self._op("unmap", layer.id, name):
+            self._release(layer.id, name, layer.mapping)
+
+    def _release(self, layer_id: str, name: str, recorded: Mapping | None) -> None:
+        """
+        Unmount the layer's mount and detach its own mappings.
+        """
+        self._unmount(layer_id)
+        found = self._mappings(name, layer_id)
+        targets = list(found)
+        if recorded is not None and recorded.get("mapper") in self._mappers:
+            if not any(m["alive"] and m["device"] == recorded.get("device") for m in found):
+                # Its process or device is gone: a client may have died
+                # holding the image's lock.
+                self._suspect(name)
+            if not any(m["device"] == recorded.get("device") for m in found):
+                targets.insert(0, recorded)
+        if any(not m["alive"] for m in found):
+            self._suspect(name)
+        for mapping in targets:
+            self._unmap(mapping)
+
+    def mount(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
+        """
+        Mount the mapped device at C{mnt/<id>}; return its C{rootfs}.
+        """
+        name = self.image_name(layer.id)
+        with self._op("mount", layer.id, name):
+            mapping = self._live_mapping(layer, name)
+            if mapping is None:
+                raise BackendError("it is not mapped")
+            return self._mount_layer(layer, mapping)
+
+    def _live_mapping(self, layer: LayerInfo, name: str) -> Mapping | None:
+        recorded = layer.mapping
+        if recorded is not None and recorded.get("mapper") in self._mappers:
+            if self._mapper_for(recorded).alive(recorded):
+                return recorded
+            self._suspect(name)
+        for mapping in self._mappings(name, layer.id):
+            if mapping["alive"]:
+                return mapping
+        return None
+
+    def _mount_layer(self, layer: LayerInfo, mapping: Mapping) -> str:
+        target = self._mountpoint(layer.id)
+        device = mapping["device"]
+        current = [e for e in mounts.mount_table() if e.mountpoint == target]
+        if current:
+            if current[-1].source == device:
+                return os.path.join(target, ROOTFS)
+            self._unmount(layer.id)
+        os.makedirs(target, mode=0o700, exist_ok=True)
+        self._mount_device(device, target, bool(mapping.get("readonly")))
+        rootfs = os.path.join(target, ROOTFS)
+        if not os.path.isdir(rootfs):
+            mounts.unmount(target)
+            raise BackendError(f"the filesystem on {device} has no {ROOTFS}/ directory")
+        return rootfs
+
+    def unmount(self, layer: LayerInfo) -> None:
+        """
+        Unmount the layer (and anything mounted below it).
+        """
+        with self._op("unmount", layer.id):
+            self._unmount(layer.id)
+
+    def _unmount(self, layer_id: str) -> None:
+        for point in mounts.mounted_under(self._mountpoint(layer_id)):
+            mounts.unmount(point)
+
+    def ensure_mounted(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
+        """
+        Mount the layer again if its mount is gone, mapping it again first
+        if its device is gone too.
+        """
+        name = self.image_name(layer.id)
+        with self._op("remount", layer.id, name):
+            mapping = self._live_mapping(layer, name)
+            if mapping is None:
+                self._release(layer.id, name, layer.mapping)
+                mapping = self._map_layer(layer, name)
+            return self._mount_layer(layer, mapping)
+
+    # -- content --------------------------------------------------------------------------
+
+    def apply(self, layer: LayerInfo, stream: IO[bytes], id_map: IDMap) -> int:
+        """
+        Apply a layer tar to a fresh clone (a retried ApplyDiff starts from
+        the parent's content again) and return the size of the changes.
+        On failure the layer is a fresh clone again.
+        """
+        name = self.image_name(layer.id)
+        with self._op("apply", layer.id, name):
+            self._release(layer.id, name, layer.mapping)
+            state = self._require(name)
+            if state.committed:
+                self._drop_snapshot(name)
+            if state.meta.get(K_STATE) != "clean":
+                self._reclone(layer, name)
+            try:
+                self._set_meta(name, {K_STATE: "dirty"})
+                with self._work_mount(name, readonly=False) as (top, _device):
+                    root = os.path.join(top, ROOTFS)
+                    archive.apply_layer(cast(BinaryIO, stream), root, ApplyMode.INPLACE, id_map)
+                    if layer.parent is None:
+                        return archive.changes_size(root, archive.changes_dirs(root, None))
+                    with self._view(layer.parent) as old:
+                        return archive.changes_size(root, archive.changes_dirs(root, old))
+            except BaseException:
+                try:
+                    self._reclone(layer, name)
+                except Exception as e:
+                    log.error(
+                        "cannot empty layer {id} again after a failed apply: {error}",
+                        id=layer.id,
+                        error=e,
+                    )
+                raise
+
+    def diff(
+        self,
+        layer: LayerInfo,
+        chain: list[LayerInfo],
+        parent: str | None,
+        out: IO[bytes],
+        id_map: IDMap,
+    ) -> None:
+        """
+        The layer tar of the changes between C{parent} and the layer.
+        """
+        name = self.image_name(layer.id)
+        with self._op("diff", layer.id, name):
+            with self._views(layer, chain, parent) as (new, old):
+                archive.export_changes(
+                    new, archive.changes_dirs(new, old), cast(BinaryIO, out), id_map
+                )
+
+    def changes(
+        self, layer: LayerInfo, chain: list[LayerInfo], parent: str | None
+    ) -> list[Change]:
+        """
+        The changes between C{parent} and the layer (moby's naive diff).
+        """
+        name = self.image_name(layer.id)
+        with self._op("changes", layer.id, name):
+            with self._views(layer, chain, parent) as (new, old):
+                return archive.changes_dirs(new, old)
+
+    def diff_size(
+        self, layer: LayerInfo, chain: list[LayerInfo], parent: str | None
+    ) -> int:
+        """
+        The size of the changed files, as ApplyDiff reported it.
+        """
+        name = self.image_name(layer.id)
+        with self._op("diff size", layer.id, name):
+            with self._views(layer, chain, parent) as (new, old):
+                return archive.changes_size(new, archive.changes_dirs(new, old))
+
+    def metadata(self, layer: LayerInfo, chain: list[LayerInfo]) -> dict[str, str]:
+        """
+        Where the layer lives (no cluster call).
+        """
+        name = self.image_name(layer.id)
+        parent = self.image_name(layer.parent) if layer.parent else self.base_image
+        mapping = layer.mapping or {}
+        return {
+            "Pool": self.pool,
+            "Namespace": self.namespace or "",
+            "Image": self.spec(name),
+            "Parent": f"{self.spec(parent)}@{SNAP}",
+            "Mapper": str(mapping.get("mapper") or (self.mapper.name if self.mapper else "")),
+            "Device": str(mapping.get("device") or ""),
+            "MountPoint": os.path.join(self._mountpoint(layer.id), ROOTFS),
+            "Filesystem": self.fs,
+        }
