@@ -19,6 +19,8 @@ import pytest
 from dockerd import Dockerd
 from txgraphd import Txgraphd
 
+from txgraph.testing.ceph import DevCluster
+
 DockerdFactory = Callable[..., Dockerd]
 _names = itertools.count()
 
@@ -187,6 +189,15 @@ class Stack:
     def __init__(self, txgraph: Txgraphd, dockerd: Dockerd) -> None:
         self.txgraph = txgraph
         self.dockerd = dockerd
+        self.backend = "overlay"
+
+    def layer_ids(self) -> set[str]:
+        """
+        The IDs of txgraph's layers (through its admin socket).
+        """
+        from txgraph.admin import Daemon
+
+        return {row["id"] for row in Daemon(str(self.txgraph.state_dir)).call("/ls")}
 
     def docker(self, *args: str, **kwargs: Any) -> Any:
         """
@@ -203,11 +214,69 @@ class Stack:
         return {k: v for k, v in reply["Status"]}
 
 
-@pytest.fixture(scope="module")
-def overlay_stack(module_components: Components) -> Stack:
+@pytest.fixture(scope="session")
+def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevCluster]:
     """
-    txgraph on the overlay backend, with a dockerd using it.
+    One real single-node Ceph cluster (memstore) for the whole session;
+    tests that share it isolate themselves with RBD namespaces.  Tests that
+    need it are skipped when Ceph is not installed.
     """
-    txgraph = module_components.txgraph()
+    if not DevCluster.available():
+        pytest.skip("Ceph is not installed (ceph-mon, ceph-osd)")
+    cluster = DevCluster(tmp_path_factory.mktemp("ceph"))
+    cluster.up()
+    try:
+        yield cluster
+    finally:
+        cluster.down()
+
+
+def rbd_namespace(cluster: DevCluster) -> str:
+    """
+    A new, empty RBD namespace in the cluster's pool.
+    """
+    import subprocess
+
+    name = f"t{os.getpid()}-{next(_names)}"
+    subprocess.run(
+        ["rbd", "-c", cluster.conf, "--keyring", cluster.keyring, "namespace", "create",
+         f"{cluster.pool}/{name}"],
+        check=True, capture_output=True, timeout=60,
+    )
+    return name
+
+
+def rbd_flags(cluster: DevCluster, namespace: str, node: str = "node-a") -> list[str]:
+    """
+    txgraph's command line for the rbd backend on the dev cluster, as the
+    restricted client, in a namespace of its own.
+    """
+    return [
+        "--backend", "rbd",
+        "--rbd-conf", cluster.conf,
+        "--rbd-client", DevCluster.client_id,
+        "--rbd-keyring", cluster.client_keyring,
+        "--rbd-pool", cluster.pool,
+        "--rbd-namespace", namespace,
+        "--rbd-base-size", "2G",
+        "--rbd-node-id", node,
+    ]
+
+
+BACKENDS = ["overlay", "rbd"]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def stack(request: pytest.FixtureRequest, module_components: Components) -> Stack:
+    """
+    txgraph on each backend in turn, with a dockerd using it.
+    """
+    flags: list[str] = []
+    if request.param == "rbd":
+        cluster = request.getfixturevalue("ceph_cluster")
+        flags = rbd_flags(cluster, rbd_namespace(cluster))
+    txgraph = module_components.txgraph(*flags)
     dockerd = module_components.dockerd(txgraph.name)
-    return Stack(txgraph, dockerd)
+    stack = Stack(txgraph, dockerd)
+    stack.backend = request.param
+    return stack

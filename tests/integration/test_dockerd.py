@@ -2,10 +2,10 @@
 txgraph under a real dockerd (Debian's docker.io 20.10, --experimental -s
 <plugin>): the scenarios a Docker host lives by, end to end.
 
-One txgraph and one dockerd serve the whole module, in order: load, import,
-run, commit, diff, cp, export, save, rm, rmi, a dockerd restart, and a
-txgraph SIGKILL with a running container.  Each test leaves the stack
-usable for the next.
+For each backend (overlay, and rbd on a real dev cluster), one txgraph and
+one dockerd serve the whole module, in order: load, import, run, commit,
+diff, cp, export, save, rm, rmi, a dockerd restart, and a txgraph SIGKILL
+with a running container.  Each test leaves the stack usable for the next.
 """
 
 from __future__ import annotations
@@ -23,10 +23,6 @@ from conftest import Stack
 pytestmark = pytest.mark.dockerd
 
 
-def _layer_ids(stack: Stack) -> set[str]:
-    return {p.name for p in (stack.txgraph.state_dir / "overlay").iterdir() if len(p.name) >= 64}
-
-
 def _mounts_under(path: Path) -> list[str]:
     prefix = str(path)
     with open("/proc/self/mountinfo") as f:
@@ -37,70 +33,70 @@ def _mounts_under(path: Path) -> list[str]:
         ]
 
 
-def test_info_shows_txgraph(overlay_stack: Stack) -> None:
+def test_info_shows_txgraph(stack: Stack) -> None:
     """
     docker info names the plugin and shows txgraph's Status lines.
     """
-    out = overlay_stack.docker("info").stdout
-    assert f"Storage Driver: {overlay_stack.txgraph.name}" in out
-    assert "Backend: overlay" in out
+    out = stack.docker("info").stdout
+    assert f"Storage Driver: {stack.txgraph.name}" in out
+    assert f"Backend: {stack.backend}" in out
     assert "Layers By State" in out
 
 
-def test_load_busybox(overlay_stack: Stack, busybox_image: Path) -> None:
+def test_load_busybox(stack: Stack, busybox_image: Path) -> None:
     """
     docker load of busybox creates one layer through Create + ApplyDiff,
     with the size dockerd then shows.
     """
-    out = overlay_stack.docker("load", "-i", str(busybox_image)).stdout
+    out = stack.docker("load", "-i", str(busybox_image)).stdout
     assert "busybox:local" in out
-    size = overlay_stack.docker("image", "inspect", "-f", "{{.Size}}", "busybox:local").stdout
+    size = stack.docker("image", "inspect", "-f", "{{.Size}}", "busybox:local").stdout
     assert int(size) > 1_900_000
-    assert len(_layer_ids(overlay_stack)) == 1
+    assert len(stack.layer_ids()) == 1
 
 
-def test_run_rm(overlay_stack: Stack) -> None:
+def test_run_rm(stack: Stack) -> None:
     """
     docker run --rm works and leaves no container layer or mount behind.
     """
-    before = _layer_ids(overlay_stack)
-    out = overlay_stack.docker("run", "--rm", "--network", "none", "busybox:local", "echo", "hi").stdout
+    before = stack.layer_ids()
+    out = stack.docker("run", "--rm", "--network", "none", "busybox:local", "echo", "hi").stdout
     assert out.strip() == "hi"
-    assert _layer_ids(overlay_stack) == before
-    assert _mounts_under(overlay_stack.txgraph.state_dir) == []
+    assert stack.layer_ids() == before
+    assert _mounts_under(stack.txgraph.state_dir) == []
 
 
-def test_load_debian(overlay_stack: Stack, debian_image: Path) -> None:
+def test_load_debian(stack: Stack, debian_image: Path) -> None:
     """
     docker load of a ~120 MB Debian image streams through ApplyDiff, and
     the image runs.
     """
-    overlay_stack.docker("load", "-i", str(debian_image), timeout=300)
-    out = overlay_stack.docker(
+    stack.docker("load", "-i", str(debian_image), timeout=300)
+    out = stack.docker(
         "run", "--rm", "--network", "none", "debian:local", "cat", "/etc/debian_version"
     ).stdout
     assert out.strip().startswith("12")
 
 
-def test_import(overlay_stack: Stack, busybox_rootfs: Path) -> None:
+def test_import(stack: Stack, busybox_rootfs: Path) -> None:
     """
     docker import of a rootfs tar makes a runnable image (dockerd applies
     the layer, finds it identical to busybox's, and Removes the copy).
     """
-    before = _layer_ids(overlay_stack)
+    before = stack.layer_ids()
     with open(busybox_rootfs, "rb") as f:
-        overlay_stack.docker("import", "-", "bb:imported", input=f.read(), text=False)
-    out = overlay_stack.docker("run", "--rm", "--network", "none", "bb:imported", "echo", "imported").stdout
+        stack.docker("import", "-", "bb:imported", input=f.read(), text=False)
+    out = stack.docker("run", "--rm", "--network", "none", "bb:imported", "echo", "imported").stdout
     assert out.strip() == "imported"
-    assert _layer_ids(overlay_stack) == before
+    assert stack.layer_ids() == before
 
 
-def test_commit_and_diff(overlay_stack: Stack) -> None:
+def test_commit_and_diff(stack: Stack) -> None:
     """
     A container's changes show in docker diff exactly as moby reports them,
     and docker commit makes an image with them.
     """
-    docker = overlay_stack.docker
+    docker = stack.docker
     docker(
         "run", "--name", "c1", "--network", "none", "busybox:local",
         "sh", "-c", "echo new > /newfile && mkdir -p /etc/x && echo y > /etc/x/y && rm /bin/ls",
@@ -119,11 +115,11 @@ def test_commit_and_diff(overlay_stack: Stack) -> None:
     assert size.strip().startswith(("14B", "13B", "15B", "12B", "6B", "7B", "10B", "11B", "9B", "8B")) or "B" in size
 
 
-def test_cp_into_container(overlay_stack: Stack, tmp_path: Path) -> None:
+def test_cp_into_container(stack: Stack, tmp_path: Path) -> None:
     """
     docker cp into a stopped and into a running container is visible inside.
     """
-    docker = overlay_stack.docker
+    docker = stack.docker
     source = tmp_path / "hello.txt"
     source.write_text("hello from the host\n")
     docker("cp", str(source), "c1:/hello.txt")
@@ -141,23 +137,23 @@ def test_cp_into_container(overlay_stack: Stack, tmp_path: Path) -> None:
         assert member is not None and member.read() == b"hello from the host\n"
 
 
-def test_export(overlay_stack: Stack) -> None:
+def test_export(stack: Stack) -> None:
     """
     docker export gives the container's whole filesystem, changes included.
     """
-    out = overlay_stack.docker("export", "c1", text=False).stdout
+    out = stack.docker("export", "c1", text=False).stdout
     with tarfile.open(fileobj=io.BytesIO(out)) as tf:
         names = set(tf.getnames())
     assert {"newfile", "etc/x/y", "bin/busybox", "hello.txt"} <= names
     assert "bin/ls" not in names
 
 
-def test_save_is_byte_identical(overlay_stack: Stack, busybox_rootfs: Path, tmp_path: Path) -> None:
+def test_save_is_byte_identical(stack: Stack, busybox_rootfs: Path, tmp_path: Path) -> None:
     """
     docker save rebuilds busybox's layer byte for byte from what Get shows.
     """
     saved = tmp_path / "saved.tar"
-    overlay_stack.docker("save", "-o", str(saved), "busybox:local")
+    stack.docker("save", "-o", str(saved), "busybox:local")
     with tarfile.open(saved) as tf:
         manifest = json.load(tf.extractfile("manifest.json"))  # type: ignore[arg-type]
         [layer] = manifest[0]["Layers"]
@@ -166,71 +162,71 @@ def test_save_is_byte_identical(overlay_stack: Stack, busybox_rootfs: Path, tmp_
     assert hashlib.sha256(data).hexdigest() == expected
 
 
-def test_rm_and_rmi(overlay_stack: Stack) -> None:
+def test_rm_and_rmi(stack: Stack) -> None:
     """
     docker rm removes the container's two layers; docker rmi removes the
     committed image's layer, and nothing is left mounted.
     """
-    before = _layer_ids(overlay_stack)
-    overlay_stack.docker("rm", "c1")
-    after_rm = _layer_ids(overlay_stack)
+    before = stack.layer_ids()
+    stack.docker("rm", "c1")
+    after_rm = stack.layer_ids()
     assert len(before - after_rm) == 2
-    overlay_stack.docker("rmi", "bb:committed")
-    assert len(after_rm - _layer_ids(overlay_stack)) == 1
-    assert _mounts_under(overlay_stack.txgraph.state_dir) == []
+    stack.docker("rmi", "bb:committed")
+    assert len(after_rm - stack.layer_ids()) == 1
+    assert _mounts_under(stack.txgraph.state_dir) == []
 
 
-def test_dockerd_restart(overlay_stack: Stack) -> None:
+def test_dockerd_restart(stack: Stack) -> None:
     """
     After dockerd restarts (Init again, same options), images still run.
     """
-    overlay_stack.dockerd.restart()
-    out = overlay_stack.docker("run", "--rm", "--network", "none", "busybox:local", "echo", "again").stdout
+    stack.dockerd.restart()
+    out = stack.docker("run", "--rm", "--network", "none", "busybox:local", "echo", "again").stdout
     assert out.strip() == "again"
 
 
-def test_txgraph_sigkill_with_running_container(overlay_stack: Stack) -> None:
+def test_txgraph_sigkill_with_running_container(stack: Stack) -> None:
     """
     txgraph killed with SIGKILL and restarted under a running dockerd and
     container (no new Init) keeps the container's mount and references;
     stop, rm and rmi then work and leave no mount behind.
     """
-    docker = overlay_stack.docker
+    docker = stack.docker
     docker("run", "-d", "--name", "c3", "--network", "none", "busybox:local", "sleep", "300")
-    before = overlay_stack.status()
+    before = stack.status()
     assert before["Mounts"] == "1"
-    overlay_stack.txgraph.kill()
-    overlay_stack.txgraph.start()
-    after = overlay_stack.status()
+    stack.txgraph.kill()
+    stack.txgraph.start()
+    after = stack.status()
     assert after["Mounts"] == "1" and after["References"] == before["References"]
     out = docker("exec", "c3", "cat", "/etc/passwd").stdout
     assert "root" in out
     docker("stop", "-t", "1", "c3")
     docker("rm", "c3")
     docker("rmi", "bb:imported", "debian:local")
-    assert overlay_stack.status()["Mounts"] == "0"
-    assert _mounts_under(overlay_stack.txgraph.state_dir) == []
+    assert stack.status()["Mounts"] == "0"
+    assert _mounts_under(stack.txgraph.state_dir) == []
 
 
-def test_no_reactor_lag(overlay_stack: Stack) -> None:
+def test_no_reactor_lag(stack: Stack) -> None:
     """
     Through everything above (a 127 MB ApplyDiff included), the reactor
     thread was never blocked for long: all blocking work ran in threads.
     """
-    lag = float(overlay_stack.status()["Reactor Max Lag"].split()[0])
+    lag = float(stack.status()["Reactor Max Lag"].split()[0])
     assert lag < 250, f"the reactor was blocked for {lag} ms"
 
 
-def test_clean_shutdown(overlay_stack: Stack) -> None:
+def test_clean_shutdown(stack: Stack) -> None:
     """
     Stopping dockerd (Cleanup) and then txgraph (SIGTERM) leaves no mount,
     and txgraph shuts down in order.  (twistd re-raises SIGTERM after an
     orderly shutdown, so its status is "terminated by SIGTERM", which is
     what systemd counts as a clean stop.)
     """
-    overlay_stack.dockerd.stop()
-    assert overlay_stack.txgraph.stop() == -signal.SIGTERM
-    log = overlay_stack.txgraph.log_path.read_text()
+    stack.dockerd.stop()
+    assert stack.txgraph.stop() == -signal.SIGTERM
+    log = stack.txgraph.log_path.read_text()
     assert "Main loop terminated." in log
     assert "Traceback" not in log
-    assert _mounts_under(overlay_stack.txgraph.state_dir) == []
+    assert _mounts_under(stack.txgraph.state_dir) == []

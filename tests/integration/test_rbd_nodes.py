@@ -1,0 +1,108 @@
+"""
+Two Docker hosts sharing one Ceph pool: two txgraph instances with
+different node ids and state directories, each under its own dockerd, on
+one pool and namespace of a real dev cluster.  Both load and run the same
+images; neither lists, changes nor removes the other's RBD images, and gc
+on one leaves the other's alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Components, Stack, rbd_flags, rbd_namespace
+
+from txgraph.testing.ceph import DevCluster
+
+pytestmark = [pytest.mark.dockerd, pytest.mark.ceph]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _images(cluster: DevCluster, namespace: str) -> list[str]:
+    out = subprocess.run(
+        ["rbd", "-c", cluster.conf, "--keyring", cluster.keyring, "ls", "--format", "json",
+         f"{cluster.pool}/{namespace}"],
+        check=True, capture_output=True, text=True, timeout=60,
+    ).stdout
+    return sorted(json.loads(out))
+
+
+def _gc(stack: Stack, *args: str) -> tuple[int, list[dict[str, Any]]]:
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "txgraph-admin"), "--state-dir",
+         str(stack.txgraph.state_dir), "gc", "--json", "--docker-root",
+         str(stack.dockerd.data_root), "--driver", stack.txgraph.name, "--min-age", "0", *args],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode in (0, 1), result.stdout + result.stderr
+    return result.returncode, json.loads(result.stdout)["findings"]
+
+
+@pytest.fixture(scope="module")
+def two_nodes(
+    module_components: Components, ceph_cluster: DevCluster
+) -> tuple[Stack, Stack, str]:
+    """
+    Nodes A and B on one pool and namespace.
+    """
+    namespace = rbd_namespace(ceph_cluster)
+    stacks = []
+    for node in ("node-a", "node-b"):
+        txgraph = module_components.txgraph(*rbd_flags(ceph_cluster, namespace, node=node))
+        dockerd = module_components.dockerd(txgraph.name)
+        stack = Stack(txgraph, dockerd)
+        stack.backend = "rbd"
+        stacks.append(stack)
+    return stacks[0], stacks[1], namespace
+
+
+def test_both_nodes_load_and_run(
+    two_nodes: tuple[Stack, Stack, str], busybox_image: Path, ceph_cluster: DevCluster
+) -> None:
+    """
+    Both nodes load and run the same image; each node's images carry its
+    own node id.
+    """
+    a, b, namespace = two_nodes
+    for stack in (a, b):
+        stack.docker("load", "-i", str(busybox_image))
+        out = stack.docker("run", "--rm", "--network", "none", "busybox:local", "echo", "hi").stdout
+        assert out.strip() == "hi"
+    images = _images(ceph_cluster, namespace)
+    assert any(".node-a." in i for i in images) and any(".node-b." in i for i in images)
+    assert all(".node-a." in i or ".node-b." in i for i in images), images
+
+
+def test_nodes_do_not_see_each_other(two_nodes: tuple[Stack, Stack, str]) -> None:
+    """
+    Each node lists only its own layers.
+    """
+    a, b, _ = two_nodes
+    assert a.layer_ids() and b.layer_ids()
+    assert a.layer_ids().isdisjoint(b.layer_ids())
+
+
+def test_removal_on_one_node_keeps_the_other(
+    two_nodes: tuple[Stack, Stack, str], ceph_cluster: DevCluster
+) -> None:
+    """
+    docker rmi on node A removes only A's images; B keeps running, and gc on
+    A, even with --apply, never touches B's images.
+    """
+    a, b, namespace = two_nodes
+    b_images = {i for i in _images(ceph_cluster, namespace) if ".node-b." in i}
+    a.docker("rmi", "busybox:local")
+    remaining = set(_images(ceph_cluster, namespace))
+    assert not any(".node-a." in i and ".base" not in i for i in remaining), remaining
+    assert b_images <= remaining
+    out = b.docker("run", "--rm", "--network", "none", "busybox:local", "echo", "still").stdout
+    assert out.strip() == "still"
+    assert _gc(a, "--apply")[0] in (0, 1)
+    assert b_images <= set(_images(ceph_cluster, namespace))
+    assert _gc(b) == (0, [])
