@@ -767,14 +767,12 @@ class Layer:
     A layer known to the registry: its machine, core and lock.
 
     @ivar children: IDs of the layers whose parent this is.
-    @ivar readers: how many Diff/Changes/DiffSize calls are reading it.
     """
 
     core: LayerCore
     machine: LayerInputs
     lock: DeferredLock = field(default_factory=DeferredLock)
     children: set[str] = field(default_factory=set)
-    readers: int = 0
 
     @property
     def row(self) -> LayerRow:
@@ -989,10 +987,6 @@ class LayerRegistry:
                 f"cannot remove layer {layer_id}: it is the parent of "
                 f"{len(layer.children)} layer(s): {', '.join(sorted(layer.children)[:3])}"
             )
-        if layer.readers:
-            raise InvalidLayerState(
-                f"cannot remove layer {layer_id}: it is being read by a Diff"
-            )
         await self._run(layer, layer.machine.remove)
 
     async def get(self, layer_id: str) -> str:
@@ -1018,10 +1012,6 @@ class LayerRegistry:
             raise InvalidLayerState(
                 f"cannot ApplyDiff to layer {layer_id}: other layers are made from it"
             )
-        if layer.readers:
-            raise InvalidLayerState(
-                f"cannot ApplyDiff to layer {layer_id}: it is being read by a Diff"
-            )
         return await self._run(layer, lambda: layer.machine.applyDiff(stream))
 
     async def read(
@@ -1032,20 +1022,24 @@ class LayerRegistry:
     ) -> T:
         """
         Run a read-only backend call (Diff, Changes, DiffSize) on a layer
-        at rest; Remove and ApplyDiff are refused meanwhile.
+        at rest, under the layer's lock: a Put, Remove or ApplyDiff of the
+        layer waits until the read is done (a block backend reads through a
+        view that keeps the device busy).
         """
         layer = self.lookup(layer_id)
         if parent is not None:
             self.lookup(parent)
-        if layer.row.state not in REST_STATES or layer.row.state == "faulty":
-            raise InvalidLayerState(
-                f"layer {layer_id} cannot be read while it is {layer.row.state}"
-            )
-        layer.readers += 1
-        try:
-            return await reader(self._info(layer.row), self.chain(layer_id), parent)
-        finally:
-            layer.readers -= 1
+
+        def locked() -> Deferred[T]:
+            if layer.row.state not in REST_STATES or layer.row.state == "faulty":
+                return fail(
+                    InvalidLayerState(
+                        f"layer {layer_id} cannot be read while it is {layer.row.state}"
+                    )
+                )
+            return reader(self._info(layer.row), self.chain(layer_id), parent)
+
+        return await layer.lock.run(locked)
 
 
 __all__ = [

@@ -152,22 +152,18 @@ _ceph: Ceph | None = None
 
 
 @pytest.fixture(scope="session")
-def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ceph]:
+def ceph(ceph_cluster: DevCluster) -> Iterator[Ceph]:
     """
-    One memstore cluster for the session (about 1.5 s to start).
+    The session's dev cluster (tests/integration/conftest.py), with admin
+    access for the checks.
     """
     global _ceph
-    cluster = DevCluster(tmp_path_factory.mktemp("ceph"))
-    cluster.up()
+    _ceph = Ceph(ceph_cluster)
     try:
-        _ceph = Ceph(cluster)
-        try:
-            yield _ceph
-        finally:
-            _ceph.close()
-            _ceph = None
+        yield _ceph
     finally:
-        cluster.down()
+        _ceph.close()
+        _ceph = None
 
 
 def _host_leftovers(path: str) -> list[str]:

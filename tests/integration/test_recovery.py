@@ -5,8 +5,8 @@ and a gc that proves it.
  - gc finds each planted kind of orphan, and nothing on a clean system;
    --apply repairs them and a second gc is clean; through the admin socket
    while txgraph runs, and on the database directly while it is stopped.
- - The crash matrix: for every crash point the overlay backend reaches,
-   txgraph is killed there (SIGKILL, via TXGRAPH_CRASH_AT) under a real
+ - The crash matrix: for every crash point each backend reaches (overlay,
+   and rbd on a real dev cluster), txgraph is killed there (SIGKILL, via TXGRAPH_CRASH_AT) under a real
    dockerd doing real work, restarted, and then every layer dockerd knows
    is usable, nothing is mounted, and gc (against dockerd's layer store)
    finds nothing.
@@ -23,11 +23,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import images
 import pytest
-from conftest import Components, Stack
+from conftest import Components, Stack, rbd_flags, rbd_namespace
 from txgraphd import Txgraphd
 
 A = "a" * 64
@@ -218,24 +219,50 @@ def test_unknown_crash_point_refused(components: Components) -> None:
 
 # -- the crash matrix ---------------------------------------------------------
 
-#: The crash points the overlay backend reaches (it neither maps nor commits).
-OVERLAY_POINTS = [
-    f"{state}.{when}"
-    for state in ("creating", "applying", "mounting", "unmounting", "removing")
-    for when in ("before", "after")
-]
+#: The crash points each backend reaches: overlay neither maps nor commits.
+POINTS = {
+    "overlay": [
+        f"{state}.{when}"
+        for state in ("creating", "applying", "mounting", "unmounting", "removing")
+        for when in ("before", "after")
+    ],
+    "rbd": [
+        f"{state}.{when}"
+        for state in (
+            "creating", "applying", "committing", "mapping",
+            "mounting", "unmounting", "unmapping", "removing",
+        )
+        for when in ("before", "after")
+    ],
+}
+CASES = [(backend, point) for backend, points in POINTS.items() for point in points]
 
 
 @pytest.fixture(scope="module")
-def crash_stack(module_components: Components, busybox_image: Path) -> Stack:
+def crash_stacks(
+    module_components: Components, busybox_image: Path, request: pytest.FixtureRequest
+) -> Callable[[str], Stack]:
     """
-    txgraph on overlay under a dockerd, with busybox loaded.
+    One txgraph + dockerd per backend (made when first asked for), with
+    busybox loaded.
     """
-    txgraph = module_components.txgraph()
-    dockerd = module_components.dockerd(txgraph.name)
-    stack = Stack(txgraph, dockerd)
-    stack.docker("load", "-i", str(busybox_image))
-    return stack
+    made: dict[str, Stack] = {}
+
+    def stack_for(backend: str) -> Stack:
+        if backend not in made:
+            flags: list[str] = []
+            if backend == "rbd":
+                cluster = request.getfixturevalue("ceph_cluster")
+                flags = rbd_flags(cluster, rbd_namespace(cluster))
+            txgraph = module_components.txgraph(*flags)
+            dockerd = module_components.dockerd(txgraph.name)
+            stack = Stack(txgraph, dockerd)
+            stack.backend = backend
+            stack.docker("load", "-i", str(busybox_image))
+            made[backend] = stack
+        return made[backend]
+
+    return stack_for
 
 
 def _small_image(tmp_path: Path, tag: str) -> Path:
@@ -251,17 +278,44 @@ def _small_image(tmp_path: Path, tag: str) -> Path:
     return images.save_tarball(rootfs, tag, {"Cmd": ["/payload"]}, tmp_path / "image.tar")
 
 
-def _workload(stack: Stack, point: str, tmp_path: Path) -> list[str]:
+def _workload(point: str, tmp_path: Path) -> list[str]:
     if point.startswith("applying"):
         return ["load", "-i", str(_small_image(tmp_path, f"crash:{point.replace('.', '-')}"))]
+    # docker run creates, maps, mounts, unmounts, unmaps, commits (the -init
+    # layer, lazily, when the container's layer is made from it) and removes.
     return ["run", "--rm", "--network", "none", "busybox:local", "true"]
+
+
+def _host_leftovers(state_dir: Path) -> list[str]:
+    """
+    Mounts, loop devices and rbd-fuse processes that belong to this state
+    directory.
+    """
+    prefix = str(state_dir)
+    found = [f"mount {p}" for p in mounts_under(state_dir)]
+    for name in os.listdir("/sys/block"):
+        try:
+            backing = Path(f"/sys/block/{name}/loop/backing_file").read_text().strip()
+        except OSError:
+            continue
+        if backing.startswith(prefix):
+            found.append(f"loop device /dev/{name} on {backing}")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            zombie = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            continue
+        if not zombie and args[0].endswith("rbd-fuse") and any(prefix in a for a in args):
+            found.append(f"rbd-fuse process {pid}")
+    return found
 
 
 def _verify_nothing_leaked_or_lost(stack: Stack) -> None:
     daemon = stack.txgraph
     out = stack.docker("run", "--rm", "--network", "none", "busybox:local", "echo", "alive").stdout
     assert out.strip() == "alive"
-    assert mounts_under(daemon.state_dir) == []
+    assert _host_leftovers(daemon.state_dir) == []
     assert stack.status()["Mounts"] == "0"
     known: set[str] = set()
     layerdb = stack.dockerd.data_root / "image" / daemon.name / "layerdb"
@@ -278,22 +332,25 @@ def _verify_nothing_leaked_or_lost(stack: Stack) -> None:
 
 
 @pytest.mark.dockerd
-@pytest.mark.parametrize("point", OVERLAY_POINTS)
-def test_crash_point(crash_stack: Stack, point: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend, point", CASES)
+def test_crash_point(
+    crash_stacks: Callable[[str], Stack], backend: str, point: str, tmp_path: Path
+) -> None:
     """
     txgraph killed at this crash point under a working dockerd, then
-    restarted: the operation completes (dockerd retries) or fails cleanly,
-    and afterwards nothing is leaked or lost.
+    restarted: the operation completes or fails cleanly, and afterwards
+    nothing is leaked or lost.
     """
-    daemon = crash_stack.txgraph
+    stack = crash_stacks(backend)
+    daemon = stack.txgraph
     daemon.stop()
     daemon.env["TXGRAPH_CRASH_AT"] = point
     daemon.start()
     del daemon.env["TXGRAPH_CRASH_AT"]
-    args = _workload(crash_stack, point, tmp_path)
+    args = _workload(point, tmp_path)
     outcome: dict[str, Any] = {}
     worker = threading.Thread(
-        target=lambda: outcome.update(result=crash_stack.docker(*args, check=False, timeout=120))
+        target=lambda: outcome.update(result=stack.docker(*args, check=False, timeout=120))
     )
     worker.start()
     process = daemon.process
@@ -315,34 +372,38 @@ def test_crash_point(crash_stack: Stack, point: str, tmp_path: Path) -> None:
         # A failed Remove leaves the container "Removal In Progress"; the
         # remedy is what a user does: docker rm again (Remove of a layer
         # recovery already removed succeeds).
-        leftover = crash_stack.docker("ps", "-aq").stdout.split()
+        leftover = stack.docker("ps", "-aq").stdout.split()
         if leftover:
-            crash_stack.docker("rm", "-f", *leftover)
+            stack.docker("rm", "-f", *leftover)
         code, findings = gc(
-            daemon.state_dir, "--apply", "--docker-root", str(crash_stack.dockerd.data_root),
+            daemon.state_dir, "--apply", "--docker-root", str(stack.dockerd.data_root),
             "--driver", daemon.name, "--min-age", "0",
         )
         assert {f["kind"] for f in findings} <= {"unknown"}, findings
         assert all(f["repaired"] for f in findings), findings
-        crash_stack.docker(*args)
-    _verify_nothing_leaked_or_lost(crash_stack)
+        stack.docker(*args)
+    _verify_nothing_leaked_or_lost(stack)
 
 
 @pytest.mark.dockerd
-def test_dockerd_sigkill_with_running_containers(crash_stack: Stack) -> None:
+@pytest.mark.parametrize("backend", list(POINTS))
+def test_dockerd_sigkill_with_running_containers(
+    crash_stacks: Callable[[str], Stack], backend: str
+) -> None:
     """
     dockerd killed by SIGKILL with running containers, then restarted:
     it releases the dead containers' layers, and they can be removed.
     """
-    docker = crash_stack.docker
+    stack = crash_stacks(backend)
+    docker = stack.docker
     for name in ("k1", "k2"):
         docker("run", "-d", "--name", name, "--network", "none", "busybox:local", "sleep", "300")
-    assert crash_stack.status()["Mounts"] == "2"
-    crash_stack.dockerd.kill()
-    crash_stack.dockerd.start()
+    assert stack.status()["Mounts"] == "2"
+    stack.dockerd.kill()
+    stack.dockerd.start()
     deadline = time.monotonic() + 30
-    while crash_stack.status()["Mounts"] != "0" and time.monotonic() < deadline:
+    while stack.status()["Mounts"] != "0" and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert crash_stack.status()["Mounts"] == "0"
+    assert stack.status()["Mounts"] == "0"
     docker("rm", "k1", "k2")
-    _verify_nothing_leaked_or_lost(crash_stack)
+    _verify_nothing_leaked_or_lost(stack)

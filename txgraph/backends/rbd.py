@@ -79,7 +79,7 @@ from twisted.logger import Logger
 
 from txgraph import archive, mounts
 from txgraph.archive import ApplyMode, Change, IDMap
-from txgraph.backends import Backend, BackendOption, LayerInfo, parse_options
+from txgraph.backends import Backend, BackendOption, LayerInfo, LayerView, Orphan, parse_options
 from txgraph.backends.mappers import (
     AUTO_ORDER,
     MAPPERS,
@@ -1288,6 +1288,79 @@ class RBDBackend(Backend):
                 if state is not None and self._ours(state):
                     result.append(name[len(self._stem) :])
             return sorted(result)
+
+    def orphans(self, layers: dict[str, LayerView]) -> list[Orphan]:
+        """
+        This node's leftovers: mounts under C{mnt/} and C{work/} that no
+        mounted layer holds; mappings of layers that are neither mapped nor
+        mounted (or gone); images of this node with no layer row.
+        """
+        held = {self._mountpoint(i) for i, v in layers.items() if v.state == "mounted"}
+        found = [
+            Orphan("mount", point, "mounted, but no mounted layer holds it")
+            for root in (self._mnt, self._work)
+            for point in mounts.mounted_under(root)
+            if point not in held
+        ]
+        attached = {i for i, v in layers.items() if v.state in ("mapped", "mounted")}
+        for mapper in self._usable_mappers():
+            for tag, image in self._mapping_tags(mapper):
+                if tag in attached:
+                    continue
+                found.append(
+                    Orphan(
+                        "device",
+                        f"{mapper.name}:{tag}:{image}",
+                        f"{image} is mapped ({mapper.name}) for {tag}, which holds no mapping",
+                    )
+                )
+        for layer_id in self.list_layers():
+            if layer_id not in layers:
+                found.append(
+                    Orphan(
+                        "object",
+                        layer_id,
+                        f"image {self.spec(self.image_name(layer_id))} has no layer row",
+                    )
+                )
+        return found
+
+    def _mapping_tags(self, mapper: Mapper) -> list[tuple[str, str]]:
+        # (tag, image) of every mapping this node's fuse mapper holds;
+        # kernel and nbd mappings carry no tag, so gc cannot attribute them.
+        if not isinstance(mapper, FuseMapper):
+            return []
+        try:
+            tags = sorted(os.listdir(mapper.fuse_root))
+        except FileNotFoundError:
+            return []
+        result = []
+        for tag in tags:
+            if tag.startswith("."):
+                continue
+            image = self.image_name(tag) if _LAYER.match(tag) else ""
+            if image and mapper.find(image, tag):
+                result.append((tag, image))
+        return result
+
+    def repair(self, orphan: Orphan) -> None:
+        """
+        Unmount a stray mount, detach a stray mapping, delete a stray image
+        (this node's only).
+        """
+        if orphan.kind == "mount":
+            mounts.unmount(orphan.id)
+        elif orphan.kind == "device":
+            mapper_name, tag, image = orphan.id.split(":", 2)
+            mapper = self._mappers[mapper_name]
+            for mapping in mapper.find(image, tag):
+                mapper.unmap(mapping)
+        elif orphan.kind == "object":
+            name = self.image_name(orphan.id)
+            with self._op("removal of a stray image", orphan.id, name):
+                self._destroy(orphan.id, name)
+        else:
+            super().repair(orphan)
 
     def map(self, layer: LayerInfo) -> Mapping:
         """
