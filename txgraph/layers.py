@@ -53,6 +53,13 @@ T = TypeVar("T")
 #: States in which a layer is at rest: no backend operation is in flight.
 REST_STATES = frozenset({"created", "mapped", "mounted", "faulty"})
 
+#: Transitions into or out of these states change persistent storage (or
+#: record a fault) and are committed durably, across a power cut.  The
+#: others only concern mounts, mappings and references, which a power cut
+#: destroys anyway: they are committed so as to survive a crash of txgraph,
+#: which is cheaper (no fsync) and enough (see Store.update_layer_thd).
+DURABLE_STATES = frozenset({"creating", "applying", "committing", "removing", "faulty"})
+
 #: dockerd's deepest chain is 125 layers (moby's maxLayerDepth); accept a
 #: little more, as moby's overlay2 does (128), and refuse beyond.
 MAX_DEPTH = 128
@@ -202,10 +209,11 @@ class LayerCore:
         Set the row's state (and fields) and commit it.
         """
         assert state in LAYER_STATES, state
+        durable = state in DURABLE_STATES or self.row.state in DURABLE_STATES
         self.row.state = state
         for name, value in fields.items():
             setattr(self.row, name, value)
-        return self.store.update_layer(self.row)
+        return self.store.update_layer(self.row, durable)
 
     def step(
         self,

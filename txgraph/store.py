@@ -51,6 +51,11 @@ LAYER_STATES: tuple[str, ...] = (
     "faulty",
 )
 
+#: The head revision of C{migrations/}: a database at it needs no Alembic
+#: at all (importing Alembic costs some 10 MB of the daemon's memory).
+#: tests/unit/test_store.py checks it against the scripts.
+SCHEMA_HEAD = "0001"
+
 metadata = sa.MetaData()
 
 layers = sa.Table(
@@ -253,6 +258,8 @@ class Store:
         self.path = path
         self.engine = create_engine(path)
         self._thread = dbthread
+        # The connection's current PRAGMA synchronous (see update_layer_thd).
+        self._sync = "FULL"
 
     # -- blocking API ------------------------------------------------------
 
@@ -261,15 +268,25 @@ class Store:
         Create or upgrade the schema to the head migration, refusing a
         database newer than this code.
         """
-        from alembic import command
-        from alembic.runtime.migration import MigrationContext
-        from alembic.script import ScriptDirectory
-
         if os.path.exists(self.path):
             os.chmod(self.path, 0o600)
         else:
             fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
             os.close(fd)
+        with self.engine.connect() as conn:
+            if sa.inspect(conn).has_table("alembic_version"):
+                current = conn.exec_driver_sql(
+                    "SELECT version_num FROM alembic_version"
+                ).scalar()
+                if current == SCHEMA_HEAD:
+                    return
+        self._migrate_thd()
+
+    def _migrate_thd(self) -> None:
+        from alembic import command
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
         with self.engine.begin() as conn:
             current = MigrationContext.configure(conn).get_current_revision()
             script = ScriptDirectory.from_config(alembic_config())
@@ -310,18 +327,32 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(layers.insert().values(**row.to_db()))
 
-    def update_layer_thd(self, row: LayerRow) -> None:
+    def update_layer_thd(self, row: LayerRow, durable: bool = True) -> None:
         """
         Persist a layer's new state and fields.
+
+        A durable update is on disk before this returns, across a power cut
+        (C{synchronous=FULL}: the WAL is fsynced).  A non-durable one
+        survives a crash of txgraph but may be lost with a power cut
+        (C{synchronous=NORMAL}); the layer machine uses that only for
+        transitions about mounts, mappings and references, which a power cut
+        destroys anyway (recovery after a reboot resets them), and the next
+        durable commit makes every earlier one durable too.
         """
         values = row.to_db()
         del values["id"]
-        with self.engine.begin() as conn:
-            result = conn.execute(
-                layers.update().where(layers.c.id == row.id).values(**values)
-            )
-            if result.rowcount != 1:
-                raise LookupError(f"layer {row.id} is not in the database")
+        with self.engine.connect() as conn:
+            mode = "FULL" if durable else "NORMAL"
+            if self._sync != mode:
+                conn.exec_driver_sql(f"PRAGMA synchronous={mode}")
+                conn.commit()
+                self._sync = mode
+            with conn.begin():
+                result = conn.execute(
+                    layers.update().where(layers.c.id == row.id).values(**values)
+                )
+                if result.rowcount != 1:
+                    raise LookupError(f"layer {row.id} is not in the database")
 
     def delete_layer_thd(self, layer_id: str) -> None:
         """
@@ -373,12 +404,13 @@ class Store:
         row.created_at = row.updated_at = time.time()
         return self._run(self.insert_layer_thd, _copy(row))
 
-    def update_layer(self, row: LayerRow) -> Deferred[None]:
+    def update_layer(self, row: LayerRow, durable: bool = True) -> Deferred[None]:
         """
-        Persist a layer's fields (a copy of C{row} as it is now).
+        Persist a layer's fields (a copy of C{row} as it is now); see
+        L{update_layer_thd} for C{durable}.
         """
         row.updated_at = time.time()
-        return self._run(self.update_layer_thd, _copy(row))
+        return self._run(self.update_layer_thd, _copy(row), durable)
 
     def delete_layer(self, layer_id: str) -> Deferred[None]:
         """

@@ -492,3 +492,44 @@ def test_transitions_cover_persisted_states() -> None:
     targets = {end for _, _, end in transitions()}
     assert set(LAYER_STATES) | {"released"} <= targets | {"creating"}
     assert ("created", "get", "mapping") in set(transitions())
+
+
+def test_durability_of_transitions(h: Harness) -> None:
+    """
+    Transitions that change storage are committed durably (across a power
+    cut); those about mounts, mappings and references only across a crash
+    of txgraph, which a power cut makes moot.
+    """
+    written: list[tuple[str, bool]] = []
+    original = h.store.update_layer_thd
+
+    def spy(row: LayerRow, durable: bool = True) -> None:
+        written.append((row.state, durable))
+        original(row, durable)
+
+    h.store.update_layer_thd = spy  # type: ignore[method-assign]
+    h.run(h.registry.create(A, None, False, {}))
+    h.run(h.registry.apply(A, io.BytesIO(b"x")))
+    h.run(h.registry.create(B, A, True, {}))
+    h.run(h.registry.get(B))
+    h.run(h.registry.get(B))
+    h.run(h.registry.put(B))
+    h.run(h.registry.put(B))
+    h.run(h.registry.remove(B))
+    assert written == [
+        ("created", True),
+        ("applying", True),
+        ("committing", True),
+        ("created", True),
+        ("created", True),
+        ("mapping", False),
+        ("mapped", False),
+        ("mounting", False),
+        ("mounted", False),
+        ("mounted", False),
+        ("mounted", False),
+        ("unmounting", False),
+        ("unmapping", False),
+        ("created", False),
+        ("removing", True),
+    ]

@@ -44,6 +44,15 @@ def test_migrations_empty_to_head(tmp_path: Any) -> None:
     assert store.schema_revision_thd() == head
 
 
+def test_schema_head_constant() -> None:
+    """
+    The head revision the store trusts without Alembic is the scripts' head.
+    """
+    from txgraph.store import SCHEMA_HEAD
+
+    assert ScriptDirectory.from_config(alembic_config()).get_current_head() == SCHEMA_HEAD
+
+
 def test_models_match_head(tmp_path: Any) -> None:
     """
     The tables txgraph.store declares are exactly what the migrations make.
