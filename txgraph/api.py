@@ -38,6 +38,7 @@ from twisted.web.http import Request
 from twisted.web.server import Request as ServerRequest
 from twisted.web.server import Site
 from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
@@ -53,6 +54,9 @@ APPLY_HIGH_WATER = 8 << 20
 APPLY_LOW_WATER = 2 << 20
 #: Diff output is handed to the reactor in chunks of this size.
 DIFF_CHUNK = 256 << 10
+#: At most this much Diff output may be handed to the reactor and not yet
+#: written to the connection: the producing thread waits beyond it.
+DIFF_IN_FLIGHT = 4 * DIFF_CHUNK
 
 CONTENT_TYPE = b"application/vnd.docker.plugins.v1+json"
 
@@ -194,7 +198,10 @@ class ResponseStream:
     """
     A blocking, file-like writer for a backend thread that produces a
     response body (Diff's tar), delivered to the connection by the reactor
-    in chunks, waiting while the connection is paused.
+    in chunks, waiting while the connection is paused, and while more than
+    C{DIFF_IN_FLIGHT} bytes are handed over but not yet written (the
+    pause alone comes too late: a fast producer can queue tens of MB of
+    calls before the reactor runs them and the connection pushes back).
     """
 
     def __init__(self, reactor: Any, request: IRequest) -> None:
@@ -205,6 +212,8 @@ class ResponseStream:
         self._writable = threading.Event()
         self._writable.set()
         self._lost = False
+        self._in_flight = 0
+        self._delivered = threading.Condition()
         self.started = False
         self.written = 0
 
@@ -227,6 +236,20 @@ class ResponseStream:
         """
         self._lost = True
         self._writable.set()
+        with self._delivered:
+            self._delivered.notify_all()
+
+    def _deliver(self, data: bytes) -> None:
+        """
+        (In the reactor.)  Write a chunk handed over by the worker.
+        """
+        try:
+            if not self._lost:
+                self._request.write(data)
+        finally:
+            with self._delivered:
+                self._in_flight -= len(data)
+                self._delivered.notify_all()
 
     # worker side
     def write(self, data: bytes) -> int:
@@ -246,6 +269,9 @@ class ResponseStream:
         """
         if not self._buffer:
             return
+        with self._delivered:
+            while self._in_flight >= DIFF_IN_FLIGHT and not self._lost:
+                self._delivered.wait(1.0)
         self._writable.wait()
         if self._lost:
             raise ConnectionError("dockerd closed the connection during Diff")
@@ -254,7 +280,9 @@ class ResponseStream:
         self._size = 0
         self.started = True
         self.written += len(data)
-        self._reactor.callFromThread(self._request.write, data)
+        with self._delivered:
+            self._in_flight += len(data)
+        self._reactor.callFromThread(self._deliver, data)
 
 
 class PluginRequest(ServerRequest):
@@ -264,6 +292,16 @@ class PluginRequest(ServerRequest):
     """
 
     content: Any
+
+    def getRequestHostname(self) -> bytes:
+        """
+        Klein asks every request for its host name; a request without a
+        Host header (HTTP/1.0) would take it from the socket's address,
+        which a UNIX socket does not have.
+        """
+        if self.getHeader(b"host") is None:
+            return b"localhost"
+        return super().getRequestHostname()
 
     def gotLength(self, length: int | None) -> None:
         channel = self.channel
@@ -419,6 +457,9 @@ def _decode(request: IRequest) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"malformed JSON in request body: {e}") from None
+    except RecursionError:
+        # [[[[... deep enough to exhaust the decoder's recursion limit.
+        raise BadRequest("malformed JSON in request body: nested too deeply") from None
     if body is None:
         return {}
     if not isinstance(body, dict):
@@ -506,6 +547,25 @@ class GraphDriverAPI:
 
             self.driver.ready.addBoth(fire)
             await ready
+
+    @app.handle_errors(HTTPException)
+    def unrouted(self, request: IRequest, failure: Failure) -> bytes:
+        """
+        A call to no route (an unknown method) or with the wrong HTTP verb:
+        answered in the protocol's JSON, like every other error.
+        """
+        error = failure.value
+        path = request.path.decode("utf-8", "replace")[:200]
+        method = request.method.decode("utf-8", "replace")[:20]
+        if isinstance(error, NotFound):
+            message = f"unknown plugin call {path!r}: txgraph serves Plugin.Activate and GraphDriver.*"
+        elif isinstance(error, MethodNotAllowed):
+            message = f"plugin calls are POST, not {method!r} ({path!r})"
+        else:
+            message = f"cannot serve {method!r} {path!r}: {getattr(error, 'description', error)}"
+        status = getattr(error, "code", None) or 400
+        log.info("{uri} failed ({status}): {message}", uri=path, status=status, message=message)
+        return _respond(request, status, {"Err": message})
 
     @_endpoint("Plugin.Activate")
     async def activate(self, body: dict[str, Any]) -> dict[str, Any]:

@@ -37,7 +37,8 @@ from txgraph.store import Store, states_in
 log = Logger()
 
 #: Docker's layer IDs: 64 hex digits, "-init" for a container's init layer.
-LAYER_ID = re.compile(r"^[0-9a-f]{64}(-init)?$")
+#: Always matched with C{fullmatch}: C{$} would also accept a trailing newline.
+LAYER_ID = re.compile(r"[0-9a-f]{64}(?:-init)?")
 
 #: Where the host's boot id is; a different one means the host rebooted.
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
@@ -50,7 +51,7 @@ def check_id(value: Any, field: str = "ID") -> str:
     """
     if not isinstance(value, str) or not value:
         raise BadRequest(f"missing {field}: a layer ID is required")
-    if not LAYER_ID.match(value):
+    if not LAYER_ID.fullmatch(value):
         shown = value if len(value) <= 80 else value[:77] + "..."
         raise BadRequest(
             f"invalid {field} {shown!r}: layer IDs are 64 lowercase hex digits, "
@@ -198,6 +199,16 @@ class Driver:
         merged = {**self._cli_options, **values}
         effective = parse_options(cls, merged)
         id_map = IDMap.from_docker(uid_maps, gid_maps)
+        if id_map != self.registry.id_map and self.registry.rows():
+            # The existing layers' files carry host ids shifted by the old
+            # maps: under new ones they would show the wrong owners, and
+            # their Diffs would fail or carry wrong ids.
+            raise ConfigurationError(
+                "cannot change UIDMaps/GIDMaps (userns-remap) while layers exist: "
+                "their files are owned by the host ids of the previous maps; give "
+                "this dockerd its own txgraph (--state-dir and socket), or remove "
+                "every image and container first"
+            )
         if effective != self.backend.sync.config:
             if self.registry.rows():
                 changed = sorted(
