@@ -29,6 +29,7 @@ from txgraph.backends import (
     LayerInfo,
     backend_class,
     parse_options,
+    set_traverse,
 )
 from txgraph.errors import BadRequest, ConfigurationError, InvalidLayerState
 from txgraph.layers import LayerRegistry
@@ -166,6 +167,7 @@ class Driver:
             self.registry.id_map = IDMap.from_docker(
                 self.init_args.uid_maps, self.init_args.gid_maps
             )
+        await self._grant_traverse()
         boot_id = await self.backend.run(read_boot_id)
         rebooted = config.get("boot_id") not in (None, boot_id)
         rows = await self.store.load_layers()
@@ -180,6 +182,19 @@ class Driver:
             recovered=self.recovered or "nothing",
         )
         self.ready.callback(None)
+
+    async def _grant_traverse(self) -> None:
+        """
+        Under userns-remap, let the containers' root search the way from the
+        state directory to the layer roots; otherwise keep it root's only.
+        """
+        gid = None if self.registry.id_map.identity else self.registry.id_map.to_host(0, 0)[1]
+
+        def grant() -> None:
+            set_traverse(self.state_dir, gid)
+            self.backend.sync.allow_traverse(gid)
+
+        await self.backend.run(grant)
 
     # -- the protocol ----------------------------------------------------------
 
@@ -227,6 +242,7 @@ class Driver:
             self.backend.sync = replacement
             await self.backend.run(old.stop)
         self.registry.id_map = id_map
+        await self._grant_traverse()
         self.init_args = InitArgs(home, list(opts), uid_maps, gid_maps)
         await self.store.set_config({"init": self.init_args.to_json()})
 

@@ -943,19 +943,7 @@ def test_userns_remap_shifts_and_shifts_back(remapped: tuple[Stack, int]) -> Non
         docker("rmi", "bb:remapped", check=False)
 
 
-class RemappedRootCannotReachRootfs(AssertionError):
-    """
-    The known failure of docker run under userns-remap (see the xfail).
-    """
-
-
 @pytest.mark.dockerd
-@pytest.mark.xfail(strict=True, raises=RemappedRootCannotReachRootfs, reason=(
-    "runc, as the remapped root, cannot traverse txgraph's 0700 state directory to the rootfs "
-    "(mount ... merged: permission denied).  Needed (tap.py, backends/overlay.py): when Init's "
-    "GIDMaps map container gid 0 to host gid G, make <state-dir>, <state-dir>/overlay and every "
-    "<state-dir>/overlay/<id> mode 0710 owned by root:G (as moby does for <data-root>/<uid>.<gid>), "
-    "at Init, at start (instead of resetting them to 0700) and in prepare; see docs/security.md"))
 def test_userns_remap_run(remapped: tuple[Stack, int]) -> None:
     """
     docker run under --userns-remap: files are root's inside the container
@@ -964,8 +952,6 @@ def test_userns_remap_run(remapped: tuple[Stack, int]) -> None:
     stack, start = remapped
     out = stack.docker("run", "--rm", "--network", "none", "busybox:local", "stat", "-c", "%u %g", "/bin/busybox",
                        check=False)
-    if out.returncode != 0 and "merged" in out.stderr and "permission denied" in out.stderr:
-        raise RemappedRootCannotReachRootfs(out.stderr)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "0"]
 
@@ -1302,11 +1288,6 @@ def test_64k_xattr_on_ext4(components: Components) -> None:
     assert "'big'" in reply["Err"] and "user.big" in reply["Err"], reply
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "backends/overlay._mount_options refuses lowerdir, upperdir and workdir but not the "
-    "lowerdir+ and datadir+ of Linux 6.8+, so Init accepts them and every later mount fails "
-    "(EINVAL).  Needed: refuse every option that names a layer directory (lowerdir+, datadir+), "
-    "and preferably accept only a known list (metacopy, redirect_dir, index, xino, volatile...)"))
 def test_init_refuses_layer_directory_mount_options(components: Components) -> None:
     """
     Init refuses overlay mount options that name directories txgraph sets.

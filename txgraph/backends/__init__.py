@@ -32,6 +32,7 @@ Three use cases, as the layer machines drive them::
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, ClassVar, TypeVar
@@ -108,6 +109,16 @@ class BackendOption:
     parse: Callable[[str], Any] = str
 
 
+def set_traverse(path: str, gid: int | None) -> None:
+    """
+    Make a directory on the way to layer roots searchable by the container's
+    root under userns-remap (mode 0710, group C{gid}, as moby does for
+    C{<data-root>/<uid>.<gid>}), or private to root again (0700, C{gid} None).
+    """
+    os.chown(path, 0, gid if gid is not None else 0)
+    os.chmod(path, 0o710 if gid is not None else 0o700)
+
+
 def parse_options(
     backend: type[Backend], values: dict[str, str]
 ) -> dict[str, Any]:
@@ -159,11 +170,30 @@ class Backend(abc.ABC):
         self.state_dir = state_dir
         self.config = options
 
+    #: The host gid of the containers' root under userns-remap, or None.
+    traverse_gid: int | None = None
+
     def start(self) -> None:
         """
         Check the environment and connect; raise a clear error if the
         backend cannot work here.
         """
+
+    def traverse_paths(self) -> list[str]:
+        """
+        The backend's directories on the way from the state directory to
+        layer roots (see L{allow_traverse}).
+        """
+        return []
+
+    def allow_traverse(self, gid: int | None) -> None:
+        """
+        Under userns-remap, runc reaches a layer's root as the containers'
+        root (host gid C{gid}): let it search the directories on the way.
+        """
+        self.traverse_gid = gid
+        for path in self.traverse_paths():
+            set_traverse(path, gid)
 
     def stop(self) -> None:
         """

@@ -31,16 +31,27 @@ from typing import Any, BinaryIO
 
 from txgraph import archive, mounts
 from txgraph.archive import ApplyMode, Change, IDMap
-from txgraph.backends import Backend, BackendOption, LayerInfo, LayerView, Orphan
+from txgraph.backends import (
+    Backend,
+    BackendOption,
+    LayerInfo,
+    LayerView,
+    Orphan,
+    set_traverse,
+)
 from txgraph.errors import BackendError, BadRequest, ConfigurationError
 
-_ID = re.compile(r"^[0-9a-f]{64}(-init)?$")
+_ID = re.compile(r"[0-9a-f]{64}(?:-init)?")
+
+#: Options that name layer directories: txgraph sets those itself.
+_DIRECTORY_OPTIONS = ("lowerdir", "lowerdir+", "upperdir", "workdir", "datadir+")
 
 
 def _mount_options(value: str) -> str:
     for option in value.split(","):
-        if option.split("=")[0] in ("lowerdir", "upperdir", "workdir"):
-            raise ValueError(f"{option.split('=')[0]} is set by txgraph itself")
+        name = option.split("=")[0]
+        if name in _DIRECTORY_OPTIONS:
+            raise ValueError(f"{name} is set by txgraph itself")
     return value
 
 
@@ -98,6 +109,12 @@ class OverlayBackend(Backend):
         for name in os.listdir(self._tmp):
             shutil.rmtree(os.path.join(self._tmp, name), ignore_errors=True)
 
+    def traverse_paths(self) -> list[str]:
+        """
+        The layer directory and every layer's directory.
+        """
+        return [self.root] + [self._dir(i) for i in self.list_layers()]
+
     def status(self) -> list[tuple[str, str]]:
         """
         Where the layers are and what filesystem holds them.
@@ -132,6 +149,7 @@ class OverlayBackend(Backend):
             os.chown(os.path.join(staging, "diff"), *layer.root_ids)
             os.mkdir(os.path.join(staging, "work"), 0o700)
             os.mkdir(os.path.join(staging, "merged"), 0o700)
+            set_traverse(staging, self.traverse_gid)
             os.rename(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -183,7 +201,7 @@ class OverlayBackend(Backend):
         """
         Every layer directory.
         """
-        return sorted(n for n in os.listdir(self.root) if _ID.match(n))
+        return sorted(n for n in os.listdir(self.root) if _ID.fullmatch(n))
 
     def orphans(self, layers: dict[str, LayerView]) -> list[Orphan]:
         """
@@ -197,7 +215,7 @@ class OverlayBackend(Backend):
             if point not in held
         ]
         for name in sorted(os.listdir(self.root)):
-            if _ID.match(name) and name not in layers:
+            if _ID.fullmatch(name) and name not in layers:
                 found.append(Orphan("object", name, f"layer directory {self._dir(name)} has no layer row"))
         for name in sorted(os.listdir(self._tmp)):
             found.append(
@@ -216,7 +234,7 @@ class OverlayBackend(Backend):
             for point in mounts.mounted_under(path):
                 mounts.unmount(point)
             shutil.rmtree(path, ignore_errors=True)
-        elif orphan.kind == "object" and _ID.match(orphan.id):
+        elif orphan.kind == "object" and _ID.fullmatch(orphan.id):
             self._destroy(orphan.id)
         else:
             super().repair(orphan)

@@ -1289,6 +1289,13 @@ class RBDBackend(Backend):
                     result.append(name[len(self._stem) :])
             return sorted(result)
 
+    def traverse_paths(self) -> list[str]:
+        """
+        C{rbd/} and C{rbd/mnt/} (each layer's mount point is covered by its
+        filesystem's own root).
+        """
+        return [self.root, self._mnt]
+
     def orphans(self, layers: dict[str, LayerView]) -> list[Orphan]:
         """
         This node's leftovers: mounts under C{mnt/} and C{work/} that no
