@@ -285,13 +285,10 @@ class ResponseStream:
         self._reactor.callFromThread(self._deliver, data)
 
 
-class PluginRequest(ServerRequest):
+class UnixSocketRequest(ServerRequest):
     """
-    A request that streams ApplyDiff bodies to the driver instead of
-    spooling them, and refuses oversized JSON bodies early.
+    A request served on a UNIX socket (the plugin and admin sockets).
     """
-
-    content: Any
 
     def getRequestHostname(self) -> bytes:
         """
@@ -302,6 +299,15 @@ class PluginRequest(ServerRequest):
         if self.getHeader(b"host") is None:
             return b"localhost"
         return super().getRequestHostname()
+
+
+class PluginRequest(UnixSocketRequest):
+    """
+    A request that streams ApplyDiff bodies to the driver instead of
+    spooling them, and refuses oversized JSON bodies early.
+    """
+
+    content: Any
 
     def gotLength(self, length: int | None) -> None:
         channel = self.channel

@@ -31,7 +31,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Site
 
 from txgraph import __version__, faults
-from txgraph.api import GraphDriverAPI, PluginSite
+from txgraph.api import GraphDriverAPI, PluginSite, UnixSocketRequest
 from txgraph.backends import BACKEND_NAMES, backend_class, parse_options
 from txgraph.driver import Driver, parse_storage_opts, watch_reactor_lag
 from txgraph.errors import ConfigurationError, TxgraphError
@@ -246,7 +246,9 @@ class TxgraphService(Service):
 
         path = os.path.join(self.state_dir, "admin.sock")
         endpoint = serverFromString(self.reactor, f"unix:{path}:mode=600:lockfile=1")
-        d = endpoint.listen(Site(AdminAPI(self.driver).app.resource()))
+        site = Site(AdminAPI(self.driver).app.resource())
+        site.requestFactory = UnixSocketRequest
+        d = endpoint.listen(site)
 
         def listening(port: IListeningPort) -> None:
             self.admin_port = port

@@ -29,7 +29,7 @@ from typing import Any
 import images
 import pytest
 from conftest import Components, Stack, rbd_flags, rbd_namespace
-from txgraphd import Txgraphd
+from txgraphd import Txgraphd, admin
 
 A = "a" * 64
 B = "b" * 64
@@ -38,19 +38,6 @@ D = "d" * 64
 E = "e" * 64
 F = "f" * 64
 REPO = Path(__file__).resolve().parents[2]
-
-
-def admin(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """
-    Run txgraph-admin on a state directory.
-    """
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "txgraph-admin"), "--state-dir", str(state_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
 
 
 def gc(state_dir: Path, *args: str) -> tuple[int, list[dict[str, Any]]]:
@@ -205,6 +192,24 @@ def test_gc_refuses_while_locked(components: Components) -> None:
         os.kill(daemon.pid, 18)
     assert result.returncode == 2
     assert "another txgraph" in result.stderr
+
+
+def test_admin_socket_without_host(components: Components) -> None:
+    """
+    The admin socket serves a request without a Host header (HTTP/1.0).
+    """
+    import socket
+
+    daemon = components.txgraph()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(str(daemon.state_dir / "admin.sock"))
+        sock.sendall(b"POST /status HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.split(b"\r\n", 1)[0].split()[1] == b"200", reply[:200]
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["backend"] == "overlay"
 
 
 def test_unknown_crash_point_refused(components: Components) -> None:

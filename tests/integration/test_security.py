@@ -42,7 +42,7 @@ import pytest
 from conftest import Components, Stack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from txgraphd import Txgraphd, UnixHTTPConnection
+from txgraphd import Txgraphd, UnixHTTPConnection, admin
 
 # The strategies of the in-process property test, tests/unit/test_validation.py.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
@@ -63,20 +63,6 @@ def ok(daemon: Txgraphd, method: str, body: object) -> Any:
     status, reply = daemon.call(method, body)
     assert status == 200, (method, body, reply)
     return reply
-
-
-def admin(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """
-    txgraph-admin on a state directory (through the admin socket while
-    the daemon runs).
-    """
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "txgraph-admin"), "--state-dir", str(state_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
 
 
 def layer_list(state_dir: Path) -> list[dict[str, Any]]:

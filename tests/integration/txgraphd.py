@@ -218,3 +218,17 @@ class Txgraphd:
                 path.unlink()
             except FileNotFoundError:
                 pass
+
+
+def admin(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """
+    Run txgraph-admin (the installed script, on the code under test) on a
+    state directory: through the admin socket while the daemon runs.
+    """
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "txgraph-admin"), "--state-dir", str(state_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
