@@ -27,7 +27,6 @@ from txgraph.backends import (
     AsyncBackend,
     Backend,
     LayerInfo,
-    backend_class,
     parse_options,
     set_traverse,
 )

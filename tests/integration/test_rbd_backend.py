@@ -659,7 +659,7 @@ def test_dead_rbd_fuse(started: Started, ceph: Ceph) -> None:
     lock and watch stay behind), the layer is remounted, and mapped and
     written again at once rather than after the 30 s watch timeout.
     """
-    backend, namespace, layers = started.backend, started.namespace, started.layers
+    backend, layers = started.backend, started.layers
     layer = layers.create()
     root = layers.get(layer)
     with open(os.path.join(root, "before"), "wb") as f:
@@ -810,7 +810,7 @@ def test_bad_storage_option_names_key(started: Started) -> None:
     An invalid size is a configuration error naming the option (before
     anything is made).
     """
-    backend, namespace = started.backend, started.namespace
+    backend = started.backend
     layer = LayerInfo(id=new_id(), parent=None, readwrite=True, storage_opt={"size": "-5G"})
     with pytest.raises(ConfigurationError, match="size='-5G'"):
         backend.prepare(layer)

@@ -19,7 +19,6 @@ import json
 import os
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
