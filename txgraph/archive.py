@@ -306,13 +306,19 @@ _HOST_ERRNOS = frozenset(
     }
 )
 
+# What setxattr says of an attribute too large for the filesystem (ext4
+# without ea_inode: ENOSPC; others E2BIG or ERANGE): an error of the tar.
+_XATTR_TOO_BIG = frozenset({errno.ENOSPC, errno.E2BIG, errno.ERANGE})
 
 # -- kernel-confined path resolution -------------------------------------------
 
 _SYS_OPENAT2 = 437  # the same number on every architecture but alpha
 _RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
 _RESOLVE_IN_ROOT = 0x10
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+_WALK_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 class _OpenHow(ctypes.Structure):
@@ -328,12 +334,14 @@ _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 
 
-def _openat2(dirfd: int, path: bytes, flags: int) -> int:
+def _openat2(
+    dirfd: int, path: bytes, flags: int, resolve: int = _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS
+) -> int:
     """
     C{openat2(dirfd, path, flags)} with C{path} resolved as if C{dirfd}
-    were the root directory.
+    were the root directory (or as C{resolve} says).
     """
-    how = _OpenHow(flags, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
+    how = _OpenHow(flags, 0, resolve)
     for _ in range(64):
         fd: int = _syscall(
             ctypes.c_long(_SYS_OPENAT2),
@@ -711,10 +719,29 @@ class _TarReader:
         self.entries = 0
         self.content_bytes = 0
         self.tar_bytes = 0
+        # The metadata read so far for the next entry (PAX records, global
+        # ones included, GNU long names, old-GNU sparse extension blocks),
+        # and the offset of its first header: limited to _MAX_META in all.
+        self._meta_used = 0
+        self._meta_at = 0
 
-    def _meta(self, size: int, what: str) -> bytes:
+    def _count_meta(self, size: int, name: bytes | None) -> None:
+        self._meta_used += size
+        if self._meta_used > _MAX_META:
+            whose = (
+                f"entry {os.fsdecode(name)!r}"
+                if name is not None
+                else f"entry whose header starts at byte {self._meta_at}"
+            )
+            raise ArchiveError(
+                f"layer tar {whose}: more than {_MAX_META} bytes of metadata "
+                "(PAX records, GNU long names, sparse maps)"
+            )
+
+    def _meta(self, size: int, what: str, name: bytes | None) -> bytes:
         if size > _MAX_META:
             raise ArchiveError(f"layer tar: {what} record of {size} bytes is too large")
+        self._count_meta(size, name)
         data = self.inp.take(size)
         if data is None:
             raise _Truncated()
@@ -745,6 +772,8 @@ class _TarReader:
         sparse00: list[int] = []
         longname: bytes | None = None
         longlink: bytes | None = None
+        self._meta_used = 0
+        self._meta_at = inp.consumed
         while True:
             at = inp.consumed
             block = inp.take(_BLOCK)
@@ -766,14 +795,16 @@ class _TarReader:
             size = _num(fields[4])
             if size < 0:
                 raise ValueError("negative size")
+            # The entry's name, if a record before its header gave it.
+            known = pax.get(b"path", longname)
             if flag == b"x":
-                _parse_pax(self._meta(size, "PAX"), pax, sparse00)
+                _parse_pax(self._meta(size, "PAX", known), pax, sparse00)
             elif flag == b"g":
-                self._meta(size, "PAX global")
+                self._meta(size, "PAX global", known)
             elif flag == b"L":
-                longname = self._meta(size, "GNU long name").split(b"\0", 1)[0]
+                longname = self._meta(size, "GNU long name", known).split(b"\0", 1)[0]
             elif flag == b"K":
-                longlink = self._meta(size, "GNU long link").split(b"\0", 1)[0]
+                longlink = self._meta(size, "GNU long link", known).split(b"\0", 1)[0]
             else:
                 return self._entry(block, fields, size, pax, sparse00, longname, longlink)
 
@@ -820,7 +851,7 @@ class _TarReader:
             entry.devmajor = _num(fields[12])
             entry.devminor = _num(fields[13])
         if flag == b"S":
-            entry.sparse, entry.realsize = self._old_gnu_sparse(block)
+            entry.sparse, entry.realsize = self._old_gnu_sparse(block, pax.get(b"path", name))
         if pax or sparse00:
             atime_ns = self._apply_pax(entry, pax, sparse00, atime_ns)
         if entry.uid < 0 or entry.gid < 0:
@@ -879,7 +910,7 @@ class _TarReader:
             entry.kind = _REG
         return atime_ns
 
-    def _old_gnu_sparse(self, block: bytes) -> tuple[list[tuple[int, int]], int]:
+    def _old_gnu_sparse(self, block: bytes, name: bytes) -> tuple[list[tuple[int, int]], int]:
         numbers: list[int] = []
 
         def collect(area: bytes, count: int) -> None:
@@ -892,6 +923,7 @@ class _TarReader:
         collect(block[386:482], 4)
         extended = block[482] != 0
         while extended:
+            self._count_meta(_BLOCK, name)
             ext = self.inp.take(_BLOCK)
             if ext is None:
                 raise _Truncated()
@@ -1029,8 +1061,11 @@ class _Applier:
     whiteout rules for the given mode.
     """
 
-    def __init__(self, root: str, mode: ApplyMode, ids: IDMap) -> None:
+    def __init__(
+        self, root: str, mode: ApplyMode, ids: IDMap, scratch_dir: str | None = None
+    ) -> None:
         self.tree = _Tree(root)
+        self._scratch_dir = scratch_dir
         self.mode = mode
         self.ids = ids
         self._identity = ids.identity
@@ -1144,6 +1179,14 @@ class _Applier:
                 else:
                     os.setxattr(target, key, value, follow_symlinks=False)
             except OSError as err:
+                if err.errno in _XATTR_TOO_BIG:
+                    # A property of the tar (an attribute larger than this
+                    # filesystem stores), not a failure of the host.
+                    raise ArchiveError(
+                        f"layer tar entry {e.display!r}: extended attribute "
+                        f"{os.fsdecode(key)} ({len(value)} bytes) cannot be stored "
+                        f"on this filesystem: {err.strerror or err}"
+                    ) from None
                 if err.errno not in (errno.ENOTSUP, errno.EPERM):
                     raise
                 log.warn(
@@ -1240,7 +1283,10 @@ class _Applier:
 
     def _save_plnk(self, base: bytes, e: _Entry, reader: _TarReader) -> None:
         if self._plnk_dir is None:
-            self._plnk_dir = tempfile.mkdtemp(prefix="txgraph-plnk-")
+            # In the backend's scratch directory when given (on the layer's
+            # own filesystem, bounded by it), else in the default temporary
+            # directory.
+            self._plnk_dir = tempfile.mkdtemp(prefix="txgraph-plnk-", dir=self._scratch_dir)
         path = os.path.join(os.fsencode(self._plnk_dir), base)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -1360,7 +1406,11 @@ class _Applier:
 
 
 def apply_layer(
-    stream: BinaryIO, root: str, mode: ApplyMode, id_map: IDMap | None = None
+    stream: BinaryIO,
+    root: str,
+    mode: ApplyMode,
+    id_map: IDMap | None = None,
+    scratch_dir: str | None = None,
 ) -> ApplyStats:
     """
     Apply a layer tar, read from C{stream} in bounded memory, to C{root}.
@@ -1376,6 +1426,11 @@ def apply_layer(
     @param stream: anything with C{read(n) -> bytes} that returns C{b""}
         at its end.
     @param root: the directory to extract into.
+    @param scratch_dir: where to keep the files of AUFS's C{.wh..wh.plnk}
+        while the layer is applied (a private directory is made in it and
+        removed); None for the default temporary directory (C{/tmp}).
+        Backends pass a directory on the layer's own filesystem, so that
+        those files count against it rather than against C{/tmp}.
     @raise ArchiveError: the tar is malformed or reaches outside C{root};
         the message names the entry.
     @raise OSError: the host failed (no space, I/O error...).
@@ -1383,7 +1438,7 @@ def apply_layer(
     ids = id_map if id_map is not None else _IDENTITY
     inp = _Input(stream)
     reader = _TarReader(inp)
-    applier = _Applier(root, mode, ids)
+    applier = _Applier(root, mode, ids, scratch_dir)
     try:
         while True:
             entry = reader.next()
@@ -1428,25 +1483,53 @@ def directory_size(path: str) -> int:
         return st.st_size
     seen: set[int] = set()
     total = 0
-    stack = [path]
-    while stack:
-        try:
-            listing = os.scandir(stack.pop())
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        with listing:
-            for entry in listing:
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(entry.path)
-                        continue
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if st.st_size and st.st_ino not in seen:
-                    seen.add(st.st_ino)
-                    total += st.st_size
+    root = os.open(path, _WALK_FLAGS)
+    try:
+        stack = [b""]
+        while stack:
+            rel = stack.pop()
+            fd = _open_beneath(root, rel)
+            if fd is None:
+                continue
+            try:
+                with os.scandir(fd) as listing:
+                    for entry in listing:
+                        try:
+                            if entry.is_dir(follow_symlinks=False):
+                                name = os.fsencode(entry.name)
+                                stack.append(rel + b"/" + name if rel else name)
+                                continue
+                            st = entry.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        if st.st_size and st.st_ino not in seen:
+                            seen.add(st.st_ino)
+                            total += st.st_size
+            finally:
+                os.close(fd)
+    finally:
+        os.close(root)
     return total
+
+
+def _open_beneath(root: int, rel: bytes) -> int | None:
+    """
+    A descriptor of the directory C{rel} (relative, C{b""} for C{root}
+    itself) below the directory open as C{root}, found without following
+    any symlink, so that a path up to PATH_MAX inside the tree works and a
+    directory swapped for a symlink is never entered.  None if it vanished
+    or is no longer a directory.
+    """
+    try:
+        return _openat2(
+            root, rel or b".", _WALK_FLAGS, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS
+        )
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EXDEV):
+            return None
+        raise
 
 
 def changes_size(root: str, changes: list[Change]) -> int:
@@ -1457,22 +1540,34 @@ def changes_size(root: str, changes: list[Change]) -> int:
     """
     seen: set[int] = set()
     total = 0
-    for change in changes:
-        if change.kind == ChangeKind.DELETE:
-            continue
-        path = os.path.join(root, change.path.lstrip("/"))
-        try:
-            st = os.lstat(path)
-        except OSError as e:
-            log.error("cannot stat {path}: {error}", path=path, error=e.strerror)
-            continue
-        if stat.S_ISDIR(st.st_mode):
-            continue
-        if st.st_nlink > 1:
-            if st.st_ino in seen:
+    root_fd = os.open(root, _WALK_FLAGS)
+    try:
+        for change in changes:
+            if change.kind == ChangeKind.DELETE:
                 continue
-            seen.add(st.st_ino)
-        total += st.st_size
+            rel = os.fsencode(change.path.lstrip("/"))
+            parent, _, name = rel.rpartition(b"/")
+            try:
+                fd = _openat2(
+                    root_fd, parent or b".", _DIR_FLAGS, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS
+                )
+                try:
+                    st = os.stat(name or b".", dir_fd=fd, follow_symlinks=False)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                path = os.path.join(root, change.path.lstrip("/"))
+                log.error("cannot stat {path}: {error}", path=path, error=e.strerror)
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            if st.st_nlink > 1:
+                if st.st_ino in seen:
+                    continue
+                seen.add(st.st_ino)
+            total += st.st_size
+    finally:
+        os.close(root_fd)
     return total
 
 
@@ -1489,7 +1584,7 @@ def _sorted_changes(changes: list[Change]) -> list[Change]:
     return sorted(changes, key=lambda c: os.fsencode(c.path))
 
 
-def _lgetxattr(path: str, name: str) -> bytes | None:
+def _lgetxattr(path: str | bytes, name: str) -> bytes | None:
     try:
         return os.getxattr(path, name, follow_symlinks=False)
     except OSError as e:
@@ -1516,57 +1611,107 @@ def overlay_changes(upper: str, lowers: list[str]) -> list[Change]:
         return []
     changes: list[Change] = []
     changed_dirs: set[str] = set()
-    stack: list[tuple[str, Iterator[str]]] = [("", iter(_sorted_listing(upper)))]
-    while stack:
-        rel_dir, names = stack[-1]
-        name = next(names, None)
-        if name is None:
-            stack.pop()
-            continue
-        rel = rel_dir + "/" + name
-        path = upper + rel
+    # The upper directory is walked by descriptor, one per level: a path
+    # up to PATH_MAX inside the layer works, and a directory swapped for a
+    # symlink is never entered (O_NOFOLLOW).
+    root = os.open(upper, _WALK_FLAGS)
+    lower_fds: list[int | None] = []
+    stack: list[tuple[str, int, Iterator[str]]] = []
+    try:
         try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            continue
-        is_dir = stat.S_ISDIR(st.st_mode)
-        if is_dir:
+            listing = _sorted_listing(root)
+        except BaseException:
+            os.close(root)
+            raise
+        stack.append(("", root, iter(listing)))
+        for lower in lowers:
             try:
-                stack.append((rel, iter(_sorted_listing(path))))
-            except FileNotFoundError:
-                pass
-        kind: ChangeKind | None
-        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-            kind = ChangeKind.DELETE
-        elif is_dir and _lgetxattr(path, _OPAQUE_XATTR) == b"y":
-            kind = ChangeKind.DELETE
-        else:
-            kind = _overlay_kind(rel, st, lowers)
-            if kind is None:
+                lower_fds.append(os.open(lower, _DIR_FLAGS))
+            except (FileNotFoundError, NotADirectoryError):
+                lower_fds.append(None)
+        while stack:
+            rel_dir, dirfd, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
+                os.close(dirfd)
                 continue
-        if is_dir:
-            changed_dirs.add(rel)
-        if kind != ChangeKind.MODIFY:
-            parent = os.path.dirname(rel)
-            if parent != "/" and parent not in changed_dirs:
-                changes.append(Change(parent, ChangeKind.MODIFY))
-                changed_dirs.add(parent)
-        changes.append(Change(rel, kind))
+            rel = rel_dir + "/" + name
+            try:
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if is_dir:
+                child = _open_child(dirfd, name)
+                if child is not None:
+                    try:
+                        listing = _sorted_listing(child)
+                    except BaseException:
+                        os.close(child)
+                        raise
+                    stack.append((rel, child, iter(listing)))
+            kind: ChangeKind | None
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                kind = ChangeKind.DELETE
+            elif (
+                is_dir
+                and _lgetxattr(_proc_path(dirfd, os.fsencode(name)), _OPAQUE_XATTR) == b"y"
+            ):
+                kind = ChangeKind.DELETE
+            else:
+                kind = _overlay_kind(rel, st, lower_fds)
+                if kind is None:
+                    continue
+            if is_dir:
+                changed_dirs.add(rel)
+            if kind != ChangeKind.MODIFY:
+                parent = os.path.dirname(rel)
+                if parent != "/" and parent not in changed_dirs:
+                    changes.append(Change(parent, ChangeKind.MODIFY))
+                    changed_dirs.add(parent)
+            changes.append(Change(rel, kind))
+    finally:
+        for _, fd, _ in stack:
+            os.close(fd)
+        for lfd in lower_fds:
+            if lfd is not None:
+                os.close(lfd)
     return _sorted_changes(changes)
 
 
-def _sorted_listing(path: str) -> list[str]:
-    return sorted(os.listdir(path), key=os.fsencode)
-
-
-def _overlay_kind(rel: str, st: os.stat_result, lowers: list[str]) -> ChangeKind | None:
+def _open_child(dirfd: int, name: str) -> int | None:
     """
-    ADD unless a lower layer has C{rel}; MODIFY if one has; None for a
-    directory that looks unchanged.
+    A descriptor of the subdirectory C{name} of the directory open as
+    C{dirfd}, never following a symlink; None if it vanished or is no
+    longer a directory.
+    """
+    flags = _WALK_FLAGS | os.O_NOFOLLOW
+    try:
+        return os.open(name, flags, dir_fd=dirfd)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return None
+        raise
+
+
+def _sorted_listing(fd: int) -> list[str]:
+    return sorted(os.listdir(fd), key=os.fsencode)
+
+
+def _overlay_kind(rel: str, st: os.stat_result, lowers: list[int | None]) -> ChangeKind | None:
+    """
+    ADD unless a lower layer (open as a descriptor, None if missing) has
+    C{rel}; MODIFY if one has; None for a directory that looks unchanged.
     """
     for lower in lowers:
+        if lower is None:
+            continue
         try:
-            lst = os.stat(lower + rel)
+            # As moby's os.Stat: a symlink in the lower layer is followed.
+            lst = os.stat(rel.lstrip("/"), dir_fd=lower)
         except (FileNotFoundError, NotADirectoryError):
             continue
         if (
@@ -1608,8 +1753,8 @@ class _Node:
 _Frame = tuple[_Node, int, Iterator[tuple[str, _Node]], dict[str, _Node]]
 
 
-def _names_inodes(path: str) -> dict[str, int]:
-    with os.scandir(path) as listing:
+def _names_inodes(fd: int) -> dict[str, int]:
+    with os.scandir(fd) as listing:
         return {entry.name: entry.inode() for entry in listing}
 
 
@@ -1621,37 +1766,62 @@ def _collect(old_dir: str, new_dir: str) -> tuple[_Node, _Node]:
     old_root = _Node("/", None, b"", None)
     new_root = _Node("/", None, b"", None)
     Stat = os.stat_result | None
-    stack: list[tuple[str, Stat, Stat, _Node | None, _Node | None]] = [
-        ("", os.lstat(old_dir), os.lstat(new_dir), old_root, new_root)
-    ]
-    while stack:
-        rel, s1, s2, n1, n2 = stack.pop()
-        dir1 = s1 is not None and stat.S_ISDIR(s1.st_mode)
-        dir2 = s2 is not None and stat.S_ISDIR(s2.st_mode)
-        if not dir1 and not dir2:
-            continue
-        same_device = s1 is not None and s2 is not None and s1.st_dev == s2.st_dev
-        names1 = _names_inodes(old_dir + rel) if dir1 else {}
-        names2 = _names_inodes(new_dir + rel) if dir2 else {}
-        for name in set(names1) | set(names2):
-            ino1 = names1.get(name)
-            if same_device and ino1 is not None and ino1 == names2.get(name):
+    old_st, new_st = os.lstat(old_dir), os.lstat(new_dir)
+    # Both trees are walked by descriptor: each directory is opened below
+    # its root without following any symlink (a path up to PATH_MAX inside
+    # the tree works; a directory swapped for a symlink is not entered).
+    top1 = os.open(old_dir, _WALK_FLAGS) if stat.S_ISDIR(old_st.st_mode) else None
+    try:
+        top2 = os.open(new_dir, _WALK_FLAGS) if stat.S_ISDIR(new_st.st_mode) else None
+    except BaseException:
+        if top1 is not None:
+            os.close(top1)
+        raise
+    fd1: int | None = None
+    fd2: int | None = None
+    try:
+        stack: list[tuple[str, Stat, Stat, _Node | None, _Node | None]] = [
+            ("", old_st, new_st, old_root, new_root)
+        ]
+        while stack:
+            rel, s1, s2, n1, n2 = stack.pop()
+            dir1 = s1 is not None and stat.S_ISDIR(s1.st_mode)
+            dir2 = s2 is not None and stat.S_ISDIR(s2.st_mode)
+            if not dir1 and not dir2:
                 continue
-            child = rel + "/" + name
-            c1 = _register(old_dir, child, name, n1) if dir1 else None
-            c2 = _register(new_dir, child, name, n2) if dir2 else None
-            stack.append((child, c1.st if c1 else None, c2.st if c2 else None, c1, c2))
+            same_device = s1 is not None and s2 is not None and s1.st_dev == s2.st_dev
+            brel = os.fsencode(rel.lstrip("/"))
+            fd1 = _open_beneath(top1, brel) if dir1 and top1 is not None else None
+            fd2 = _open_beneath(top2, brel) if dir2 and top2 is not None else None
+            names1 = _names_inodes(fd1) if fd1 is not None else {}
+            names2 = _names_inodes(fd2) if fd2 is not None else {}
+            for name in set(names1) | set(names2):
+                ino1 = names1.get(name)
+                if same_device and ino1 is not None and ino1 == names2.get(name):
+                    continue
+                child = rel + "/" + name
+                c1 = _register(fd1, child, name, n1) if fd1 is not None else None
+                c2 = _register(fd2, child, name, n2) if fd2 is not None else None
+                stack.append((child, c1.st if c1 else None, c2.st if c2 else None, c1, c2))
+            for fd in (fd1, fd2):
+                if fd is not None:
+                    os.close(fd)
+            fd1 = fd2 = None
+    finally:
+        for fd in (fd1, fd2, top1, top2):
+            if fd is not None:
+                os.close(fd)
     return old_root, new_root
 
 
-def _register(top: str, rel: str, name: str, parent: _Node | None) -> _Node | None:
-    path = top + rel
+def _register(dirfd: int, rel: str, name: str, parent: _Node | None) -> _Node | None:
     try:
-        st = os.lstat(path)
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
     except FileNotFoundError:
         return None
     assert parent is not None
-    node = _Node(rel, st, _lgetxattr(path, _CAPABILITY) or b"", parent)
+    capability = _lgetxattr(_proc_path(dirfd, os.fsencode(name)), _CAPABILITY)
+    node = _Node(rel, st, capability or b"", parent)
     parent.children[name] = node
     return node
 

@@ -1213,12 +1213,6 @@ def _pax_bomb(megabytes: int) -> Iterator[bytes]:
 
 
 @pytest.mark.parametrize("bomb", [_old_gnu_sparse_bomb, _pax_bomb])
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "archive.py keeps all of an entry's metadata records until the entry: an old-GNU sparse "
-    "extension chain (_old_gnu_sparse) or consecutive PAX headers (_next/_parse_pax) grow memory "
-    "with the stream (about 6x and 1x its size).  Needed: a limit on an entry's total metadata "
-    "(e.g. _MAX_META over all its PAX records, sparse extension blocks and long names), refused "
-    "with an ArchiveError naming the entry"))
 def test_metadata_bombs_are_bounded(components: Components, bomb: Callable[[int], Iterator[bytes]]) -> None:
     """
     128 MiB of metadata for a single entry is refused without txgraph's
@@ -1234,11 +1228,6 @@ def test_metadata_bombs_are_bounded(components: Components, bomb: Callable[[int]
     assert watch.peak - before < 48 * MB
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "archive.directory_size (and changes_dirs, overlay_changes) walk by absolute path, so a layer "
-    "path of 4,000 bytes (valid: under PATH_MAX inside the layer) exceeds PATH_MAX once prefixed "
-    "with <state-dir>/overlay/<id>/diff, and ApplyDiff fails with a 500 after extracting.  "
-    "Needed: walk by directory descriptor (os.fwalk / scandir(fd))"))
 def test_4000_byte_path(components: Components) -> None:
     """
     A file whose path in the layer is 4,000 bytes long (255-byte
@@ -1253,11 +1242,6 @@ def test_4000_byte_path(components: Components) -> None:
     assert _read_back(daemon, A) == layer.expected
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "an extended attribute larger than the filesystem takes (64 KiB on ext4 without ea_inode) "
-    "fails with ENOSPC, which archive.py passes on as a host error: a 500 'No space left on "
-    "device' that names neither the entry nor the attribute.  Needed: setxattr's ENOSPC/E2BIG "
-    "become an ArchiveError naming the entry and the attribute (400)"))
 def test_64k_xattr_on_ext4(components: Components) -> None:
     """
     On ext4, a 64 KiB attribute is refused as a property of the tar: a 400

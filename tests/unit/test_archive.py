@@ -9,6 +9,7 @@ ownership, C{trusted.*} attributes).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -465,6 +466,129 @@ def test_aufs_plnk_hardlinks(tmp_path: Path) -> None:
         assert stat.S_IMODE(st.st_mode) == 0o751 and st.st_uid == 4
 
 
+def test_aufs_plnk_kept_in_scratch_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With scratch_dir, the .wh..wh.plnk files are kept in a private directory made there, removed afterwards."""
+    import tempfile
+
+    made: list[str] = []
+    real = tempfile.mkdtemp
+
+    def spy(*args: Any, **kw: Any) -> str:
+        path = real(*args, **kw)
+        made.append(path)
+        return path
+
+    monkeypatch.setattr(tempfile, "mkdtemp", spy)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    tar = make_tar([
+        entry(".wh..wh.plnk/1.2", data=b"shared"),
+        entry("a", tarfile.LNKTYPE, linkname=".wh..wh.plnk/1.2"),
+    ])
+    apply(tar, tmp_path / "r", ApplyMode.INPLACE, scratch_dir=str(scratch))
+    assert (tmp_path / "r" / "a").read_bytes() == b"shared"
+    assert len(made) == 1 and os.path.dirname(made[0]) == str(scratch)
+    assert os.listdir(scratch) == []
+
+
+def _raw_header(name: bytes, size: int, flag: bytes, extended: bool = False) -> bytes:
+    header = bytearray(512)
+    header[0 : len(name)] = name
+    header[100:108] = b"%07o\0" % 0o644
+    header[108:116] = header[116:124] = b"%07o\0" % 0
+    header[124:136] = b"%011o\0" % size
+    header[136:148] = b"%011o\0" % T0
+    header[156:157] = flag
+    header[257:265] = b"ustar  \0"
+    if extended:
+        header[482] = 1
+        header[483:495] = b"%011o\0" % (1 << 30)
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+def _record(data: bytes) -> bytes:
+    return data + bytes(-len(data) % 512)
+
+
+def _pax(key: str, value: str) -> bytes:
+    body = f" {key}={value}\n".encode()
+    length = len(body) + len(str(len(body)))
+    if len(str(length)) > len(str(len(body))):
+        length += 1
+    return b"%d" % length + body
+
+
+def test_metadata_limited_per_entry(tmp_path: Path) -> None:
+    """An entry's metadata records, each under the limit, are refused when they exceed it together."""
+    end = bytes(1024)
+    half = _pax("comment", "x" * 600_000)
+    other = _pax("txgraph.other", "y" * 600_000)
+    plain = make_tar([entry("file", data=b"x")])
+    # Two PAX headers before the name is known: the error gives the offset.
+    tar = (
+        _raw_header(b"pax1", len(half), b"x") + _record(half)
+        + _raw_header(b"pax2", len(other), b"x") + _record(other) + plain
+    )
+    with pytest.raises(ArchiveError, match="layer tar entry whose header starts at byte 0: more than"):
+        apply(tar, tmp_path / "a")
+    # Global PAX headers count, and the name is used once known.
+    named = _pax("path", "named") + half
+    tar = (
+        _raw_header(b"pax", len(named), b"x") + _record(named)
+        + _raw_header(b"glob", len(other), b"g") + _record(other) + plain
+    )
+    with pytest.raises(ArchiveError, match="layer tar entry 'named': more than"):
+        apply(tar, tmp_path / "b")
+    # GNU long names and links.
+    long = b"n" * 600_000
+    tar = (
+        _raw_header(b"././@LongLink", len(long), b"L") + _record(long)
+        + _raw_header(b"././@LongLink", len(long), b"K") + _record(long) + plain
+    )
+    with pytest.raises(ArchiveError, match="layer tar entry 'n+': more than"):
+        apply(tar, tmp_path / "c")
+    # An endless chain of old-GNU sparse extension blocks.
+    ext = bytearray(512)
+    ext[0:24] = b"%011o\0%011o\0" % (0, 4)
+    ext[504] = 1
+    tar = _raw_header(b"sparse", 0, b"S", extended=True) + bytes(ext) * 4096 + end
+    with pytest.raises(ArchiveError, match="layer tar entry 'sparse': more than"):
+        apply(tar, tmp_path / "d")
+    # Metadata below the limit is counted afresh for each entry.
+    tar = (
+        _raw_header(b"pax1", len(half), b"x") + _record(half) + plain[:-1024]
+        + _raw_header(b"pax2", len(other), b"x") + _record(other) + plain
+    )
+    apply(tar, tmp_path / "e")
+    assert (tmp_path / "e" / "file").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.E2BIG, errno.ERANGE])
+def test_oversized_xattr_is_an_archive_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """An attribute the filesystem cannot store is an error of the tar naming the entry and the attribute."""
+    real = os.setxattr
+
+    def setxattr(target: Any, key: Any, value: bytes, *args: Any, **kw: Any) -> None:
+        if os.fsencode(key) == b"user.big":
+            raise OSError(code, os.strerror(code))
+        real(target, key, value, *args, **kw)
+
+    monkeypatch.setattr(os, "setxattr", setxattr)
+    for name, kind in (("big", tarfile.REGTYPE), ("bigdir/", tarfile.DIRTYPE)):
+        tar = make_tar([entry(name, kind, data=b"x" if kind == tarfile.REGTYPE else b"",
+                              xattrs={"user.big": b"v" * 65536})])
+        with pytest.raises(ArchiveError) as info:
+            apply(tar, tmp_path / name.rstrip("/"))
+        assert info.value.message == (
+            f"layer tar entry {name!r}: extended attribute user.big (65536 bytes) "
+            f"cannot be stored on this filesystem: {os.strerror(code)}"
+        )
+
+
 # -- whiteouts ----------------------------------------------------------------------
 
 
@@ -742,6 +866,44 @@ def test_sizes_count_hardlinks_once(tmp_path: Path) -> None:
     changes = [Change("/a", A), Change("/dir/b", A), Change("/c", M), Change("/dir", M),
                Change("/gone", D), Change("/missing", A)]
     assert changes_size(str(root), changes) == 150
+
+
+def test_walks_handle_paths_near_path_max(tmp_path: Path) -> None:
+    """Sizes and Changes work for a 4,000-byte path inside a layer whose absolute path exceeds PATH_MAX."""
+    base = tmp_path
+    for i in range(3):
+        base = base / (str(i) * 200)
+    parts = ["%02d" % i + "d" * 253 for i in range(15)]
+    dirs = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    name = dirs[-1] + "/" + "f" * (4000 - len(dirs[-1]) - 1)
+    assert len(name) == 4000 and len(str(base)) + len(name) > 4096
+    tar = make_tar([entry(name, data=b"x" * 1234)])
+    upper, full = base / "upper", base / "full"
+    apply(tar, upper)
+    apply(tar, full, ApplyMode.INPLACE)
+    expected = [Change("/" + d, A) for d in dirs] + [Change("/" + name, A)]
+    assert directory_size(str(upper)) == 1234
+    modified = [Change(c.path, M) for c in expected]
+    assert overlay_changes(str(upper), [str(tmp_path / "missing"), str(full)]) == modified
+    assert overlay_changes(str(upper), []) == expected
+    changes = changes_dirs(str(full), None)
+    assert changes == expected
+    assert changes_size(str(full), changes) == 1234
+    assert changes_dirs(str(full), str(upper)) == []
+
+
+def test_walks_never_follow_a_symlinked_directory(tmp_path: Path) -> None:
+    """A directory that became a symlink is not entered: sizes and Changes never look outside the tree."""
+    outside = tmp_path / "outside"
+    (outside / "d").mkdir(parents=True)
+    (outside / "d" / "big").write_bytes(b"x" * 5000)
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(str(outside), root / "link")
+    assert directory_size(str(root)) == len(str(outside))
+    assert changes_size(str(root), [Change("/link/d/big", A)]) == 0
+    assert changes_dirs(str(root), None) == [Change("/link", A)]
+    assert overlay_changes(str(root), []) == [Change("/link", A)]
 
 
 def test_diff_size_rules_agree(tmp_path: Path) -> None:

@@ -318,7 +318,7 @@ class OverlayBackend(Backend):
         if os.listdir(diff):
             self.reset(layer)
         try:
-            archive.apply_layer(stream, diff, ApplyMode.OVERLAY, id_map)
+            archive.apply_layer(stream, diff, ApplyMode.OVERLAY, id_map, scratch_dir=self._tmp)
         except BaseException:
             self.reset(layer)
             raise
