@@ -653,6 +653,23 @@ def test_unmap_finds_mapping_after_crash(started: Started) -> None:
     del layers.infos[layer]
 
 
+def _wait_dead(pid: int, timeout: float = 10) -> None:
+    """
+    Wait until a process we killed has exited (a zombie or gone): SIGKILL
+    takes effect asynchronously, and PID 1 here reaps late.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not exit after SIGKILL")
+
+
 def test_dead_rbd_fuse(started: Started, ceph: Ceph) -> None:
     """
     After rbd-fuse is killed with -9 under a mounted layer (its exclusive
@@ -669,6 +686,7 @@ def test_dead_rbd_fuse(started: Started, ceph: Ceph) -> None:
     info = layers.infos[layer]
     assert info.mapping is not None
     os.kill(info.mapping["pid"], signal.SIGKILL)
+    _wait_dead(info.mapping["pid"])
     began = time.monotonic()
     again = backend.ensure_mounted(info, [])
     assert again == root
@@ -700,6 +718,7 @@ def test_dead_reader_is_no_obstacle_to_removal(started: Started) -> None:
     layers.mounted.discard(layer)
     assert info.mapping is not None and info.mapping["readonly"]
     os.kill(info.mapping["pid"], signal.SIGKILL)
+    _wait_dead(info.mapping["pid"])
     began = time.monotonic()
     backend.remove(info)
     assert time.monotonic() - began < 15
