@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txgraph import faults
-from txgraph.archive import Change, IDMap
+from txgraph.archive import IDMap
 from txgraph.backends import AsyncBackend, LayerInfo
 from txgraph.errors import (
     BadRequest,
@@ -1058,8 +1058,9 @@ __all__ = [
     "Layer",
     "STATES",
     "REST_STATES",
+    "DURABLE_STATES",
     "transitions",
-    "Change",
+    "mermaid",
 ]
 
 
