@@ -587,25 +587,7 @@ def malformed(draw: st.DrawFn) -> tuple[str, bytes, str, bool, str, str]:
 
 
 def _send(daemon: Txgraphd, method: str, body: bytes, query: str, chunked: bool, verb: str) -> tuple[int, bytes, str]:
-    conn = UnixHTTPConnection(str(daemon.socket), timeout=60)
-    try:
-        path = f"/{method}" + (f"?{query}" if query else "")
-        conn.putrequest(verb, path)
-        if chunked:
-            conn.putheader("Transfer-Encoding", "chunked")
-            conn.endheaders()
-            for i in range(0, len(body), 65536):
-                chunk = body[i : i + 65536]
-                conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            conn.send(b"0\r\n\r\n")
-        else:
-            conn.putheader("Content-Length", str(len(body)))
-            conn.endheaders()
-            conn.send(body)
-        response = conn.getresponse()
-        return response.status, response.read(), response.getheader("Content-Type") or ""
-    finally:
-        conn.close()
+    return daemon.send(method, body, query, chunked, verb, timeout=60)
 
 
 def test_fuzz_running_daemon(populated: Txgraphd) -> None:

@@ -138,11 +138,27 @@ class Txgraphd:
         """
         POST raw bytes (ApplyDiff's tar, or malformed JSON).
         """
-        conn = UnixHTTPConnection(str(self.socket))
+        status, reply, _ = self.send(method, body, query, chunked)
+        return status, reply
+
+    def send(
+        self,
+        method: str,
+        body: bytes,
+        query: str = "",
+        chunked: bool = False,
+        verb: str = "POST",
+        timeout: float = 3600,
+    ) -> tuple[int, bytes, str]:
+        """
+        Send raw bytes with any verb, chunked or with a Content-Length;
+        return the status, the reply and its Content-Type.
+        """
+        conn = UnixHTTPConnection(str(self.socket), timeout=timeout)
         try:
             path = f"/{method}" + (f"?{query}" if query else "")
+            conn.putrequest(verb, path)
             if chunked:
-                conn.putrequest("POST", path)
                 conn.putheader("Transfer-Encoding", "chunked")
                 conn.endheaders()
                 for i in range(0, len(body), 65536):
@@ -150,9 +166,11 @@ class Txgraphd:
                     conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                 conn.send(b"0\r\n\r\n")
             else:
-                conn.request("POST", path, body=body)
+                conn.putheader("Content-Length", str(len(body)))
+                conn.endheaders()
+                conn.send(body)
             response = conn.getresponse()
-            return response.status, response.read()
+            return response.status, response.read(), response.getheader("Content-Type") or ""
         finally:
             conn.close()
 
