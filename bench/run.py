@@ -801,7 +801,15 @@ def table(rows: list[Row], results: list[dict[str, Any]], systems: list[System])
         met = result.get("met") or {}
         shown = ",".join("yes" if met[k] else "NO" for k in ratio_keys if k in met)
         lines.append([row.name, *values, row.unit, *ratios, target, shown])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(headers))]
+    return _text_table(lines)
+
+
+def _text_table(lines: list[list[str]]) -> str:
+    """
+    Rows of cells as aligned text: the first row is the header, the first
+    column left-aligned, the others right-aligned.
+    """
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     out = []
     for n, line in enumerate(lines):
         out.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
@@ -829,14 +837,7 @@ def cpu_table(results: list[dict[str, Any]], systems: list[System]) -> str:
             *[f"{cpu[k]:.0f}" if k in cpu else "-" for k in keys],
             *[f"{cpu[k] / base:.2f}" if (k in cpu and base) else "-" for k in ratio_keys],
         ])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    out = []
-    for n, line in enumerate(lines):
-        out.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                             for i, (cell, w) in enumerate(zip(line, widths))))
-        if n == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return _text_table(lines)
 
 
 def results_for(rows: list[Row], bench: Bench, systems: list[System]) -> list[dict[str, Any]]:
