@@ -15,7 +15,11 @@ C{mounts/*/mount-id} and C{init-id}).  Every orphan has a kind:
  - C{row}: a layer row whose storage is gone;
  - C{faulty}: a layer a failed operation left faulty;
  - C{unknown}: a layer dockerd no longer knows (older than C{min_age}, not
-   in use), e.g. after dockerd crashed between Create and recording it.
+   in use), e.g. after dockerd crashed between Create and recording it;
+ - C{shared}: storage shared by the nodes of a pool (rbd: a layer's shared
+   snapshot) that no node's layer uses any more, older than C{min_age}.
+   Whether anything uses it is the cluster's to say (RBD clone children),
+   not this node's database, so a gc on any node is safe.
 
 Repairs of layers go through the layer machines (so they are write-ahead
 too); mounts, devices and objects go to the backend.  gc never touches
@@ -37,7 +41,7 @@ from txgraph.layers import REST_STATES
 
 log = Logger()
 
-KINDS = ("mount", "device", "object", "row", "faulty", "unknown")
+KINDS = ("mount", "device", "object", "row", "faulty", "unknown", "shared")
 
 
 @dataclass
@@ -133,6 +137,10 @@ async def collect(
                 )
     order = {kind: i for i, kind in enumerate(KINDS)}
     findings.sort(key=lambda f: (order[f.kind], f.id))
+    # Shared storage in the order the backend gives: users before what they use.
+    findings += [
+        Finding(o.kind, o.id, o.detail) for o in await driver.backend.shared_orphans(min_age)
+    ]
     return findings
 
 

@@ -280,3 +280,22 @@ def stack(request: pytest.FixtureRequest, module_components: Components) -> Stac
     stack = Stack(txgraph, dockerd)
     stack.backend = request.param
     return stack
+
+
+@pytest.fixture(scope="module")
+def two_nodes(
+    module_components: Components, ceph_cluster: DevCluster
+) -> tuple[Stack, Stack, str]:
+    """
+    Two Docker hosts sharing one pool and namespace: nodes A and B, each a
+    txgraph (node ids node-a, node-b) under its own dockerd.
+    """
+    namespace = rbd_namespace(ceph_cluster)
+    stacks = []
+    for node in ("node-a", "node-b"):
+        txgraph = module_components.txgraph(*rbd_flags(ceph_cluster, namespace, node=node))
+        dockerd = module_components.dockerd(txgraph.name)
+        stack = Stack(txgraph, dockerd)
+        stack.backend = "rbd"
+        stacks.append(stack)
+    return stacks[0], stacks[1], namespace

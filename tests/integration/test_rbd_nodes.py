@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Components, Stack, rbd_flags, rbd_namespace
+from conftest import Stack
 
 from txgraph.testing.ceph import DevCluster
 
@@ -44,24 +44,6 @@ def _gc(stack: Stack, *args: str) -> tuple[int, list[dict[str, Any]]]:
     return result.returncode, json.loads(result.stdout)["findings"]
 
 
-@pytest.fixture(scope="module")
-def two_nodes(
-    module_components: Components, ceph_cluster: DevCluster
-) -> tuple[Stack, Stack, str]:
-    """
-    Nodes A and B on one pool and namespace.
-    """
-    namespace = rbd_namespace(ceph_cluster)
-    stacks = []
-    for node in ("node-a", "node-b"):
-        txgraph = module_components.txgraph(*rbd_flags(ceph_cluster, namespace, node=node))
-        dockerd = module_components.dockerd(txgraph.name)
-        stack = Stack(txgraph, dockerd)
-        stack.backend = "rbd"
-        stacks.append(stack)
-    return stacks[0], stacks[1], namespace
-
-
 def test_both_nodes_load_and_run(
     two_nodes: tuple[Stack, Stack, str], busybox_image: Path, ceph_cluster: DevCluster
 ) -> None:
@@ -76,7 +58,8 @@ def test_both_nodes_load_and_run(
         assert out.strip() == "hi"
     images = _images(ceph_cluster, namespace)
     assert any(".node-a." in i for i in images) and any(".node-b." in i for i in images)
-    assert all(".node-a." in i or ".node-b." in i for i in images), images
+    # Besides each node's own images, only the shared layers of the pool.
+    assert all(".node-a." in i or ".node-b." in i or ".shared." in i for i in images), images
 
 
 def test_nodes_do_not_see_each_other(two_nodes: tuple[Stack, Stack, str]) -> None:

@@ -84,7 +84,7 @@ class Orphan:
     """
     Something a backend holds that no layer accounts for.
 
-    @ivar kind: C{mount}, C{device} or C{object} (see L{txgraph.gc}).
+    @ivar kind: C{mount}, C{device}, C{object} or C{shared} (see L{txgraph.gc}).
     @ivar id: what identifies it: a mount point, a device, a layer ID.
     """
 
@@ -284,6 +284,21 @@ class Backend(abc.ABC):
         cannot tell finds none.
         """
         return []
+
+    def shared_orphans(self, min_age: float) -> list[Orphan]:
+        """
+        Storage shared between nodes that no node uses any more and that is
+        older than C{min_age} seconds (kind C{shared}).  Backends without
+        shared storage find none.
+        """
+        return []
+
+    def cluster_reads(self) -> dict[str, dict[str, Any]]:
+        """
+        Per mounted layer, what its storage read from a remote store
+        (lazily fetched data); backends that store locally report nothing.
+        """
+        return {}
 
     def repair(self, orphan: Orphan) -> None:
         """

@@ -53,7 +53,10 @@ import fcntl
 import json
 import os
 import shutil
+import hashlib
 import signal
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -66,6 +69,9 @@ from txgraph.errors import BackendError
 
 #: ioctl(2) request that detaches a loop device (linux/loop.h).
 LOOP_CLR_FD = 0x4C01
+
+#: Where rbd-fuse processes of layer mappings keep their admin sockets.
+ASOK_ROOT = "/run/txgraph/asok"
 
 #: What a mapping dict looks like (persisted as JSON by the layer machine).
 Mapping = dict[str, Any]
@@ -143,6 +149,31 @@ def run(
             f"{what}: {command[0]} failed (exit {proc.returncode}): {detail}"
         )
     return proc.stdout
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    parts = []
+    while n:
+        chunk = sock.recv(min(n, 1 << 16))
+        if not chunk:
+            raise ValueError("the admin socket closed early")
+        parts.append(chunk)
+        n -= len(chunk)
+    return b"".join(parts)
+
+
+def admin_socket_command(path: str, command: dict[str, Any], timeout: float = 2.0) -> Any:
+    """
+    One command on a Ceph admin socket (what C{ceph daemon PATH ...} does):
+    the JSON command and a NUL out, a 4-byte big-endian length and the JSON
+    reply back.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(json.dumps(command).encode() + b"\0")
+        (length,) = struct.unpack(">I", _recv_exactly(sock, 4))
+        return json.loads(_recv_exactly(sock, length))
 
 
 def wait_for_device(device: str, timeout: float, what: str) -> None:
@@ -226,6 +257,14 @@ class Mapper(abc.ABC):
         Unmap every mapping whose tag starts with C{prefix} (temporary
         mappings a crash left behind).  Mappers without tags do nothing.
         """
+
+    def read_counters(self, mapping: Mapping) -> dict[str, int] | None:
+        """
+        How much the mapping read from the cluster (C{rd_bytes}, C{rd}), if
+        the mapper can tell.  The kernel's rbd has no per-image counters
+        that a host can read: None.
+        """
+        return None
 
 
 # -- kernel rbd and rbd-nbd ---------------------------------------------------
@@ -507,6 +546,14 @@ class FuseMapper(Mapper):
         ]
         if self.access.namespace:
             command += ["-s", self.access.namespace]
+        if not tag.startswith("."):
+            # A layer's own mapping keeps an admin socket, for its librbd
+            # performance counters (bytes read: see read_counters).
+            asok = self.admin_socket(directory)
+            os.makedirs(os.path.dirname(asok), mode=0o700, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(asok)
+            command += ["--admin_socket", asok]
         command += ["-r", image, directory, "-f"]
         with open(log_path, "wb") as log:
             try:
@@ -575,6 +622,37 @@ class FuseMapper(Mapper):
             raise
         return mapping
 
+    @staticmethod
+    def admin_socket(directory: str) -> str:
+        """
+        The admin socket of the rbd-fuse serving C{directory}: under
+        C{/run/txgraph/asok/}, named by a hash of the directory (a UNIX
+        socket path must stay under 108 bytes; state directories may not).
+        """
+        digest = hashlib.sha256(os.path.abspath(directory).encode()).hexdigest()[:24]
+        return os.path.join(ASOK_ROOT, f"{digest}.asok")
+
+    def read_counters(self, mapping: Mapping) -> dict[str, int] | None:
+        """
+        librbd's counters of the mapped image, from its rbd-fuse's admin
+        socket: C{rd_bytes} (bytes read through librbd, from the image's
+        own objects or its parents') and C{rd} (reads); None if the
+        mapping has no admin socket (temporary, or made by an older
+        txgraph) or does not answer.
+        """
+        directory = mapping.get("fuse_dir")
+        image = mapping.get("image")
+        if not directory or not image:
+            return None
+        try:
+            dump = admin_socket_command(self.admin_socket(directory), {"prefix": "perf dump"})
+        except (OSError, ValueError):
+            return None
+        for key, values in dump.items() if isinstance(dump, dict) else ():
+            if key.startswith("librbd-") and key.endswith(f"-{image}") and isinstance(values, dict):
+                return {"rd_bytes": int(values.get("rd_bytes", 0)), "rd": int(values.get("rd", 0))}
+        return None
+
     def _log_tail(self, path: str) -> str:
         try:
             with open(path, "rb") as f:
@@ -611,10 +689,9 @@ class FuseMapper(Mapper):
         except OSError as e:
             raise BackendError(f"{what}: cannot remove {directory}: {e.strerror}") from None
         tag = os.path.basename(directory)
-        try:
-            os.unlink(os.path.join(self.log_root, f"{tag}.log"))
-        except OSError:
-            pass
+        for leftover in (os.path.join(self.log_root, f"{tag}.log"), self.admin_socket(directory)):
+            with contextlib.suppress(OSError):
+                os.unlink(leftover)
 
     def _stop_fuse(self, directory: str, pid: int | None, what: str) -> bool:
         """

@@ -70,14 +70,14 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import IO, Any, BinaryIO, cast
 
 from twisted.logger import Logger
 
-from txgraph import archive, mounts
+from txgraph import archive, mounts, thin
 from txgraph.archive import ApplyMode, Change, IDMap
 from txgraph.backends import Backend, BackendOption, LayerInfo, LayerView, Orphan, parse_options
 from txgraph.backends.mappers import (
@@ -90,6 +90,7 @@ from txgraph.backends.mappers import (
     run,
 )
 from txgraph.errors import BackendError, ConfigurationError, TxgraphError
+from txgraph.thin import ThinDescriptorError
 
 log = Logger()
 
@@ -105,6 +106,14 @@ K_STATE = "txgraph.state"
 K_FS = "txgraph.fs"
 K_FORMATTED = "txgraph.formatted"
 K_DEPTH = "txgraph.depth"
+#: The OCI chain ID whose tree the image holds exactly (shared images, and
+#: layers that are unchanged clones of one); empty otherwise.
+K_CHAIN = "txgraph.chain"
+#: A metadata value meaning "none" (librbd's metadata listing misreads
+#: empty values).
+NONE = "-"
+#: The owner of shared images: no node.
+SHARED = "shared"
 
 MS_RDONLY = 1
 MS_REMOUNT = 32
@@ -219,6 +228,15 @@ def _depth(value: str) -> int:
     return depth
 
 
+def _yes(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "yes", "true", "on"):
+        return True
+    if lowered in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"{value!r} is not yes or no")
+
+
 def _path(value: str) -> str:
     if not value:
         raise ValueError("empty path")
@@ -300,6 +318,17 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+class _SharedGone(Exception):
+    """
+    A shared image vanished (or lost its protected snapshot) between a look
+    and a clone: another node's gc removed it.  Callers look again.
+    """
+
+    def __init__(self, image: str) -> None:
+        super().__init__(image)
+        self.image = image
+
+
 class RBDBackend(Backend):
     """
     Layers as RBD clones of protected snapshots, mapped and mounted.
@@ -330,6 +359,13 @@ class RBDBackend(Backend):
             "32",
             _depth,
         ),
+        BackendOption(
+            "share",
+            "keep image layers once per pool, as snapshots named by their chain ID that "
+            "every node clones (yes/no)",
+            "yes",
+            _yes,
+        ),
     )
 
     def __init__(self, state_dir: str, options: dict[str, Any]) -> None:
@@ -350,11 +386,14 @@ class RBDBackend(Backend):
         self.node_id: str = opts["node_id"] or default_node_id()
         self.timeout: float = opts["timeout"]
         self.flatten_depth: int = opts["flatten_depth"]
+        self.share: bool = opts["share"]
         self.root = os.path.join(state_dir, "rbd")
         self._mnt = os.path.join(self.root, "mnt")
         self._work = os.path.join(self.root, "work")
         self._stem = f"{self.prefix}{self.node_id}."
         self.base_image = f"{self._stem}base"
+        self._shared_stem = f"{self.prefix}{SHARED}.{self.fs}."
+        self.shared_base = f"{self._shared_stem}base"
         self.access = ClusterAccess(
             self.conf, self.client, self.keyring, self.pool, self.namespace, self.timeout
         )
@@ -381,6 +420,16 @@ class RBDBackend(Backend):
         if not _LAYER.match(layer_id):
             raise BackendError(f"bad layer id {layer_id!r}")
         return f"{self._stem}{layer_id}"
+
+    def shared_image(self, chain: str) -> str:
+        """
+        The shared image holding the tree of chain C{sha256:<hex>}.
+        """
+        return f"{self._shared_stem}{chain.split(':', 1)[-1]}"
+
+    def _candidate(self, layer_id: str) -> str:
+        # Where this node builds a shared image before publishing it.
+        return f"{self._stem}candidate.{layer_id}"
 
     def spec(self, image: str) -> str:
         """
@@ -619,6 +668,17 @@ class RBDBackend(Backend):
         ]
         if unavailable:
             lines.append(("Unavailable Mappers", unavailable))
+        lines.append(
+            ("Shared Layers", f"{self.spec(self._shared_stem)}<chain>@{SNAP}" if self.share else "off")
+        )
+        for layer_id, reads in self.cluster_reads().items():
+            lines.append(
+                (
+                    f"Lazy Reads {layer_id[:12]}",
+                    f"{reads['bytes_read']} bytes read from the cluster in {reads['reads']} "
+                    f"reads (image of {reads['image_size']} bytes)",
+                )
+            )
         return lines
 
     # -- images ------------------------------------------------------------------------
@@ -689,6 +749,10 @@ class RBDBackend(Backend):
 
     def _ours(self, state: _ImageState) -> bool:
         owner = state.meta.get(K_OWNER)
+        if owner == SHARED and state.name.startswith(self._stem):
+            # A clone of a shared image that crashed before its own
+            # metadata was written (it starts with a copy of its parent's).
+            return state.parent is not None and state.parent.startswith(self._shared_stem)
         if owner is not None:
             return owner == self.node_id
         # A clone that crashed before its metadata was written: ours if
@@ -895,35 +959,55 @@ class RBDBackend(Backend):
         with self._lock:
             self._checked.discard(name)
 
-    def _clone(self, layer: LayerInfo, name: str, grow_to: int | None) -> None:
+    def _clone(
+        self,
+        layer: LayerInfo,
+        name: str,
+        grow_to: int | None,
+        shared: str | None = None,
+        meta: dict[str, str] | None = None,
+    ) -> None:
         """
-        Make the layer's image: a clone of its parent's snapshot, with its
-        metadata, grown (and root-owned as asked) if need be.
+        Make the layer's image: a clone of its parent's snapshot (or of the
+        shared image C{shared}), with its metadata (C{meta} added), grown
+        (and root-owned as asked) if need be.
         """
         assert self._rbd is not None
         rbd = self._rbd
-        parent = self.image_name(layer.parent) if layer.parent else self.base_image
-        pstate = self._inspect(parent)
-        what = f"parent layer {layer.parent}" if layer.parent else "the base image"
-        if pstate is None or not self._ours(pstate):
-            raise BackendError(f"{what} has no image {self.spec(parent)} of this node")
-        if SNAP not in pstate.snaps or not pstate.snaps[SNAP][0]:
-            raise BackendError(
-                f"{what} is not committed ({self.spec(parent)} has no protected @{SNAP})"
-            )
+        if shared is not None:
+            parent = shared
+            pstate = self._shared_state(shared)
+            if pstate is None:
+                raise _SharedGone(shared)
+        else:
+            parent = self.image_name(layer.parent) if layer.parent else self.base_image
+            pstate = self._inspect(parent)
+            what = f"parent layer {layer.parent}" if layer.parent else "the base image"
+            if pstate is None or not self._ours(pstate):
+                raise BackendError(f"{what} has no image {self.spec(parent)} of this node")
+            if SNAP not in pstate.snaps or not pstate.snaps[SNAP][0]:
+                raise BackendError(
+                    f"{what} is not committed ({self.spec(parent)} has no protected @{SNAP})"
+                )
         parent_size = pstate.snaps[SNAP][1]
         if grow_to is not None and grow_to < parent_size:
             raise ConfigurationError(
                 f"storage option size={grow_to} is smaller than the layer's parent "
                 f"({parent_size} bytes); it can only grow"
             )
-        if layer.parent is None and grow_to is None and self.base_size > parent_size:
+        if shared is None and layer.parent is None and grow_to is None and self.base_size > parent_size:
             grow_to = self.base_size
         if grow_to == parent_size:
             grow_to = None
-        rbd.RBD().clone(
-            self._ioctx, parent, SNAP, self._ioctx, name, data_pool=self.data_pool
-        )
+        try:
+            rbd.RBD().clone(
+                self._ioctx, parent, SNAP, self._ioctx, name, data_pool=self.data_pool
+            )
+        except (rbd.ImageNotFound, rbd.InvalidArgument) as e:
+            if shared is None:
+                raise
+            # Removed, or being removed, by another node's gc since it was looked at.
+            raise _SharedGone(shared) from e
         # A new image has no clients yet, dead or alive; it starts with a
         # copy of its parent's metadata (librbd copies it), then gets its own.
         self._remember(
@@ -937,12 +1021,14 @@ class RBDBackend(Backend):
                 {
                     K_OWNER: self.node_id,
                     K_LAYER: layer.id,
-                    K_PARENT: layer.parent or "",
+                    K_PARENT: layer.parent or NONE,
                     K_STATE: "clean",
                     K_DEPTH: str(min(pstate.depth, 1 << 16) + 1),
+                    K_CHAIN: NONE,
+                    **(meta or {}),
                 },
             )
-            chown = layer.parent is None and tuple(layer.root_ids) != (0, 0)
+            chown = shared is None and layer.parent is None and tuple(layer.root_ids) != (0, 0)
             if grow_to is not None or chown:
                 self._set_up(layer, name, grow_to, chown)
         except BaseException:
@@ -1256,6 +1342,7 @@ class RBDBackend(Backend):
         """
         name = self.image_name(layer.id)
         with self._op("reset", layer.id, name):
+            self._discard_image(self._candidate(layer.id))
             self._reclone(layer, name)
 
     def _reclone(self, layer: LayerInfo, name: str) -> None:
@@ -1283,6 +1370,8 @@ class RBDBackend(Backend):
             result = []
             for name in self._rbd.RBD().list(self._ioctx):
                 if not name.startswith(self._stem) or name == self.base_image:
+                    continue
+                if name.startswith(self._candidate("")):
                     continue
                 state = self._inspect(name, fresh=True)
                 if state is not None and self._ours(state):
@@ -1330,6 +1419,16 @@ class RBDBackend(Backend):
                         f"image {self.spec(self.image_name(layer_id))} has no layer row",
                     )
                 )
+        assert self._rbd is not None
+        applying = {i for i, v in layers.items() if v.state == "applying"}
+        stem = self._candidate("")
+        for name in self._rbd.RBD().list(self._ioctx):
+            key = name[len(stem):]
+            if name.startswith(stem) and key not in applying:
+                found.append(
+                    Orphan("object", name[len(self._stem):],
+                           f"candidate shared image {self.spec(name)} of an interrupted apply")
+                )
         return found
 
     def _mapping_tags(self, mapper: Mapper) -> list[tuple[str, str]]:
@@ -1362,10 +1461,17 @@ class RBDBackend(Backend):
             mapper = self._mappers[mapper_name]
             for mapping in mapper.find(image, tag):
                 mapper.unmap(mapping)
+        elif orphan.kind == "object" and orphan.id.startswith("candidate."):
+            name = f"{self._stem}{orphan.id}"
+            with self._op("removal of a stray candidate", None, name):
+                self._discard_image(name)
         elif orphan.kind == "object":
             name = self.image_name(orphan.id)
             with self._op("removal of a stray image", orphan.id, name):
                 self._destroy(orphan.id, name)
+        elif orphan.kind == "shared":
+            with self._op("removal of an unused shared image", None, orphan.id):
+                self._remove_shared(orphan.id)
         else:
             super().repair(orphan)
 
@@ -1485,6 +1591,12 @@ class RBDBackend(Backend):
         Apply a layer tar to a fresh clone (a retried ApplyDiff starts from
         the parent's content again) and return the size of the changes.
         On failure the layer is a fresh clone again.
+
+        A tar that holds only a thin descriptor makes the layer a clone of
+        the snapshot it names (L{_apply_thin}).  With C{share}, the layer is
+        extracted into a candidate shared image instead, which is published
+        under its chain ID, or discarded if the pool already has that chain
+        (L{_apply_shared}).
         """
         name = self.image_name(layer.id)
         with self._op("apply", layer.id, name):
@@ -1494,17 +1606,22 @@ class RBDBackend(Backend):
                 self._drop_snapshot(name)
             if state.meta.get(K_STATE) != "clean":
                 self._reclone(layer, name)
+            reader = thin.HashingReader(cast(BinaryIO, stream))
             try:
+                descriptor, body = thin.sniff(reader)
+                if descriptor is not None:
+                    return self._apply_thin(layer, name, descriptor, id_map)
+                parent_chain = self._parent_chain(layer, id_map)
+                if parent_chain is not None:
+                    return self._apply_shared(layer, name, body, reader, parent_chain, id_map)
                 self._set_meta(name, {K_STATE: "dirty"})
                 with self._work_mount(name, readonly=False) as (top, _device):
                     root = os.path.join(top, ROOTFS)
-                    archive.apply_layer(cast(BinaryIO, stream), root, ApplyMode.INPLACE, id_map)
-                    if layer.parent is None:
-                        return archive.changes_size(root, archive.changes_dirs(root, None))
-                    with self._view(layer.parent) as old:
-                        return archive.changes_size(root, archive.changes_dirs(root, old))
+                    archive.apply_layer(body, root, ApplyMode.INPLACE, id_map)
+                    return self._size_against_parent(layer, root)
             except BaseException:
                 try:
+                    self._discard_image(self._candidate(layer.id))
                     self._reclone(layer, name)
                 except Exception as e:
                     log.error(
@@ -1513,6 +1630,454 @@ class RBDBackend(Backend):
                         error=e,
                     )
                 raise
+
+    def _size_against_parent(self, layer: LayerInfo, root: str) -> int:
+        if layer.parent is None:
+            return archive.changes_size(root, archive.changes_dirs(root, None))
+        with self._view(layer.parent) as old:
+            return archive.changes_size(root, archive.changes_dirs(root, old))
+
+    # -- shared images and thin layers ------------------------------------------------
+
+    def _shared_state(self, name: str) -> _ImageState | None:
+        """
+        A shared image as it is now in the pool, if it is a published one
+        (owned by no node, with its protected snapshot); None otherwise.
+        Never cached: any node's gc may remove it.
+        """
+        state = self._inspect(name, fresh=True)
+        if state is None or state.meta.get(K_OWNER) != SHARED:
+            return None
+        if SNAP not in state.snaps or not state.snaps[SNAP][0]:
+            return None
+        return state
+
+    def _discard_image(self, name: str) -> None:
+        """
+        Remove one of this node's unpublished candidates (and its snapshot),
+        if it exists, whatever its owner says.
+        """
+        assert self._rbd is not None
+        rbd = self._rbd
+        for mapping in self._mappings(name):
+            self._unmap(mapping)
+        try:
+            with self._open(name) as image:
+                if image.snap_exists(SNAP):
+                    if image.is_protected_snap(SNAP):
+                        image.unprotect_snap(SNAP)
+                    image.remove_snap(SNAP)
+        except rbd.ImageNotFound:
+            self._forget(name)
+            return
+        with contextlib.suppress(rbd.ImageNotFound):
+            rbd.RBD().remove(self._ioctx, name)
+        self._forget(name)
+        with self._lock:
+            self._checked.discard(name)
+
+    def _ensure_shared_base(self) -> str:
+        """
+        The pool's shared base image (an empty formatted filesystem, as a
+        node's own base), made and published by the first node that needs it.
+        """
+        assert self._rbd is not None
+        for _attempt in range(8):
+            if self._shared_state(self.shared_base) is not None:
+                return self.shared_base
+            candidate = self._candidate("base")
+            self._discard_image(candidate)
+            self._rbd.RBD().create(
+                self._ioctx, candidate, self.base_size, old_format=False, data_pool=self.data_pool
+            )
+            with self._lock:
+                self._checked.add(candidate)
+            self._set_meta(
+                candidate,
+                {K_OWNER: self.node_id, K_LAYER: "candidate", K_FS: self.fs, K_DEPTH: "0",
+                 K_CHAIN: NONE},
+            )
+            self._format_base(candidate)
+            self._snapshot(candidate)
+            if self._publish(candidate, self.shared_base):
+                return self.shared_base
+            self._discard_image(candidate)
+        raise BackendError(f"cannot publish the shared base image {self.spec(self.shared_base)}")
+
+    def _publish(self, candidate: str, target: str) -> bool:
+        """
+        Give a finished candidate (snapshot protected) its shared name, as
+        an image of no node.  Renaming is atomic in the pool: False if
+        another node published that name first.
+        """
+        assert self._rbd is not None
+        self._set_meta(candidate, {K_OWNER: SHARED, K_LAYER: "shared", K_PARENT: NONE})
+        self._forget(candidate)
+        try:
+            self._rbd.RBD().rename(self._ioctx, candidate, target)
+        except self._rbd.ImageExists:
+            return False
+        return True
+
+    def _parent_chain(self, layer: LayerInfo, id_map: IDMap) -> str | None:
+        """
+        The chain ID of the tree the layer is applied on ("" for none), if
+        the layer can be shared: sharing is on, ids are not remapped, and
+        its parent is an unchanged clone of a shared image.
+        """
+        if not self.share or not id_map.identity or tuple(layer.root_ids) != (0, 0):
+            return None
+        if layer.parent is None:
+            return ""
+        parent = self._inspect(self.image_name(layer.parent))
+        if parent is None:
+            return None
+        chain = parent.meta.get(K_CHAIN, NONE)
+        return chain if chain.startswith("sha256:") else None
+
+    def _build_candidate(
+        self, key: str, parent_chain: str, body: Any, reader: thin.HashingReader,
+        id_map: IDMap, measure: LayerInfo | None,
+    ) -> tuple[str, str, int]:
+        """
+        Extract a layer tar into a new candidate cloned from the shared
+        image of C{parent_chain}, snapshot it, and return (candidate, chain
+        ID, size of the changes against C{measure}'s parent, or 0).
+        """
+        assert self._rbd is not None
+        source = self._ensure_shared_base() if not parent_chain else self.shared_image(parent_chain)
+        pstate = self._shared_state(source)
+        if pstate is None or (parent_chain and pstate.meta.get(K_CHAIN) != parent_chain):
+            raise BackendError(
+                f"the shared image {self.spec(source)} of chain {parent_chain or '(base)'} "
+                "is missing; load the image's lower layers again"
+            )
+        candidate = self._candidate(key)
+        self._discard_image(candidate)
+        self._rbd.RBD().clone(
+            self._ioctx, source, SNAP, self._ioctx, candidate, data_pool=self.data_pool
+        )
+        self._remember(
+            _ImageState(name=candidate, meta=dict(pstate.meta), size=pstate.snaps[SNAP][1],
+                        parent=source)
+        )
+        with self._lock:
+            self._checked.add(candidate)
+        depth = min(pstate.depth, 1 << 16) + 1
+        self._set_meta(
+            candidate,
+            {K_OWNER: self.node_id, K_LAYER: "candidate", K_PARENT: parent_chain or NONE,
+             K_STATE: "dirty", K_DEPTH: str(depth), K_CHAIN: NONE},
+        )
+        size = 0
+        with self._work_mount(candidate, readonly=False) as (top, _device):
+            root = os.path.join(top, ROOTFS)
+            archive.apply_layer(body, root, ApplyMode.INPLACE, id_map)
+            if measure is not None:
+                size = self._size_against_parent(measure, root)
+        reader.drain()
+        chain = thin.chain_id(parent_chain or None, reader.digest())
+        if self.flatten_depth and depth >= self.flatten_depth:
+            with self._open(candidate) as image:
+                image.flatten()
+            depth = 0
+        self._set_meta(candidate, {K_CHAIN: chain, K_DEPTH: str(depth)})
+        self._snapshot(candidate)
+        return candidate, chain, size
+
+    def _settle(self, candidate: str, chain: str, layer: LayerInfo | None, name: str) -> bool:
+        """
+        Make the candidate of C{chain} the pool's shared image of that chain,
+        or discard it if the pool has one already; the layer (if any)
+        becomes a clone of the shared image.  Returns whether the pool
+        already had it.  Races with other nodes publishing the same chain,
+        or removing it, end in one shared image that the layer clones.
+        """
+        target = self.shared_image(chain)
+        meta = {K_CHAIN: chain, K_STATE: "shared"}
+        for _attempt in range(10):
+            existing = self._shared_state(target)
+            if existing is not None:
+                if existing.meta.get(K_CHAIN) != chain:
+                    raise BackendError(
+                        f"image {self.spec(target)} does not hold chain {chain} "
+                        f"(its {K_CHAIN} is {existing.meta.get(K_CHAIN)!r}); refusing to use it"
+                    )
+                try:
+                    if layer is not None:
+                        self._destroy(layer.id, name)
+                        self._clone(layer, name, None, shared=target, meta=meta)
+                except _SharedGone:
+                    time.sleep(0.1)
+                    continue
+                self._discard_image(candidate)
+                return True
+            # The layer is cloned from the candidate before the rename, so
+            # a gc elsewhere cannot take the published image from under it.
+            if layer is not None:
+                self._destroy(layer.id, name)
+                self._clone_from_candidate(layer, name, candidate, meta)
+            if self._publish(candidate, target):
+                return False
+            # Another node was first: use its image instead of ours.
+            self._set_meta(candidate, {K_OWNER: self.node_id})
+            time.sleep(0.05)
+        raise BackendError(f"cannot settle the shared image {self.spec(target)} (it keeps changing)")
+
+    def _clone_from_candidate(
+        self, layer: LayerInfo, name: str, candidate: str, meta: dict[str, str]
+    ) -> None:
+        # The candidate is not published yet: clone it as if it were.
+        self._set_meta(candidate, {K_OWNER: SHARED})
+        self._forget(candidate)
+        try:
+            self._clone(layer, name, None, shared=candidate, meta=meta)
+        finally:
+            self._set_meta(candidate, {K_OWNER: self.node_id})
+
+    def _apply_shared(
+        self, layer: LayerInfo, name: str, body: Any, reader: thin.HashingReader,
+        parent_chain: str, id_map: IDMap,
+    ) -> int:
+        candidate, chain, size = self._build_candidate(
+            layer.id, parent_chain, body, reader, id_map, layer
+        )
+        existed = self._settle(candidate, chain, layer, name)
+        log.info(
+            "layer {id}: chain {chain} {how} {image}",
+            id=layer.id,
+            chain=chain,
+            how="is already in the pool as" if existed else "published as",
+            image=self.spec(self.shared_image(chain)),
+        )
+        return size
+
+    def _apply_thin(self, layer: LayerInfo, name: str, raw: bytes, id_map: IDMap) -> int:
+        """
+        Make the layer a clone of the snapshot a thin descriptor names (no
+        extraction), with the descriptor written at its path so that the
+        layer reads back as the tar it was loaded from.
+        """
+        descriptor = thin.parse(raw)
+        if layer.parent is not None:
+            raise ThinDescriptorError(
+                f"a thin descriptor must be its image's only layer; this one is on top of "
+                f"layer {layer.parent}"
+            )
+        if not id_map.identity or tuple(layer.root_ids) != (0, 0):
+            raise ThinDescriptorError(
+                "thin images cannot be used with dockerd's userns-remap (their layers "
+                "hold the image's own ids)"
+            )
+        if descriptor.fsid != self._fsid:
+            raise ThinDescriptorError(
+                f"thin descriptor points to Ceph cluster {descriptor.fsid}, but this node "
+                f"uses cluster {self._fsid}"
+            )
+        ours = (self.pool, self.namespace or "")
+        if (descriptor.pool, descriptor.namespace) != ours:
+            where = "/".join(p for p in (descriptor.pool, descriptor.namespace) if p)
+            raise ThinDescriptorError(
+                f"thin descriptor points to pool {where}, but this node keeps its layers in "
+                f"{'/'.join(p for p in ours if p)}"
+            )
+        if descriptor.filesystem != self.fs:
+            raise ThinDescriptorError(
+                f"thin descriptor holds {descriptor.filesystem} snapshots, but this node "
+                f"uses {self.fs}"
+            )
+        top = descriptor.top
+        state = self._shared_state(top.image)
+        if state is None:
+            raise ThinDescriptorError(
+                f"thin descriptor names snapshot {self.spec(top.image)}@{SNAP}, which does "
+                "not exist in the pool (or is not a protected txgraph shared snapshot)"
+            )
+        if state.meta.get(K_CHAIN) != top.chain_id:
+            raise ThinDescriptorError(
+                f"thin descriptor: snapshot {self.spec(top.image)}@{SNAP} holds chain "
+                f"{state.meta.get(K_CHAIN) or '(none)'}, not {top.chain_id}"
+            )
+        try:
+            self._destroy(layer.id, name)
+            self._clone(layer, name, None, shared=top.image, meta={K_STATE: "thin"})
+        except _SharedGone:
+            raise ThinDescriptorError(
+                f"thin descriptor names snapshot {self.spec(top.image)}@{SNAP}, which was "
+                "removed while this layer was made"
+            ) from None
+        with self._work_mount(name, readonly=False) as (top_dir, _device):
+            path = os.path.join(top_dir, ROOTFS, thin.DESCRIPTOR_PATH)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            try:
+                os.write(fd, raw)
+                os.fchmod(fd, 0o644)
+                os.fchown(fd, 0, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.utime(path, (0, 0), follow_symlinks=False)
+        return len(raw)
+
+    def publish_layer(
+        self,
+        parent_chain: str,
+        path: str | None,
+        diff_id: str,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:
+        """
+        Store a layer tar (a file: C{docker save}'s C{layer.tar}) as the
+        shared image of its chain, on the chain C{parent_chain} ("" for the
+        first layer), unless the pool has it already.  Checks that the
+        file's digest is C{diff_id}.  With no C{path}, only says whether the
+        pool has the chain.  For C{txgraph-admin make-thin}.
+        """
+        chain = thin.chain_id(parent_chain or None, diff_id)
+        target = self.shared_image(chain)
+        with self._op("publication of a shared layer", None, target):
+            if self._shared_state(target) is not None:
+                return {"chain_id": chain, "image": target, "existed": True}
+            if path is None:
+                return {"chain_id": chain, "image": target, "existed": False}
+            key = "publish-" + chain.split(":", 1)[1][:32]
+            with open(path, "rb") as f:
+                reader = thin.HashingReader(cast(BinaryIO, f), progress)
+                try:
+                    candidate, built, _size = self._build_candidate(
+                        key, parent_chain, reader, reader, archive.IDMap(), None
+                    )
+                    if built != chain:
+                        raise BackendError(
+                            f"{path} has digest {reader.digest()}, not the diff ID {diff_id} "
+                            "the image's config gives"
+                        )
+                    existed = self._settle(candidate, chain, None, "")
+                except BaseException:
+                    self._discard_image(self._candidate(key))
+                    raise
+            return {"chain_id": chain, "image": target, "existed": existed}
+
+    def shared_info(self) -> dict[str, str]:
+        """
+        Where this node's shared images are: what a thin descriptor records.
+        """
+        return {
+            "fsid": self._fsid,
+            "pool": self.pool,
+            "namespace": self.namespace or "",
+            "filesystem": self.fs,
+            "stem": self._shared_stem,
+        }
+
+    def shared_orphans(self, min_age: float) -> list[Orphan]:
+        """
+        Shared images that nothing uses: no image in the pool (any node's
+        layer or candidate) is cloned from them, except other unused shared
+        images; and older than C{min_age} seconds.  Leaves come first, so
+        removing them in order frees whole chains.  Removal is checked by
+        RBD itself (unprotecting a snapshot with clones fails), so two nodes'
+        gc never remove what a third one starts to use meanwhile.
+        """
+        assert self._rbd is not None
+        rbd = self._rbd
+        with self._op("list of the shared images", None):
+            now = time.time()
+            children: dict[str, list[str]] = {}
+            for name in self._rbd.RBD().list(self._ioctx):
+                if not name.startswith(self._shared_stem):
+                    continue
+                try:
+                    image = rbd.Image(self._ioctx, name, read_only=True)
+                except rbd.ImageNotFound:
+                    continue
+                try:
+                    if dict(image.metadata_list()).get(K_OWNER) != SHARED:
+                        continue
+                    if now - image.create_timestamp().timestamp() < min_age:
+                        continue
+                    kids: list[str] = []
+                    if any(s["name"] == SNAP for s in image.list_snaps()):
+                        image.set_snap(SNAP)
+                        kids = [
+                            c["image"] if c["pool"] == self.pool and not c["trash"]
+                            and (c["pool_namespace"] or None) == self.namespace else "\0"
+                            for c in image.list_children2()
+                        ]
+                    children[name] = kids
+                except rbd.ImageNotFound:
+                    continue
+                finally:
+                    image.close()
+        unused: list[str] = []
+        changed = True
+        while changed:
+            changed = False
+            for name, kids in children.items():
+                if name not in unused and all(k in unused for k in kids):
+                    unused.append(name)
+                    changed = True
+        return [
+            Orphan("shared", name, f"shared image of chain {name[len(self._shared_stem):][:12]} "
+                   "that no image is cloned from")
+            for name in unused
+        ]
+
+    def _remove_shared(self, name: str) -> None:
+        """
+        Remove an unused shared image: unprotecting fails if a clone of it
+        appeared since it was found unused (then it stays, in use).
+        """
+        assert self._rbd is not None
+        rbd = self._rbd
+        state = self._inspect(name, fresh=True)
+        if state is None:
+            return
+        if not name.startswith(self._shared_stem) or state.meta.get(K_OWNER) != SHARED:
+            raise BackendError(f"{self.spec(name)} is not a shared txgraph image")
+        try:
+            with self._open(name) as image:
+                if image.snap_exists(SNAP):
+                    if image.is_protected_snap(SNAP):
+                        image.unprotect_snap(SNAP)
+                    image.remove_snap(SNAP)
+            rbd.RBD().remove(self._ioctx, name)
+        except rbd.ImageNotFound:
+            return
+        except rbd.ImageBusy:
+            raise BackendError(
+                f"{self.spec(name)} is in use again (an image was cloned from it since gc "
+                "looked); it stays"
+            ) from None
+
+    def cluster_reads(self) -> dict[str, dict[str, Any]]:
+        """
+        Per mounted layer: the bytes its mapping read from the cluster
+        through librbd (lazily: a clone reads its parents' blocks only when
+        they are read), as the mapping's performance counters give them.
+        """
+        result: dict[str, dict[str, Any]] = {}
+        if not os.path.isdir(self._mnt):
+            return result
+        for layer_id in sorted(os.listdir(self._mnt)):
+            if not mounts.is_mountpoint(self._mountpoint(layer_id)):
+                continue
+            try:
+                name = self.image_name(layer_id)
+            except BackendError:
+                continue
+            for mapping in self._mappings(name, layer_id):
+                counters = self._mapper_for(mapping).read_counters(mapping)
+                if counters is not None:
+                    state = self._inspect(name)
+                    result[layer_id] = {
+                        "image": self.spec(name),
+                        "bytes_read": counters["rd_bytes"],
+                        "reads": counters["rd"],
+                        "image_size": state.size if state else None,
+                    }
+                    break
+        return result
 
     def diff(
         self,
