@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import http.client
 import io
 import json
 import os
 import re
 import shutil
-import socket
 import sys
 import tarfile
 import tempfile
@@ -38,7 +36,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.web.iweb import IRequest
 
 from txgraph import __version__, gc, thin
-from txgraph.engine import Engine
+from txgraph.engine import Engine, UnixHTTPConnection
 from txgraph.errors import BadRequest, TxgraphError
 from txgraph.store import Store, states_in
 
@@ -275,23 +273,6 @@ class AdminAPI:
 
 
 # -- the command line --------------------------------------------------------
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """
-    HTTP over a UNIX socket (the admin socket; the tests also speak to the
-    plugin socket with it, as dockerd does).
-    """
-
-    def __init__(self, path: str, timeout: float = 3600) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
 
 
 class Daemon:

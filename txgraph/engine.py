@@ -26,8 +26,13 @@ class EngineError(TxgraphError):
     """
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """
+    HTTP over a UNIX socket: dockerd's API, txgraph's admin socket (and, in
+    the tests, the plugin socket, as dockerd speaks to it).
+    """
+
+    def __init__(self, path: str, timeout: float = 3600) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
 
@@ -63,7 +68,7 @@ class Engine:
     def _request(
         self, method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
     ) -> http.client.HTTPResponse:
-        conn = _UnixConnection(self.path, self.timeout)
+        conn = UnixHTTPConnection(self.path, self.timeout)
         try:
             conn.request(method, url, body=body, headers=headers or {})
             response = conn.getresponse()

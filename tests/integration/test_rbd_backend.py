@@ -329,6 +329,10 @@ def test_two_nodes_share_a_pool(ceph: Ceph, tmp_path: Path) -> None:
         ("timeout", "0"),
         ("mount_options", "ro"),
         ("pool", "a/b"),
+        ("object_size", "3M"),
+        ("object_size", "1K"),
+        ("object_size", "64M"),
+        ("share", "maybe"),
     ],
 )
 def test_bad_option(key: str, value: str) -> None:

@@ -130,6 +130,10 @@ def test_make_thin_describes_the_layers(
     for layer in descriptor["layers"]:
         image = layer["snapshot"].split("@")[0]
         assert image in images and image.endswith(layer["chain_id"][7:])
+        info = json.loads(_rbd(ceph_cluster, "info", "--format", "json",
+                               f"{ceph_cluster.pool}/{namespace}/{image}"))
+        # Small objects: a clone's first write copies 256 KiB, not 4 MiB.
+        assert info["object_size"] == 256 << 10, info
     thin_info = json.loads(a.docker("image", "inspect", THIN).stdout)[0]
     assert len(thin_info["RootFS"]["Layers"]) == 1
     assert thin_info["Id"] == report["thin_id"]

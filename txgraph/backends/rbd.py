@@ -228,6 +228,13 @@ def _depth(value: str) -> int:
     return depth
 
 
+def _object_size(value: str) -> int:
+    size = parse_size(value)
+    if size < 4096 or size > 32 << 20 or size & (size - 1):
+        raise ValueError(f"{value!r} is not a power of two from 4K to 32M")
+    return size
+
+
 def _yes(value: str) -> bool:
     lowered = value.strip().lower()
     if lowered in ("1", "yes", "true", "on"):
@@ -318,6 +325,14 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def _remove_snap(image: Any) -> None:
+    # Unprotect (librbd refuses while clones exist) and remove @txgraph.
+    if image.snap_exists(SNAP):
+        if image.is_protected_snap(SNAP):
+            image.unprotect_snap(SNAP)
+        image.remove_snap(SNAP)
+
+
 class _SharedGone(Exception):
     """
     A shared image vanished (or lost its protected snapshot) between a look
@@ -347,6 +362,14 @@ class RBDBackend(Backend):
         BackendOption("prefix", "image name prefix", "txgraph.", _prefix),
         BackendOption("base_size", "size of the base image (e.g. 10G)", "10G", _base_size),
         BackendOption("fs", "filesystem: ext4 or xfs", "ext4", _fs),
+        BackendOption(
+            "object_size",
+            "RADOS object size of the base images, and so of every clone (a power of two, "
+            "4K to 32M); a clone's first write to an object copies the whole object from "
+            "its parent",
+            "256K",
+            _object_size,
+        ),
         BackendOption("mkfs_args", "extra mkfs arguments for the base image", "", _mkfs_args),
         BackendOption("mount_options", "extra mount options, comma-separated", "", _mount_options),
         BackendOption("mapper", "auto, krbd, nbd or fuse", "auto", _mapper),
@@ -380,6 +403,7 @@ class RBDBackend(Backend):
         self.prefix: str = opts["prefix"]
         self.base_size: int = opts["base_size"]
         self.fs: str = opts["fs"]
+        self.object_size: int = opts["object_size"]
         self.mkfs_args: list[str] = list(opts["mkfs_args"])
         self.mount_options: str = opts["mount_options"]
         self.mapper_choice: str = opts["mapper"]
@@ -1082,7 +1106,8 @@ class RBDBackend(Backend):
         state = self._inspect(name)
         if state is None:
             self._rbd.RBD().create(
-                self._ioctx, name, self.base_size, old_format=False, data_pool=self.data_pool
+                self._ioctx, name, self.base_size, order=self.object_size.bit_length() - 1,
+                old_format=False, data_pool=self.data_pool
             )
             self._set_meta(
                 name, {K_OWNER: self.node_id, K_LAYER: "base", K_FS: self.fs, K_DEPTH: "0"}
@@ -1663,10 +1688,7 @@ class RBDBackend(Backend):
             self._unmap(mapping)
         try:
             with self._open(name) as image:
-                if image.snap_exists(SNAP):
-                    if image.is_protected_snap(SNAP):
-                        image.unprotect_snap(SNAP)
-                    image.remove_snap(SNAP)
+                _remove_snap(image)
         except rbd.ImageNotFound:
             self._forget(name)
             return
@@ -1688,7 +1710,8 @@ class RBDBackend(Backend):
             candidate = self._candidate("base")
             self._discard_image(candidate)
             self._rbd.RBD().create(
-                self._ioctx, candidate, self.base_size, old_format=False, data_pool=self.data_pool
+                self._ioctx, candidate, self.base_size, order=self.object_size.bit_length() - 1,
+                old_format=False, data_pool=self.data_pool
             )
             with self._lock:
                 self._checked.add(candidate)
@@ -2037,10 +2060,7 @@ class RBDBackend(Backend):
             raise BackendError(f"{self.spec(name)} is not a shared txgraph image")
         try:
             with self._open(name) as image:
-                if image.snap_exists(SNAP):
-                    if image.is_protected_snap(SNAP):
-                        image.unprotect_snap(SNAP)
-                    image.remove_snap(SNAP)
+                _remove_snap(image)
             rbd.RBD().remove(self._ioctx, name)
         except rbd.ImageNotFound:
             return
