@@ -56,9 +56,9 @@ from txgraphd import Txgraphd, admin  # noqa: E402
 from txgraph.backends.mappers import admin_socket_command  # noqa: E402
 from txgraph.testing.ceph import DevCluster  # noqa: E402
 
-FULL = images.DEBIAN_TAG
-THIN = "bench/debian:thin"
-COMMAND = ("cat", "/etc/debian_version")
+DEBIAN = (images.DEBIAN_TAG, "bench/debian:thin", ("cat", "/etc/debian_version"))
+# --quick: the tiny busybox image, so that a smoke run takes seconds.
+BUSYBOX = (images.BUSYBOX_TAG, "bench/busybox:thin", ("echo", "first output"))
 
 
 def osd_bytes(cluster: DevCluster) -> tuple[int, int]:
@@ -74,7 +74,9 @@ def osd_bytes(cluster: DevCluster) -> tuple[int, int]:
             int(osd["op_w_in_bytes"]) + int(osd["op_rw_in_bytes"]))
 
 
-def first_output(dockerd: Dockerd, load: Path, image: str) -> tuple[float, float]:
+def first_output(
+    dockerd: Dockerd, load: Path, image: str, command: tuple[str, ...]
+) -> tuple[float, float]:
     """
     Seconds from the start of ``docker load`` to the first line the
     container prints, and of that the seconds ``docker load`` took.
@@ -86,7 +88,7 @@ def first_output(dockerd: Dockerd, load: Path, image: str) -> tuple[float, float
                    capture_output=True, timeout=900)
     loaded = time.monotonic() - start
     proc = subprocess.Popen(
-        [dockerd.docker_cli, "run", "--rm", "--network", "none", image, *COMMAND],
+        [dockerd.docker_cli, "run", "--rm", "--network", "none", image, *command],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     assert proc.stdout is not None
@@ -113,7 +115,9 @@ def forget(dockerd: Dockerd, txgraph: Txgraphd, image: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    parser.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: the busybox image, one repetition")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     parser.add_argument("--object-size", default=None,
                         help="txgraph --rbd-object-size (default: txgraph's own)")
@@ -122,12 +126,17 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench/thin.py needs root (mounts, loop devices, dockerd)")
     if not DevCluster.available():
         raise SystemExit("Ceph is not installed (ceph-mon, ceph-osd)")
-    debian = images.debian_image()
+    full_image, thin_image, command = BUSYBOX if args.quick else DEBIAN
+    source = images.busybox_image() if args.quick else images.debian_image()
+    reps = args.reps or (1 if args.quick else 3)
     work = Path(tempfile.mkdtemp(prefix="txgraph-thin-bench-", dir=args.workdir))
     samples: dict[str, list[dict[str, float]]] = {"thin": [], "full": []}
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, work, True)
-        cluster = DevCluster(work / "ceph")
+        # Admin socket paths must stay short: the cluster lives in /tmp.
+        cluster_dir = Path(tempfile.mkdtemp(prefix="txgraph-thin-ceph-"))
+        stack.callback(shutil.rmtree, cluster_dir, True)
+        cluster = DevCluster(cluster_dir / "c")
         stack.callback(cluster.down)
         cluster.up()
         nodes = []
@@ -147,21 +156,21 @@ def main(argv: list[str] | None = None) -> int:
             nodes.append((t, d))
         (ta, da), (tb, db) = nodes
         print("bench: node A loads the full image and makes the thin one", flush=True)
-        da.docker("load", "-i", str(debian), timeout=900)
-        made = admin(ta.state_dir, "make-thin", FULL, "--tag", THIN, "--docker-host", da.host,
-                     "--json")
+        da.docker("load", "-i", str(source), timeout=900)
+        made = admin(ta.state_dir, "make-thin", full_image, "--tag", thin_image,
+                     "--docker-host", da.host, "--json")
         if made.returncode != 0:
             raise SystemExit(f"make-thin failed: {made.stderr}")
         report = json.loads(made.stdout)
         image_bytes = sum(layer["size"] for layer in report["descriptor"]["layers"])
         thin_tar = work / "thin.tar"
-        da.docker("save", "-o", str(thin_tar), THIN)
-        loads = {"thin": (thin_tar, THIN), "full": (debian, FULL)}
-        for rep in range(args.reps):
+        da.docker("save", "-o", str(thin_tar), thin_image)
+        loads = {"thin": (thin_tar, thin_image), "full": (source, full_image)}
+        for rep in range(reps):
             for kind in (("thin", "full") if rep % 2 == 0 else ("full", "thin")):
                 path, image = loads[kind]
                 read0, written0 = osd_bytes(cluster)
-                seconds, load_seconds = first_output(db, path, image)
+                seconds, load_seconds = first_output(db, path, image, command)
                 read1, written1 = osd_bytes(cluster)
                 samples[kind].append(
                     {"seconds": seconds, "load": load_seconds, "read": read1 - read0,
@@ -179,10 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "image": FULL,
+        "image": full_image,
         "image_bytes": image_bytes,
         "layers": len(report["descriptor"]["layers"]),
-        "command_run": list(COMMAND),
+        "command_run": list(command),
         "samples": samples,
         "object_size": args.object_size,
         "median": {k: {key: median(k, key) for key in ("seconds", "load", "read", "written")}
@@ -206,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
          f"{result['median']['full']['written'] / 2**20:.1f}", "", "", ""),
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    print(f"\nimage {FULL}: {image_bytes / 2**20:.1f} MiB in {result['layers']} layer(s); "
-          f"median of {args.reps}; object size {args.object_size or 'default'}")
+    print(f"\nimage {full_image}: {image_bytes / 2**20:.1f} MiB in {result['layers']} layer(s); "
+          f"median of {reps}; object size {args.object_size or 'default'}")
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
     if args.out:
