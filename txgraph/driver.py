@@ -11,6 +11,9 @@ under a running dockerd reloads them from the store.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
 import re
 import time
 from collections.abc import Callable
@@ -96,6 +99,37 @@ def parse_storage_opts(
     return values
 
 
+#: glibc's mallopt parameter for the most malloc arenas (malloc.h).
+M_ARENA_MAX = -8
+
+#: How many malloc arenas txgraph's threads share.  glibc gives each new
+#: thread an arena of its own, up to 8 per core, and an arena keeps what it
+#: once held: with 16 backend threads taking turns at extracting and
+#: exporting layers, the daemon's RSS grew by some 8 MB per benchmark pass.
+#: The GIL already serialises nearly every allocation, so sharing costs
+#: nothing measurable.
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """
+    Cap glibc's malloc arenas for the threads created from now on, unless
+    C{MALLOC_ARENA_MAX} in the environment already says how many (the
+    operator's choice wins).  Returns whether the cap was set (not on a
+    libc without C{mallopt}).
+    """
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_ARENA_MAX, arenas))
+
+
 def read_boot_id() -> str:
     """
     The host's boot id.
@@ -139,6 +173,9 @@ class Driver:
         cli_options: dict[str, str],
         state_dir: str,
     ) -> None:
+        # Before the backend pool starts its threads (it starts them on
+        # demand, so none runs yet).
+        limit_malloc_arenas()
         self._reactor = reactor
         self.store = store
         self.state_dir = state_dir
