@@ -3,13 +3,19 @@
 The pieces of a txgraph call, timed one by one on a fresh loop-mounted
 ext4 (as in bench/run.py), to explain the socket latencies run.py reports:
 
- - ``commit_full``: one ``Store.update_layer_thd`` (txgraph's own code:
-   SQLAlchemy Core, WAL, synchronous=FULL, as every state change does);
+ - ``commit_full``: one ``Store.update_layer_thd`` (txgraph's own code: a
+   prepared UPDATE on the database thread's sqlite3 connection, WAL,
+   synchronous=FULL, as durable state changes do);
  - ``commit_normal`` / ``commit_off``: the same with synchronous=NORMAL / OFF
    (what the durability costs: in WAL mode FULL fsyncs the WAL at every
    commit, NORMAL only at checkpoints);
+ - ``sqlalchemy_full`` / ``sqlalchemy_normal``: the same UPDATE the way the
+   store wrote it before (SQLAlchemy Core: ``engine.connect()``, a new
+   ``layers.update().values()`` per call);
+ - ``group10_full`` / ``group10_normal``: ``Store.write_group_thd`` of 10
+   updates in one transaction (group commit), per group;
  - ``sqlite3_full`` / ``sqlite3_off``: the same UPDATE through the bare
-   sqlite3 module (what SQLAlchemy adds);
+   sqlite3 module (the floor);
  - ``fdatasync_4k``: write 4 KiB and fdatasync a file on the same fs (the
    floor of a durable commit on this disk);
  - ``thread_hop``: a no-op through ``deferToThreadPool`` and back, under a
@@ -45,7 +51,7 @@ sys.path.insert(0, str(HERE))
 import run as bench_run  # noqa: E402  (also puts the checkout on sys.path)
 
 from txgraph import mounts  # noqa: E402
-from txgraph.store import LayerRow, Store  # noqa: E402
+from txgraph.store import LayerRow, Store, _update, layers  # noqa: E402
 
 
 def timed(fn: Callable[[], object], n: int) -> list[float]:
@@ -65,10 +71,50 @@ def commits(root: Path, n: int) -> dict[str, list[float]]:
     store.insert_layer_thd(row)
     results: dict[str, list[float]] = {}
 
-    def update() -> None:
+    def update(durable: bool) -> Callable[[], None]:
+        def go() -> None:
+            row.refcount = (row.refcount + 1) % 5
+            row.updated_at = time.time()
+            store.update_layer_thd(row, durable)
+
+        return go
+
+    def off() -> None:
+        # The prepared update and commit, the pragma left at OFF.
         row.refcount = (row.refcount + 1) % 5
         row.updated_at = time.time()
-        store.update_layer_thd(row)
+        conn = store._connection_thd()
+        _update(row, False).execute(conn)
+        conn.commit()
+
+    def sqlalchemy(durable: bool) -> Callable[[], None]:
+        # What Store.update_layer_thd did before prepared statements.
+        def go() -> None:
+            row.refcount = (row.refcount + 1) % 5
+            row.updated_at = time.time()
+            values = row.to_db()
+            del values["id"]
+            with store.engine.connect() as conn:
+                mode = "FULL" if durable else "NORMAL"
+                if store._sync != mode:
+                    conn.exec_driver_sql(f"PRAGMA synchronous={mode}")
+                    conn.commit()
+                    store._sync = mode
+                with conn.begin():
+                    conn.execute(layers.update().where(layers.c.id == row.id).values(**values))
+
+        return go
+
+    def group(durable: bool) -> Callable[[], None]:
+        def go() -> None:
+            writes = []
+            for _ in range(10):
+                row.refcount = (row.refcount + 1) % 5
+                row.updated_at = time.time()
+                writes.append(_update(LayerRow(**row.__dict__), durable))
+            assert store.write_group_thd(writes) == [None] * 10
+
+        return go
 
     db = sqlite3.connect(str(root / "raw.db"), isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
@@ -91,12 +137,19 @@ def commits(root: Path, n: int) -> dict[str, list[float]]:
     # Interleaved, so that the disk's bad moments hit every variant alike.
     for i in range(n + 1):
         for mode in ("FULL", "NORMAL", "OFF"):
-            with store.engine.connect() as conn:
-                conn.exec_driver_sql(f"PRAGMA synchronous={mode}")
-                conn.commit()
-            ms = timed(update, 1)
+            if mode == "OFF":
+                store._connection_thd().execute("PRAGMA synchronous=OFF")
+                store._sync = "OFF"
+                ms = timed(off, 1)
+            else:
+                ms = timed(update(mode == "FULL"), 1)
             if i:
                 results.setdefault(f"commit_{mode.lower()}", []).extend(ms)
+        for mode in ("FULL", "NORMAL"):
+            for name, fn in (("sqlalchemy", sqlalchemy), ("group10", group)):
+                ms = timed(fn(mode == "FULL"), 1)
+                if i:
+                    results.setdefault(f"{name}_{mode.lower()}", []).extend(ms)
         for mode in ("FULL", "OFF"):
             db.execute(f"PRAGMA synchronous={mode}")
             ms = timed(raw, 1)

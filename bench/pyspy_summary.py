@@ -31,7 +31,11 @@ from typing import Any
 #: Inclusive buckets: (label, regex on the joined stack).  A stack is counted
 #: in every bucket whose pattern it matches.
 BUCKETS = [
-    ("sqlite commit (fsync)", r"\bcommit \(sqlalchemy/engine/default\.py|do_commit"),
+    ("sqlite commit (fsync)",
+     r"\bcommit \(sqlalchemy/engine/default\.py|do_commit|_commit_thd \(txgraph/store\.py"),
+    ("prepared layer write (txgraph.store, no SQLAlchemy)", r"\bexecute \(txgraph/store\.py"),
+    ("  of which group commits (write_group_thd, > 1 write)",
+     r"write_group_thd \(txgraph/store\.py:\d+\);[\w.]*(execute|_commit_thd) \(txgraph/store"),
     ("sqlalchemy execute (compile, bind, run)", r"Connection\.execute \(sqlalchemy"),
     ("sqlalchemy begin/connect/close", r"Engine\.begin|Connection\.__exit__|_connection_for_bind|Engine\.connect"),
     ("mount(2)", r"\bmount \(txgraph/mounts\.py"),
