@@ -2048,8 +2048,11 @@ class RBDBackend(Backend):
 
     def _remove_shared(self, name: str) -> None:
         """
-        Remove an unused shared image: unprotecting fails if a clone of it
-        appeared since it was found unused (then it stays, in use).
+        Remove an unused shared image.  RBD decides: unprotecting fails
+        while the snapshot has clones.  Clones that are unused shared images
+        themselves (another node's gc may be removing them at this moment)
+        are waited for; any other clone means the image is in use again, and
+        it stays.  Another node removing this very image is fine.
         """
         assert self._rbd is not None
         rbd = self._rbd
@@ -2058,17 +2061,33 @@ class RBDBackend(Backend):
             return
         if not name.startswith(self._shared_stem) or state.meta.get(K_OWNER) != SHARED:
             raise BackendError(f"{self.spec(name)} is not a shared txgraph image")
-        try:
-            with self._open(name) as image:
-                _remove_snap(image)
-            rbd.RBD().remove(self._ioctx, name)
-        except rbd.ImageNotFound:
-            return
-        except rbd.ImageBusy:
-            raise BackendError(
-                f"{self.spec(name)} is in use again (an image was cloned from it since gc "
-                "looked); it stays"
-            ) from None
+        deadline = time.monotonic() + max(5.0, self.timeout)
+        while True:
+            try:
+                with self._open(name) as image:
+                    _remove_snap(image)
+                rbd.RBD().remove(self._ioctx, name)
+                return
+            except rbd.ImageBusy:
+                users = [c for c in self._children(name) if self._shared_stem not in c]
+                if users:
+                    raise BackendError(
+                        f"{self.spec(name)} is in use again ({', '.join(users[:3])} was "
+                        "cloned from it since gc looked); it stays"
+                    ) from None
+            except rbd.ImageNotFound:
+                return
+            except rbd.Error:
+                # Another node's gc is unprotecting or removing it right now.
+                if self._inspect(name, fresh=True) is None:
+                    return
+            if time.monotonic() > deadline:
+                raise BackendError(
+                    f"{self.spec(name)} is still being changed by another node; it is left to it"
+                )
+            time.sleep(0.2)
+            if self._inspect(name, fresh=True) is None:
+                return
 
     def cluster_reads(self) -> dict[str, dict[str, Any]]:
         """
