@@ -6,10 +6,17 @@ deep for absolute lower paths in one page, and whiteouts on disk.
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 from pathlib import Path
 
+import pytest
+
+from txgraph import thin
+from txgraph.archive import IDMap
 from txgraph.backends.overlay import OverlayBackend
+from txgraph.thin import ThinDescriptorError
 from txgraph.testing.conformance import Layers, make_backend_tests
 
 
@@ -41,5 +48,32 @@ def test_long_lower_paths(tmp_path: Path) -> None:
         root = layers.get(parent)
         assert len([n for n in os.listdir(root) if n.startswith("f")]) == 40
         layers.put(parent)
+    finally:
+        layers.cleanup()
+
+
+def test_thin_image_layers_are_refused(tmp_path: Path) -> None:
+    """
+    A thin image's layer (a lone descriptor) names why overlay cannot use
+    it and leaves the layer empty; a layer that merely starts with a file of
+    that name is an ordinary layer, extracted in full.
+    """
+    backend = OverlayBackend(str(tmp_path), {"mountopt": ""})
+    backend.start()
+    layers = Layers(backend)
+    try:
+        layer = layers.create(readwrite=False)
+        with pytest.raises(ThinDescriptorError, match="thin images need the rbd backend"):
+            backend.apply(layers.infos[layer], io.BytesIO(thin.layer_tar(b"{}")), IDMap())
+        assert os.listdir(backend.diff_dir(layer)) == []
+        ordinary = io.BytesIO()
+        with tarfile.open(fileobj=ordinary, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for name in (thin.DESCRIPTOR_PATH, "bin/sh"):
+                info = tarfile.TarInfo(name)
+                info.size = 2
+                tar.addfile(info, io.BytesIO(b"{}"))
+        ordinary.seek(0)
+        backend.apply(layers.infos[layer], ordinary, IDMap())
+        assert sorted(os.listdir(backend.diff_dir(layer))) == [thin.DESCRIPTOR_PATH, "bin"]
     finally:
         layers.cleanup()

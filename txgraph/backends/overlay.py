@@ -29,7 +29,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from txgraph import archive, mounts
+from txgraph import archive, mounts, thin
 from txgraph.archive import ApplyMode, Change, IDMap
 from txgraph.backends import (
     Backend,
@@ -40,6 +40,7 @@ from txgraph.backends import (
     set_traverse,
 )
 from txgraph.errors import BackendError, BadRequest, ConfigurationError
+from txgraph.thin import ThinDescriptorError
 
 _ID = re.compile(r"[0-9a-f]{64}(?:-init)?")
 
@@ -312,13 +313,21 @@ class OverlayBackend(Backend):
         """
         Extract the tar into the layer's diff directory (AUFS whiteouts
         become overlay whiteouts), after emptying it (ApplyDiff may be a
-        retry); on failure the layer is emptied again.
+        retry); on failure the layer is emptied again.  A thin image's
+        layer (a lone descriptor) is refused: its data is in Ceph.
         """
         diff = self.diff_dir(layer.id)
         if os.listdir(diff):
             self.reset(layer)
+        descriptor, body = thin.sniff(stream)
+        if descriptor is not None:
+            raise ThinDescriptorError(
+                f"this layer is a txgraph thin image (its only file is /{thin.DESCRIPTOR_PATH}): "
+                "thin images need the rbd backend, their layers are in Ceph; load the full "
+                "image on this node"
+            )
         try:
-            archive.apply_layer(stream, diff, ApplyMode.OVERLAY, id_map, scratch_dir=self._tmp)
+            archive.apply_layer(body, diff, ApplyMode.OVERLAY, id_map, scratch_dir=self._tmp)
         except BaseException:
             self.reset(layer)
             raise
