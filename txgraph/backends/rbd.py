@@ -107,7 +107,7 @@ K_FS = "txgraph.fs"
 K_FORMATTED = "txgraph.formatted"
 K_DEPTH = "txgraph.depth"
 #: The OCI chain ID whose tree the image holds exactly (shared images, and
-#: layers that are unchanged clones of one); empty otherwise.
+#: layers that are unchanged clones of one); NONE otherwise.
 K_CHAIN = "txgraph.chain"
 #: A metadata value meaning "none" (librbd's metadata listing misreads
 #: empty values).
@@ -776,7 +776,10 @@ class RBDBackend(Backend):
         if owner == SHARED and state.name.startswith(self._stem):
             # A clone of a shared image that crashed before its own
             # metadata was written (it starts with a copy of its parent's).
-            return state.parent is not None and state.parent.startswith(self._shared_stem)
+            return state.parent is not None and (
+                state.parent.startswith(self._shared_stem)
+                or state.parent.startswith(self._candidate(""))
+            )
         if owner is not None:
             return owner == self.node_id
         # A clone that crashed before its metadata was written: ours if
