@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from txgraph import faults
 from txgraph.archive import Change, IDMap
 from txgraph.backends import (
     AsyncBackend,
@@ -304,13 +305,16 @@ class Driver:
         """
         Get: the layer's directory, mounted, with a reference taken.
         """
-        return await self.registry.get(layer_id)
+        path = await self.registry.get(layer_id)
+        faults.point("get.committed")
+        return path
 
     async def put(self, layer_id: str) -> None:
         """
         Put: drop a reference taken by Get.
         """
         await self.registry.put(layer_id)
+        faults.point("put.committed")
 
     def exists(self, layer_id: str) -> bool:
         """

@@ -5,7 +5,9 @@ crash point, as a power cut or an OOM kill would.
 Every write-ahead step of the layer machine has two points: C{<trying
 state>.before} (the trying state is committed, the backend has not been
 called) and C{<trying state>.after} (the backend call returned, its outcome
-is not committed yet).  Backends may declare points of their own inside
+is not committed yet).  Get and Put have one more each, C{get.committed}
+and C{put.committed}: the new reference count is committed, and dockerd
+has no answer yet.  Backends may declare points of their own inside
 multi-step operations with L{declare} and L{point}.
 
 Crash points are armed only by the environment variable
@@ -33,7 +35,14 @@ TRYING_STATES = (
     "removing",
 )
 
-_known: set[str] = {f"{state}.{when}" for state in TRYING_STATES for when in ("before", "after")}
+#: Get and Put once their new reference count is committed, before dockerd
+#: has its answer: the one window that is neither a trying state's before
+#: nor its after (a Get of a mounted layer calls no backend at all).
+ANSWER_POINTS = ("get.committed", "put.committed")
+
+_known: set[str] = {
+    f"{state}.{when}" for state in TRYING_STATES for when in ("before", "after")
+} | set(ANSWER_POINTS)
 _armed: frozenset[str] = frozenset()
 
 

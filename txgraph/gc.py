@@ -14,8 +14,11 @@ C{mounts/*/mount-id} and C{init-id}).  Every orphan has a kind:
  - C{object}: backend storage with no layer row;
  - C{row}: a layer row whose storage is gone;
  - C{faulty}: a layer a failed operation left faulty;
- - C{unknown}: a layer dockerd no longer knows (older than C{min_age}, not
-   in use), e.g. after dockerd crashed between Create and recording it;
+ - C{unknown}: a layer dockerd no longer knows (untouched for C{min_age}),
+   e.g. after dockerd crashed between Create and recording it, or gave up
+   on a Get whose answer a txgraph crash swallowed.  A layer dockerd does
+   not know cannot be in use by it, so its references (if any) are
+   released before it is removed;
  - C{shared}: storage shared by the nodes of a pool (rbd: a layer's shared
    snapshot) that no node's layer uses any more, older than C{min_age}.
    Whether anything uses it is the cluster's to say (RBD clone children),
@@ -128,12 +131,15 @@ async def collect(
             for row in rows:
                 if row.id in known or row.id in reported:
                     continue
-                if row.state != "created" or row.refcount:
+                if row.state not in ("created", "mounted") or (
+                    row.state == "created" and row.refcount
+                ):
                     continue
                 if now - row.updated_at < min_age:
                     continue
+                held = f", yet holds {row.refcount} reference(s)" if row.refcount else ""
                 findings.append(
-                    Finding("unknown", row.id, f"dockerd ({home}) no longer knows this layer")
+                    Finding("unknown", row.id, f"dockerd ({home}) no longer knows this layer{held}")
                 )
     order = {kind: i for i, kind in enumerate(KINDS)}
     findings.sort(key=lambda f: (order[f.kind], f.id))
@@ -166,6 +172,10 @@ async def repair(
         progress(i, len(ordered), finding)
         try:
             if finding.kind in ("faulty", "row", "unknown"):
+                if finding.id in registry and finding.kind == "unknown":
+                    # References dockerd cannot hold: it does not know the layer.
+                    while registry.lookup(finding.id).row.refcount > 0:
+                        await registry.put(finding.id)
                 if finding.id in registry:
                     await registry.remove(finding.id)
             else:

@@ -239,6 +239,9 @@ POINTS = {
         for when in ("before", "after")
     ],
 }
+# Get and Put with their new reference count committed, unanswered.
+for _points in POINTS.values():
+    _points += ["get.committed", "put.committed"]
 CASES = [(backend, point) for backend, points in POINTS.items() for point in points]
 
 
