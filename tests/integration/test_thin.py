@@ -190,7 +190,8 @@ def test_a_thin_container_reads_a_small_fraction_of_the_image(
 
 
 def test_the_same_ordinary_image_on_the_other_node_adds_almost_nothing(
-    two_nodes: tuple[Stack, Stack, str], debian_image: Path, ceph_cluster: DevCluster
+    two_nodes: tuple[Stack, Stack, str], made: dict[str, Any], debian_image: Path,
+    ceph_cluster: DevCluster,
 ) -> None:
     """
     B loads the full image too: its layer is found in the pool by chain ID,
@@ -214,12 +215,12 @@ def test_the_same_ordinary_image_on_the_other_node_adds_almost_nothing(
 
 
 def test_gc_removes_shared_layers_once_no_node_uses_them(
-    two_nodes: tuple[Stack, Stack, str], ceph_cluster: DevCluster
+    two_nodes: tuple[Stack, Stack, str], made: dict[str, Any], ceph_cluster: DevCluster
 ) -> None:
     """
     Once B removed its images too, the shared layers are unused: gc on both
-    nodes at once finds them and removes them, each exactly once, without
-    an error; nothing is left but the nodes' own base images.
+    nodes at once finds them and removes them without an error; nothing is
+    left but the nodes' own base images.
     """
     a, b, namespace = two_nodes
     for image in (THIN, FULL):
@@ -228,8 +229,10 @@ def test_gc_removes_shared_layers_once_no_node_uses_them(
     assert shared
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda s: _gc(s, "--apply"), (a, b)))
+    # Each node finds what is unused when it looks (the other may have
+    # removed some already); together they find all, and every removal works.
+    assert {f["id"] for found in results for f in found} == set(shared)
     for found in results:
-        assert sorted(f["id"] for f in found) == sorted(shared)
         assert all(f["kind"] == "shared" and f["repaired"] for f in found), found
     assert _images(ceph_cluster, namespace) == ["txgraph.node-a.base", "txgraph.node-b.base"]
     assert _gc(a) == [] and _gc(b) == []

@@ -2072,7 +2072,11 @@ class RBDBackend(Backend):
                 rbd.RBD().remove(self._ioctx, name)
                 return
             except rbd.ImageBusy:
-                users = [c for c in self._children(name) if self._shared_stem not in c]
+                try:
+                    users = [c for c in self._children(name) if self._shared_stem not in c]
+                except rbd.Error:
+                    # Changed under us (another node's gc): look again.
+                    users = []
                 if users:
                     raise BackendError(
                         f"{self.spec(name)} is in use again ({', '.join(users[:3])} was "
