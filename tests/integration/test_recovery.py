@@ -338,6 +338,28 @@ def _verify_nothing_leaked_or_lost(stack: Stack) -> None:
     assert (code, [(f["kind"], f["id"], f["detail"]) for f in findings]) == (0, [])
 
 
+def _crash_during(stack: Stack, point: str, args: list[str]) -> Any:
+    """
+    Run a docker command while txgraph (armed at C{point}) dies there;
+    restart txgraph; return the command's result once dockerd gave up or
+    finished.
+    """
+    daemon = stack.txgraph
+    outcome: dict[str, Any] = {}
+    worker = threading.Thread(
+        target=lambda: outcome.update(result=stack.docker(*args, check=False, timeout=120))
+    )
+    worker.start()
+    process = daemon.process
+    assert process is not None
+    process.wait(timeout=60)
+    assert process.returncode == -9, f"txgraph did not die at {point}"
+    daemon.process = None
+    daemon.start()
+    worker.join(timeout=120)
+    return outcome["result"]
+
+
 @pytest.mark.dockerd
 @pytest.mark.parametrize("backend, point", CASES)
 def test_crash_point(
@@ -355,19 +377,7 @@ def test_crash_point(
     daemon.start()
     del daemon.env["TXGRAPH_CRASH_AT"]
     args = _workload(point, tmp_path)
-    outcome: dict[str, Any] = {}
-    worker = threading.Thread(
-        target=lambda: outcome.update(result=stack.docker(*args, check=False, timeout=120))
-    )
-    worker.start()
-    process = daemon.process
-    assert process is not None
-    process.wait(timeout=60)
-    assert process.returncode == -9, f"txgraph did not die at {point}"
-    daemon.process = None
-    daemon.start()
-    worker.join(timeout=120)
-    result = outcome["result"]
+    result = _crash_during(stack, point, args)
     if result.returncode != 0:
         # dockerd retries a call cut off by the crash with the request body
         # it already consumed: an empty JSON body (refused: "missing ID") or
@@ -416,4 +426,34 @@ def test_dockerd_sigkill_with_running_containers(
         time.sleep(0.2)
     assert stack.status()["Mounts"] == "0"
     docker("rm", "k1", "k2")
+    _verify_nothing_leaked_or_lost(stack)
+
+
+@pytest.mark.dockerd
+def test_lost_get_answer_on_a_container_layer(crash_stacks: Callable[[str], Stack]) -> None:
+    """
+    txgraph killed after committing the Get of a container's own layer
+    (docker start), before answering: dockerd's retry fails, so the start
+    fails, and dockerd's clean-up of the failed start Puts the layer.  No
+    reference is left over (unlike the -init layer's Get in docker run,
+    which leaks the layer: see test_crash_point), gc finds nothing, and the
+    container starts and is removed normally.
+    """
+    stack = crash_stacks("overlay")
+    daemon = stack.txgraph
+    stack.docker("create", "--name", "held", "--network", "none", "busybox:local", "true")
+    try:
+        daemon.stop()
+        daemon.env["TXGRAPH_CRASH_AT"] = "get.committed"
+        daemon.start()
+        del daemon.env["TXGRAPH_CRASH_AT"]
+        result = _crash_during(stack, "get.committed", ["start", "held"])
+        assert result.returncode != 0, result.stdout
+        assert "GraphDriver.Get" in result.stderr, result.stderr
+        assert stack.status()["Mounts"] == "0"
+        assert stack.status()["References"] == "0"
+        stack.docker("start", "-a", "held")
+        stack.docker("rm", "held")
+    finally:
+        stack.docker("rm", "-f", "held", check=False)
     _verify_nothing_leaked_or_lost(stack)
