@@ -6,7 +6,6 @@ database thread is busy.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,35 +14,18 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from txgraph.store import LayerRow, Store
+from txgraph.testing.queued import QueuedCalls
 
 A = "a" * 64
 B = "b" * 64
 C = "c" * 64
 
 
-class QueuedThread:
+class QueuedThread(QueuedCalls):
     """
     A database "thread" that runs its jobs only when told to, so that
     writes pile up as they do behind a slow commit.
     """
-
-    def __init__(self) -> None:
-        self.jobs: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
-
-    def run(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.jobs.append((fn, args, d))
-        return d
-
-    def drain(self) -> None:
-        while self.jobs:
-            fn, args, d = self.jobs.pop(0)
-            try:
-                result = fn(*args)
-            except Exception:
-                d.errback(Failure())
-            else:
-                d.callback(result)
 
 
 def outcome(d: Deferred[Any]) -> Any:

@@ -25,7 +25,6 @@ import string
 import tarfile
 import tempfile
 from collections import Counter, deque
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -35,7 +34,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from test_api import Client, ImmediateReactor, parse
 from test_layers import InlineThread
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.address import UNIXAddress
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
@@ -47,6 +46,7 @@ from txgraph.backends import AsyncBackend, Backend
 from txgraph.backends.overlay import OverlayBackend
 from txgraph.driver import Driver
 from txgraph.store import Store
+from txgraph.testing.queued import QueuedCalls
 
 #: A handful of IDs, so that calls collide: parents, children, -init layers.
 POOL = ["a" * 64, "b" * 64, "c" * 64 + "-init", "0" * 64]
@@ -91,7 +91,7 @@ SEEN: Counter[tuple[str, int, str]] = Counter()
 # -- the daemon, in-process ----------------------------------------------------
 
 
-class QueuedBackend(AsyncBackend):
+class QueuedBackend(QueuedCalls, AsyncBackend):
     """
     The backend's thread-pool adapter, minus the threads: each call is
     queued and runs when L{drain} is called, after the request is in (an
@@ -99,23 +99,8 @@ class QueuedBackend(AsyncBackend):
     """
 
     def __init__(self, backend: Backend) -> None:
+        QueuedCalls.__init__(self)
         self.sync = backend
-        self.queue: deque[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = deque()
-
-    def run(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.queue.append((fn, args, d))
-        return d
-
-    def drain(self) -> None:
-        while self.queue:
-            fn, args, d = self.queue.popleft()
-            try:
-                result = fn(*args)
-            except Exception:
-                d.errback(Failure())
-            else:
-                d.callback(result)
 
 
 class Daemon:
