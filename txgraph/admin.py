@@ -738,7 +738,8 @@ def parser() -> argparse.ArgumentParser:
         help="find what crashes left behind (dry run); --apply repairs it",
         description="Compare txgraph's database, its backend (this node's objects only) "
         "and, with --docker-root, dockerd's layer store; list every orphan by kind "
-        "(mount, device, object, row, faulty, unknown).",
+        "(mount, device, object, row, faulty, unknown) and, on rbd, shared layers "
+        "that no node uses (shared).",
     )
     collect.add_argument("--apply", action="store_true", help="repair or remove the orphans")
     collect.add_argument("--json", action="store_true", help="machine-readable output")
