@@ -338,3 +338,29 @@ def test_a_descriptor_on_top_of_other_layers_is_refused(
         b.docker("load", input=out.getvalue(), text=False)
     assert "must be its image's only layer" in caught.value.stderr.decode()
     assert b.layer_ids() == layers
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("nosuch:image",), "dockerd has no image 'nosuch:image'"),
+        (("busybox:local", "--pool", "elsewhere"), "--pool elsewhere: this txgraph keeps its layers in pool"),
+        (("busybox:local", "--docker-host", "unix:///nonexistent.sock"), "does not exist (is dockerd running?)"),
+    ],
+    ids=["no-image", "other-pool", "no-dockerd"],
+)
+def test_make_thin_refuses_bad_input(
+    two_nodes: tuple[Stack, Stack, str], made: dict[str, Any], ceph_cluster: DevCluster,
+    busybox_image: Path, args: tuple[str, ...], message: str,
+) -> None:
+    """
+    make-thin names what is wrong (exit 2) and stores nothing.
+    """
+    a, _, namespace = two_nodes
+    a.docker("load", "-i", str(busybox_image))
+    images = _images(ceph_cluster, namespace)
+    extra = () if "--docker-host" in args else ("--docker-host", a.dockerd.host)
+    result = admin(a.txgraph.state_dir, "make-thin", *args, *extra)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr, result.stderr
+    assert _images(ceph_cluster, namespace) == images
