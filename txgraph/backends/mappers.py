@@ -640,7 +640,9 @@ class FuseMapper(Mapper):
         mapping has no admin socket (temporary, or made by an older
         txgraph) or does not answer.
         """
-        directory = mapping.get("fuse_dir")
+        directory = mapping.get("fuse_dir") or (
+            self._dir(mapping["tag"]) if mapping.get("tag") else None
+        )
         image = mapping.get("image")
         if not directory or not image:
             return None
