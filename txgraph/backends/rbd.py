@@ -729,6 +729,12 @@ class RBDBackend(Backend):
         try:
             state = _ImageState(name=name, meta=dict(image.metadata_list()))
             for snap in image.list_snaps():
+                if snap.get("namespace", rbd.RBD_SNAP_NAMESPACE_TYPE_USER) != (
+                    rbd.RBD_SNAP_NAMESPACE_TYPE_USER
+                ):
+                    # A removed snapshot that clones still use (librbd keeps
+                    # it in the trash namespace, under a UUID): not ours.
+                    continue
                 state.snaps[snap["name"]] = (
                     bool(image.is_protected_snap(snap["name"])),
                     int(snap["size"]),
@@ -2059,12 +2065,20 @@ class RBDBackend(Backend):
         """
         assert self._rbd is not None
         rbd = self._rbd
-        state = self._inspect(name, fresh=True)
+        deadline = time.monotonic() + max(5.0, self.timeout)
+        while True:
+            try:
+                state = self._inspect(name, fresh=True)
+                break
+            except rbd.Error:
+                # Being changed by another node's gc right now.
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         if state is None:
             return
         if not name.startswith(self._shared_stem) or state.meta.get(K_OWNER) != SHARED:
             raise BackendError(f"{self.spec(name)} is not a shared txgraph image")
-        deadline = time.monotonic() + max(5.0, self.timeout)
         while True:
             try:
                 with self._open(name) as image:
@@ -2086,15 +2100,17 @@ class RBDBackend(Backend):
                 return
             except rbd.Error:
                 # Another node's gc is unprotecting or removing it right now.
-                if self._inspect(name, fresh=True) is None:
-                    return
+                with contextlib.suppress(rbd.Error):
+                    if self._inspect(name, fresh=True) is None:
+                        return
             if time.monotonic() > deadline:
                 raise BackendError(
                     f"{self.spec(name)} is still being changed by another node; it is left to it"
                 )
             time.sleep(0.2)
-            if self._inspect(name, fresh=True) is None:
-                return
+            with contextlib.suppress(rbd.Error):
+                if self._inspect(name, fresh=True) is None:
+                    return
 
     def cluster_reads(self) -> dict[str, dict[str, Any]]:
         """
