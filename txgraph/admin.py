@@ -194,8 +194,8 @@ class AdminAPI:
         The status report.
         """
         await self._ready()
-        lines = await self.driver.status()
         reads = await self.driver.backend.cluster_reads()
+        lines = await self.driver.status(reads)
         request.setHeader(b"Content-Type", b"application/json")
         return json.dumps(status_report(self.driver, lines, reads)).encode()
 
@@ -384,9 +384,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         report = daemon.call("/status")
     else:
         async def work(driver: Any) -> dict[str, Any]:
-            return status_report(
-                driver, await driver.status(), await driver.backend.cluster_reads()
-            )
+            reads = await driver.backend.cluster_reads()
+            return status_report(driver, await driver.status(reads), reads)
 
         report = _offline(args, work)
     if args.json:

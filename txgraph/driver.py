@@ -380,9 +380,12 @@ class Driver:
         info = self.registry.info(layer_id)
         return await self.backend.metadata(info, self.registry.chain(layer_id))
 
-    async def status(self) -> list[tuple[str, str]]:
+    async def status(
+        self, cluster_reads: dict[str, dict[str, Any]] | None = None
+    ) -> list[tuple[str, str]]:
         """
-        Status, for C{docker info}.
+        Status, for C{docker info}: with what each mounted layer read from
+        a remote store (C{cluster_reads}, asked of the backend if not given).
         """
         rows = self.registry.rows()
         counts = states_in(rows)
@@ -399,6 +402,16 @@ class Driver:
             ("Faulty Layers", str(counts.get("faulty", 0))),
         ]
         lines.extend(await self.backend.status())
+        if cluster_reads is None:
+            cluster_reads = await self.backend.cluster_reads()
+        for layer_id, reads in cluster_reads.items():
+            lines.append(
+                (
+                    f"Lazy Reads {layer_id[:12]}",
+                    f"{reads['bytes_read']} bytes read from the cluster in {reads['reads']} "
+                    f"reads (image of {reads['image_size']} bytes)",
+                )
+            )
         lines.append(("Reactor Max Lag", f"{self.max_lag * 1000:.1f} ms"))
         return lines
 

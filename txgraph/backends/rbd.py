@@ -695,14 +695,6 @@ class RBDBackend(Backend):
         lines.append(
             ("Shared Layers", f"{self.spec(self._shared_stem)}<chain>@{SNAP}" if self.share else "off")
         )
-        for layer_id, reads in self.cluster_reads().items():
-            lines.append(
-                (
-                    f"Lazy Reads {layer_id[:12]}",
-                    f"{reads['bytes_read']} bytes read from the cluster in {reads['reads']} "
-                    f"reads (image of {reads['image_size']} bytes)",
-                )
-            )
         return lines
 
     # -- images ------------------------------------------------------------------------
@@ -999,17 +991,19 @@ class RBDBackend(Backend):
         grow_to: int | None,
         shared: str | None = None,
         meta: dict[str, str] | None = None,
+        source: _ImageState | None = None,
     ) -> None:
         """
         Make the layer's image: a clone of its parent's snapshot (or of the
-        shared image C{shared}), with its metadata (C{meta} added), grown
-        (and root-owned as asked) if need be.
+        shared image C{shared}, as looked at now, or as C{source} says: this
+        node's own finished candidate), with its metadata (C{meta} added),
+        grown (and root-owned as asked) if need be.
         """
         assert self._rbd is not None
         rbd = self._rbd
         if shared is not None:
             parent = shared
-            pstate = self._shared_state(shared)
+            pstate = source if source is not None else self._shared_state(shared)
             if pstate is None:
                 raise _SharedGone(shared)
         else:
@@ -1847,25 +1841,16 @@ class RBDBackend(Backend):
             # The layer is cloned from the candidate before the rename, so
             # a gc elsewhere cannot take the published image from under it.
             if layer is not None:
+                built = self._inspect(candidate, fresh=True)
+                if built is None:
+                    raise BackendError(f"the candidate {self.spec(candidate)} is gone")
                 self._destroy(layer.id, name)
-                self._clone_from_candidate(layer, name, candidate, meta)
+                self._clone(layer, name, None, shared=candidate, meta=meta, source=built)
             if self._publish(candidate, target):
                 return False
             # Another node was first: use its image instead of ours.
-            self._set_meta(candidate, {K_OWNER: self.node_id})
             time.sleep(0.05)
         raise BackendError(f"cannot settle the shared image {self.spec(target)} (it keeps changing)")
-
-    def _clone_from_candidate(
-        self, layer: LayerInfo, name: str, candidate: str, meta: dict[str, str]
-    ) -> None:
-        # The candidate is not published yet: clone it as if it were.
-        self._set_meta(candidate, {K_OWNER: SHARED})
-        self._forget(candidate)
-        try:
-            self._clone(layer, name, None, shared=candidate, meta=meta)
-        finally:
-            self._set_meta(candidate, {K_OWNER: self.node_id})
 
     def _apply_shared(
         self, layer: LayerInfo, name: str, body: Any, reader: thin.HashingReader,
