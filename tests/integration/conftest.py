@@ -299,3 +299,43 @@ def two_nodes(
         stack.backend = "rbd"
         stacks.append(stack)
     return stacks[0], stacks[1], namespace
+
+
+def rbd_cli(cluster: DevCluster, *args: str) -> str:
+    """
+    The rbd command line as the cluster's admin; its output (it must succeed).
+    """
+    import subprocess
+
+    result = subprocess.run(
+        ["rbd", "-c", cluster.conf, "--keyring", cluster.keyring, *args],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, f"rbd {' '.join(args)}: {result.stderr}"
+    return result.stdout
+
+
+def pool_images(cluster: DevCluster, namespace: str) -> list[str]:
+    """
+    C{rbd ls} of a namespace, sorted.
+    """
+    import json
+
+    return sorted(json.loads(rbd_cli(cluster, "ls", "--format", "json", f"{cluster.pool}/{namespace}")))
+
+
+def node_gc(stack: Stack, *args: str) -> tuple[int, list[dict[str, Any]]]:
+    """
+    txgraph-admin gc --json of a stack against its dockerd's layer store,
+    with no grace period: the exit code (0 or 1) and the findings.
+    """
+    import json
+
+    from txgraphd import admin
+
+    result = admin(
+        stack.txgraph.state_dir, "gc", "--json", "--docker-root", str(stack.dockerd.data_root),
+        "--driver", stack.txgraph.name, "--min-age", "0", *args,
+    )
+    assert result.returncode in (0, 1), result.stdout + result.stderr
+    return result.returncode, json.loads(result.stdout)["findings"]

@@ -8,40 +8,14 @@ on one leaves the other's alone.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import Stack
+from conftest import Stack, node_gc, pool_images
 
 from txgraph.testing.ceph import DevCluster
 
 pytestmark = [pytest.mark.dockerd, pytest.mark.ceph]
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _images(cluster: DevCluster, namespace: str) -> list[str]:
-    out = subprocess.run(
-        ["rbd", "-c", cluster.conf, "--keyring", cluster.keyring, "ls", "--format", "json",
-         f"{cluster.pool}/{namespace}"],
-        check=True, capture_output=True, text=True, timeout=60,
-    ).stdout
-    return sorted(json.loads(out))
-
-
-def _gc(stack: Stack, *args: str) -> tuple[int, list[dict[str, Any]]]:
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "txgraph-admin"), "--state-dir",
-         str(stack.txgraph.state_dir), "gc", "--json", "--docker-root",
-         str(stack.dockerd.data_root), "--driver", stack.txgraph.name, "--min-age", "0", *args],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert result.returncode in (0, 1), result.stdout + result.stderr
-    return result.returncode, json.loads(result.stdout)["findings"]
 
 
 def test_both_nodes_load_and_run(
@@ -56,7 +30,7 @@ def test_both_nodes_load_and_run(
         stack.docker("load", "-i", str(busybox_image))
         out = stack.docker("run", "--rm", "--network", "none", "busybox:local", "echo", "hi").stdout
         assert out.strip() == "hi"
-    images = _images(ceph_cluster, namespace)
+    images = pool_images(ceph_cluster, namespace)
     assert any(".node-a." in i for i in images) and any(".node-b." in i for i in images)
     # Besides each node's own images, only the shared layers of the pool.
     assert all(".node-a." in i or ".node-b." in i or ".shared." in i for i in images), images
@@ -79,13 +53,13 @@ def test_removal_on_one_node_keeps_the_other(
     A, even with --apply, never touches B's images.
     """
     a, b, namespace = two_nodes
-    b_images = {i for i in _images(ceph_cluster, namespace) if ".node-b." in i}
+    b_images = {i for i in pool_images(ceph_cluster, namespace) if ".node-b." in i}
     a.docker("rmi", "busybox:local")
-    remaining = set(_images(ceph_cluster, namespace))
+    remaining = set(pool_images(ceph_cluster, namespace))
     assert not any(".node-a." in i and ".base" not in i for i in remaining), remaining
     assert b_images <= remaining
     out = b.docker("run", "--rm", "--network", "none", "busybox:local", "echo", "still").stdout
     assert out.strip() == "still"
-    assert _gc(a, "--apply")[0] in (0, 1)
-    assert b_images <= set(_images(ceph_cluster, namespace))
-    assert _gc(b) == (0, [])
+    assert node_gc(a, "--apply")[0] in (0, 1)
+    assert b_images <= set(pool_images(ceph_cluster, namespace))
+    assert node_gc(b) == (0, [])

@@ -20,13 +20,12 @@ import copy
 import hashlib
 import io
 import json
-import subprocess
 import tarfile
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Stack
+from conftest import Stack, node_gc, pool_images, rbd_cli
 from dockerd import DockerCommandError
 from txgraphd import admin
 
@@ -47,24 +46,11 @@ TREE = (
 )
 
 
-def _rbd(cluster: DevCluster, *args: str) -> str:
-    result = subprocess.run(
-        ["rbd", "-c", cluster.conf, "--keyring", cluster.keyring, *args],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, f"rbd {' '.join(args)}: {result.stderr}"
-    return result.stdout
-
-
-def _images(cluster: DevCluster, namespace: str) -> list[str]:
-    return sorted(json.loads(_rbd(cluster, "ls", "--format", "json", f"{cluster.pool}/{namespace}")))
-
-
 def _used_bytes(cluster: DevCluster, namespace: str) -> int:
     """
     The bytes the namespace's images (and snapshots) hold in the pool.
     """
-    report = json.loads(_rbd(cluster, "du", "--format", "json", "--pool", cluster.pool,
+    report = json.loads(rbd_cli(cluster, "du", "--format", "json", "--pool", cluster.pool,
                              "--namespace", namespace))
     return int(report.get("total_used_size", 0))
 
@@ -73,15 +59,6 @@ def _admin_json(stack: Stack, *args: str) -> Any:
     result = admin(stack.txgraph.state_dir, *args)
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(result.stdout)
-
-
-def _gc(stack: Stack, *args: str) -> list[dict[str, Any]]:
-    result = admin(
-        stack.txgraph.state_dir, "gc", "--json", "--docker-root", str(stack.dockerd.data_root),
-        "--driver", stack.txgraph.name, "--min-age", "0", *args,
-    )
-    assert result.returncode in (0, 1), result.stdout + result.stderr
-    return list(json.loads(result.stdout)["findings"])
 
 
 def _tree(stack: Stack, image: str) -> str:
@@ -127,11 +104,11 @@ def test_make_thin_describes_the_layers(
     }
     assert descriptor["version"] == thin.VERSION and descriptor["image"]["id"] == full["Id"]
     assert all(l["existed"] for l in report["layers"]), report["layers"]
-    images = _images(ceph_cluster, namespace)
+    images = pool_images(ceph_cluster, namespace)
     for layer in descriptor["layers"]:
         image = layer["snapshot"].split("@")[0]
         assert image in images and image.endswith(layer["chain_id"][7:])
-        info = json.loads(_rbd(ceph_cluster, "info", "--format", "json",
+        info = json.loads(rbd_cli(ceph_cluster, "info", "--format", "json",
                                f"{ceph_cluster.pool}/{namespace}/{image}"))
         # Small objects: a clone's first write copies 256 KiB, not 4 MiB.
         assert info["object_size"] == 256 << 10, info
@@ -203,15 +180,15 @@ def test_the_same_ordinary_image_on_the_other_node_adds_almost_nothing(
     b.docker("load", "-i", str(debian_image), timeout=900)
     grown = _used_bytes(ceph_cluster, namespace) - before
     assert grown < 4 << 20, grown
-    assert not [i for i in _images(ceph_cluster, namespace) if ".candidate." in i]
+    assert not [i for i in pool_images(ceph_cluster, namespace) if ".candidate." in i]
     for image in (THIN, FULL):
         a.docker("rmi", image)
-    assert _gc(a, "--apply") == []
+    assert node_gc(a, "--apply")[1] == []
     out = b.docker("run", "--rm", "--network", "none", FULL, "cat", "/etc/debian_version").stdout
     assert out.strip()
     out = b.docker("run", "--rm", "--network", "none", THIN, "cat", "/etc/debian_version").stdout
     assert out.strip()
-    assert _gc(b) == []
+    assert node_gc(b)[1] == []
 
 
 def test_gc_removes_shared_layers_once_no_node_uses_them(
@@ -225,17 +202,17 @@ def test_gc_removes_shared_layers_once_no_node_uses_them(
     a, b, namespace = two_nodes
     for image in (THIN, FULL):
         b.docker("rmi", image)
-    shared = [i for i in _images(ceph_cluster, namespace) if ".shared." in i]
+    shared = [i for i in pool_images(ceph_cluster, namespace) if ".shared." in i]
     assert shared
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda s: _gc(s, "--apply"), (a, b)))
+        results = list(pool.map(lambda s: node_gc(s, "--apply")[1], (a, b)))
     # Each node finds what is unused when it looks (the other may have
     # removed some already); together they find all, and every removal works.
     assert {f["id"] for found in results for f in found} == set(shared)
     for found in results:
         assert all(f["kind"] == "shared" and f["repaired"] for f in found), found
-    assert _images(ceph_cluster, namespace) == ["txgraph.node-a.base", "txgraph.node-b.base"]
-    assert _gc(a) == [] and _gc(b) == []
+    assert pool_images(ceph_cluster, namespace) == ["txgraph.node-a.base", "txgraph.node-b.base"]
+    assert node_gc(a)[1] == [] and node_gc(b)[1] == []
 
 
 def _bad(descriptor: dict[str, Any], change: Any) -> bytes:
@@ -289,14 +266,14 @@ def test_bad_descriptors_are_refused_at_load_leaving_nothing(
     archive, _ = _thin_tar({"architecture": "amd64", "os": "linux", "config": {}}, descriptor,
                            f"bad:{kind}", "test")
     layers = b.layer_ids()
-    images = _images(ceph_cluster, namespace)
+    images = pool_images(ceph_cluster, namespace)
     with pytest.raises(DockerCommandError) as caught:
         b.docker("load", input=archive, text=False)
     assert message in caught.value.stderr.decode(), caught.value.stderr
     assert b.layer_ids() == layers
-    assert _images(ceph_cluster, namespace) == images
+    assert pool_images(ceph_cluster, namespace) == images
     assert f"bad:{kind}" not in b.docker("images", "--format", "{{.Repository}}:{{.Tag}}").stdout
-    assert _gc(b) == []
+    assert node_gc(b)[1] == []
 
 
 def test_a_descriptor_on_top_of_other_layers_is_refused(
@@ -358,9 +335,9 @@ def test_make_thin_refuses_bad_input(
     """
     a, _, namespace = two_nodes
     a.docker("load", "-i", str(busybox_image))
-    images = _images(ceph_cluster, namespace)
+    images = pool_images(ceph_cluster, namespace)
     extra = () if "--docker-host" in args else ("--docker-host", a.dockerd.host)
     result = admin(a.txgraph.state_dir, "make-thin", *args, *extra)
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr, result.stderr
-    assert _images(ceph_cluster, namespace) == images
+    assert pool_images(ceph_cluster, namespace) == images
