@@ -675,8 +675,11 @@ class Bench:
     def rbd_raw_write(self, system: System) -> None:
         """
         Sequential O_DIRECT writes to a freshly mapped RBD image of the same
-        cluster (rbd-fuse + loop, as the dev cluster maps), in MB/s.
+        cluster, mapped the way txgraph maps layers (its own rbd-fuse
+        mapper: rbd-fuse, and a direct-I/O loop device), in MB/s.
         """
+        from txgraph.backends.mappers import ClusterAccess, FuseMapper
+
         import mmap
 
         cluster = system.cluster
@@ -691,7 +694,13 @@ class Bench:
             env=env, check=True, capture_output=True, timeout=120,
         )
         try:
-            device = cluster.map(image)
+            mapper = FuseMapper(
+                ClusterAccess(conf=cluster.conf, client="admin", keyring=cluster.keyring,
+                              pool=cluster.pool, namespace=None, timeout=60),
+                tempfile.mkdtemp(prefix="raw-", dir=self.args.workdir),
+            )
+            mapping = mapper.map(image, readonly=False, tag=".raw")
+            device = mapping["device"]
             try:
                 buf = mmap.mmap(-1, block)
                 buf.write(os.urandom(block))
@@ -705,7 +714,8 @@ class Bench:
                 finally:
                     os.close(fd)
             finally:
-                cluster.unmap(image)
+                mapper.unmap(mapping)
+                shutil.rmtree(mapper.workdir, ignore_errors=True)
         finally:
             subprocess.run(
                 ["rbd", "--conf", cluster.conf, "-p", cluster.pool, "rm", image],

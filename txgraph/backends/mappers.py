@@ -72,6 +72,8 @@ LOOP_CLR_FD = 0x4C01
 
 #: Where rbd-fuse processes of layer mappings keep their admin sockets.
 ASOK_ROOT = "/run/txgraph/asok"
+#: the largest write request libfuse 2 (rbd-fuse's) negotiates with the kernel
+FUSE_MAX_WRITE = 128 << 10
 
 #: What a mapping dict looks like (persisted as JSON by the layer machine).
 Mapping = dict[str, Any]
@@ -554,6 +556,9 @@ class FuseMapper(Mapper):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(asok)
             command += ["--admin_socket", asok]
+        # FUSE requests of up to 128 KiB (libfuse 2's largest) rather than
+        # a page each.
+        command += ["-o", f"big_writes,max_write={FUSE_MAX_WRITE}"]
         command += ["-r", image, directory, "-f"]
         with open(log_path, "wb") as log:
             try:
@@ -601,7 +606,11 @@ class FuseMapper(Mapper):
                         f"{self.access.timeout:g} s: {self._log_tail(log_path)}"
                     )
                 time.sleep(0.005)
-            args = ["losetup", "--find", "--show"]
+            # Direct I/O to the FUSE file: the filesystem's page cache is
+            # the only cache, and a block reaches librbd in one request
+            # rather than through a second page cache (measured: twice
+            # the write throughput).
+            args = ["losetup", "--find", "--show", "--direct-io=on"]
             if readonly:
                 args.append("--read-only")
             try:
