@@ -657,6 +657,56 @@ def test_unmap_finds_mapping_after_crash(started: Started) -> None:
     del layers.infos[layer]
 
 
+def test_mapping_process_found_from_its_record(
+    started: Started, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A mapping's rbd-fuse is found from its pid record, with no pass over
+    /proc; a record that names another process (a pid used again) is not
+    trusted, and the mounted mapping is then found by a pass over /proc.
+    The record goes with the mapping.
+    """
+    from txgraph.backends.mappers import FuseMapper
+
+    backend, layers = started.backend, started.layers
+    mapper = backend.mapper
+    assert isinstance(mapper, FuseMapper)
+    layer = layers.create()
+    layers.get(layer)
+    info = layers.infos[layer]
+    assert info.mapping is not None
+    record = os.path.join(mapper.pid_root, layer)
+    with open(record) as f:
+        pid, start = (int(v) for v in f.read().split())
+    assert pid == info.mapping["pid"]
+
+    def no_scan() -> dict[str, list[int]]:
+        raise AssertionError("a pass over /proc")
+
+    with monkeypatch.context() as m:
+        m.setattr(mapper, "_fuse_processes", no_scan)
+        assert mapper.alive(info.mapping)
+        assert [f["pid"] for f in mapper.find(backend.image_name(layer), layer)] == [pid]
+        # Nothing mapped under another tag: no process to look for.
+        assert mapper.find(backend.image_name(layer), "other-tag") == []
+
+    scans = []
+    real = mapper._fuse_processes
+
+    def counted() -> dict[str, list[int]]:
+        scans.append(1)
+        return real()
+
+    with open(record, "w") as f:
+        f.write(f"{pid} {start + 1}\n")
+    with monkeypatch.context() as m:
+        m.setattr(mapper, "_fuse_processes", counted)
+        assert mapper.alive(info.mapping)
+    assert scans
+    layers.put(layer)
+    assert not os.path.exists(record)
+
+
 def _wait_dead(pid: int, timeout: float = 10) -> None:
     """
     Wait until a process we killed has exited (a zombie or gone): SIGKILL

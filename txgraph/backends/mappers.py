@@ -423,6 +423,19 @@ def _process_args(pid: int) -> list[str] | None:
     return [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0") if a]
 
 
+def _process_start(pid: int) -> int | None:
+    """
+    When a process started (clock ticks after boot, field 22 of
+    C{/proc/<pid>/stat}): with the pid, it names one process for good.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rfind(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _loop_backing_files() -> dict[str, str]:
     """
     Every attached loop device and the file behind it.
@@ -477,6 +490,9 @@ class FuseMapper(Mapper):
         super().__init__(access, workdir)
         self.fuse_root = os.path.join(workdir, "fuse")
         self.log_root = os.path.join(workdir, "log")
+        # <pid_root>/<tag>: "<pid> <start time>" of the rbd-fuse serving
+        # that tag, so that finding it needs no pass over /proc.
+        self.pid_root = os.path.join(workdir, "pid")
         # rbd-fuse processes this process started, so that they are reaped.
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
@@ -522,9 +538,48 @@ class FuseMapper(Mapper):
 
     def _fuse_pids(self, directory: str) -> list[int]:
         """
-        Live rbd-fuse processes serving C{directory}.
+        Live rbd-fuse processes serving C{directory}: the one its pid
+        record names, if that one still runs; else, if the directory is
+        mounted (by an rbd-fuse that has no record: a crash between its
+        start and the record), whatever a pass over /proc finds; else none.
+        A pass over /proc reads every process's name (~1.5 ms with 80
+        processes, tens of ms on a busy host), and a docker run used to
+        make 15 of them.
         """
+        recorded = self._recorded_pid(directory)
+        if recorded is not None:
+            return [recorded]
+        if not mounts.is_mountpoint(directory):
+            return []
         return self._fuse_processes().get(directory, [])
+
+    def _pid_file(self, directory: str) -> str:
+        return os.path.join(self.pid_root, os.path.basename(directory))
+
+    def _record_pid(self, directory: str, pid: int) -> None:
+        start = _process_start(pid)
+        if start is None:
+            return
+        os.makedirs(self.pid_root, mode=0o700, exist_ok=True)
+        path = self._pid_file(directory)
+        with open(path + ".tmp", "w") as f:
+            f.write(f"{pid} {start}\n")
+        os.replace(path + ".tmp", path)
+
+    def _recorded_pid(self, directory: str) -> int | None:
+        """
+        The pid its record names, if that process (the same one: its start
+        time matches) is a live rbd-fuse serving C{directory}.
+        """
+        try:
+            with open(self._pid_file(directory)) as f:
+                pid_text, start_text = f.read().split()
+            pid, start = int(pid_text), int(start_text)
+        except (OSError, ValueError):
+            return None
+        if _process_start(pid) != start or directory not in (_process_args(pid) or []):
+            return None
+        return pid
 
     def map(self, image: str, *, readonly: bool, tag: str) -> Mapping:
         what = f"map {self.access.image_spec(image)} with rbd-fuse"
@@ -587,6 +642,7 @@ class FuseMapper(Mapper):
             "pid": proc.pid,
         }
         try:
+            self._record_pid(directory, proc.pid)
             path = os.path.join(directory, image)
             deadline = time.monotonic() + self.access.timeout
             # Wait for the mount in the mount table, never by looking into
@@ -700,7 +756,11 @@ class FuseMapper(Mapper):
         except OSError as e:
             raise BackendError(f"{what}: cannot remove {directory}: {e.strerror}") from None
         tag = os.path.basename(directory)
-        for leftover in (os.path.join(self.log_root, f"{tag}.log"), self.admin_socket(directory)):
+        for leftover in (
+            os.path.join(self.log_root, f"{tag}.log"),
+            self.admin_socket(directory),
+            self._pid_file(directory),
+        ):
             with contextlib.suppress(OSError):
                 os.unlink(leftover)
 
@@ -770,12 +830,17 @@ class FuseMapper(Mapper):
             except FileNotFoundError:
                 directories = []
         loops = _loop_backing_files()
-        processes = self._fuse_processes()
+        # One pass over /proc when looking at every tag (gc, start); one
+        # tag's process is found from its record.
+        processes = self._fuse_processes() if tag is None else None
         found = []
         for directory in directories:
             path = os.path.join(directory, image)
             devices = sorted(d for d, b in loops.items() if b == path)
-            pids = processes.get(directory, [])
+            pids = (
+                processes.get(directory, []) if processes is not None
+                else self._fuse_pids(directory)
+            )
             if not devices and not pids:
                 if tag is None or not mounts.is_mountpoint(directory):
                     continue
@@ -829,6 +894,8 @@ class FuseMapper(Mapper):
                 os.rmdir(directory)
             except OSError:
                 pass
+            with contextlib.suppress(OSError):
+                os.unlink(self._pid_file(directory))
 
     def reap(self) -> None:
         """
