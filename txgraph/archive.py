@@ -28,7 +28,14 @@ Sizes (the rule callers follow for DiffSize and ApplyDiff, which must agree):
   - a full tree's size is C{changes_size(root, changes_dirs(root,
     parent_root))}.
 
-ApplyDiff returns that same number, computed after L{apply_layer}.
+ApplyDiff returns that same number, computed after L{apply_layer}, or by
+L{apply_layer} itself with C{track_changes}: a tar applied in place onto a
+copy of its parent can only change the paths it names, so the stat of each
+of them before it was first touched (the parent's) and after the apply give
+the same changes as comparing the whole trees, without a view of the
+parent.  Where that is not known for certain (a path first touched below a
+directory this layer removed, or reached through a symlink), it says so and
+the caller compares the trees.
 
 Errors: a malformed tar, or one that tries to reach outside its layer,
 raises L{ArchiveError} naming the entry.  Failures of the host rather than
@@ -239,11 +246,15 @@ class ApplyStats:
     @ivar tar_bytes: bytes of the tar up to its end-of-archive marker.
     @ivar content_bytes: the sum of the entries' sizes, as moby's
         C{UnpackLayer} counts them.
+    @ivar changes_size: see L{apply_layer}'s C{track_changes}.
     """
 
     entries: int
     tar_bytes: int
     content_bytes: int
+    #: with C{track_changes}: C{changes_size} of the tree against the tree
+    #: it was applied to, or None if only comparing the trees can tell
+    changes_size: int | None = None
 
 
 # -- constants --------------------------------------------------------------------
@@ -378,6 +389,9 @@ class _Tree:
         self._cache: OrderedDict[bytes, int] = OrderedDict()
         self._cache_size = cache_size
         self._retired: list[int] = []
+        #: how many times the cache was dropped (a directory or symlink
+        #: was removed)
+        self.generation = 0
         try:
             os.close(_openat2(self.root_fd, b".", _DIR_FLAGS))
         except OSError as e:
@@ -401,6 +415,7 @@ class _Tree:
         descriptors stay open until L{release}, so that those the caller
         still holds stay valid.
         """
+        self.generation += 1
         self._retired.extend(self._cache.values())
         self._cache.clear()
 
@@ -1055,6 +1070,135 @@ def _write_sparse(fd: int, buf: bytes, start: int, end: int, offset: int) -> boo
 # -- applying tars --------------------------------------------------------------
 
 
+class _ChangeTracker:
+    """
+    What each path a layer touches was before it first did (the parent's
+    file, since the layer is applied onto a copy of its parent), to tell
+    at the end which of them changed as L{changes_dirs} would.
+
+    Only the paths the tar names can differ from the parent: an entry's
+    own path, a hard link's target (the link re-applies owner, mode and
+    times to the inode), and what whiteouts and opaque directories remove.
+    A path first touched below a directory the layer already removed or
+    replaced had a parent state nobody can see any more, and a path
+    reached through a symlink is not where changes_dirs looks: either makes
+    the result unknown (None), and the caller compares the trees.
+    """
+
+    def __init__(self, tree: _Tree) -> None:
+        self._tree = tree
+        self.before: dict[bytes, tuple[os.stat_result | None, bytes]] = {}
+        self._gone_dirs: set[bytes] = set()
+        self.unknown = False
+        # One parent directory held open, as long as nothing was removed.
+        self._dir: tuple[bytes, int, int] | None = None
+
+    def close(self) -> None:
+        if self._dir is not None:
+            os.close(self._dir[1])
+            self._dir = None
+
+    def _lstat(
+        self, rel: bytes, capability: bool = True
+    ) -> tuple[os.stat_result | None, bytes]:
+        """
+        C{rel}'s lstat and (if asked) C{security.capability} (None if it
+        does not exist); L{_Unknown} if reaching it needs a symlink.
+        """
+        parent, _, name = rel.rpartition(b"/")
+        held = self._dir
+        if held is None or held[0] != parent or held[2] != self._tree.generation:
+            self.close()
+            try:
+                fd = _openat2(
+                    self._tree.root_fd, parent or b".", _DIR_FLAGS,
+                    _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS,
+                )
+            except (FileNotFoundError, NotADirectoryError):
+                return None, b""
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.EXDEV):
+                    raise _Unknown() from None
+                raise
+            held = self._dir = (parent, fd, self._tree.generation)
+        try:
+            st = os.stat(name, dir_fd=held[1], follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None, b""
+        if not capability or stat.S_ISDIR(st.st_mode):
+            return st, b""
+        return st, _lgetxattr(_proc_path(held[1], name), _CAPABILITY) or b""
+
+    def touch(self, rel: bytes, replaced: bool) -> None:
+        """
+        Record C{rel} as it is now, if this is the first time the layer
+        touches it.  C{replaced}: a directory there is about to go (with
+        its contents).
+        """
+        if self.unknown or rel in self.before:
+            return
+        parent = rel.rpartition(b"/")[0]
+        if parent and parent in self.before and self.before[parent][0] is None:
+            # Below a path the parent did not have: neither had it this.
+            self.before[rel] = (None, b"")
+            return
+        end = rel.find(b"/")
+        while end != -1:
+            if rel[:end] in self._gone_dirs:
+                self.unknown = True
+                return
+            end = rel.find(b"/", end + 1)
+        try:
+            old = self._lstat(rel)
+        except _Unknown:
+            self.unknown = True
+            return
+        self.before[rel] = old
+        if replaced and old[0] is not None and stat.S_ISDIR(old[0].st_mode):
+            self._gone_dirs.add(rel)
+
+    def size(self) -> int | None:
+        """
+        changes_size of the paths touched: the added or changed
+        non-directories, an inode with several links counted once.
+        """
+        if self.unknown:
+            return None
+        total = 0
+        seen: set[int] = set()
+        try:
+            for rel in sorted(self.before):
+                old, old_capability = self.before[rel]
+                try:
+                    new, _ = self._lstat(rel, capability=False)
+                except _Unknown:
+                    # A directory on its way became a symlink: it was
+                    # replaced, and this path went with it.
+                    continue
+                if new is None or stat.S_ISDIR(new.st_mode):
+                    continue
+                if (
+                    old is not None
+                    and not _stat_different(old, new)
+                    and old_capability == (self._lstat(rel)[1])
+                ):
+                    continue
+                if new.st_nlink > 1:
+                    if new.st_ino in seen:
+                        continue
+                    seen.add(new.st_ino)
+                total += new.st_size
+        finally:
+            self.close()
+        return total
+
+
+class _Unknown(Exception):
+    """
+    A path's state before the layer cannot be known for certain.
+    """
+
+
 class _Applier:
     """
     Applies entries one by one to a root, with moby's replacement and
@@ -1074,8 +1218,19 @@ class _Applier:
         self.unpacked: set[bytes] | None = set() if mode is ApplyMode.INPLACE else None
         self._plnk_dir: str | None = None
         self._plnk: dict[bytes, _Entry] = {}
+        self.changes: _ChangeTracker | None = None
+
+    def track_changes(self) -> None:
+        """
+        Record what each path was before this layer first touched it (see
+        L{apply_layer}'s C{track_changes}); in place only.
+        """
+        assert self.mode is ApplyMode.INPLACE
+        self.changes = _ChangeTracker(self.tree)
 
     def close(self) -> None:
+        if self.changes is not None:
+            self.changes.close()
         self.tree.close()
         if self._plnk_dir is not None:
             shutil.rmtree(self._plnk_dir, ignore_errors=True)
@@ -1120,8 +1275,10 @@ class _Applier:
             self._whiteout(parts, e)
             return
         rel = b"/".join(parts)
-        parent = self.tree.ensure(b"/".join(parts[:-1]), self.owner())
         kind = e.kind
+        if self.changes is not None:
+            self.changes.touch(rel, replaced=kind != _DIR)
+        parent = self.tree.ensure(b"/".join(parts[:-1]), self.owner())
         if kind == _REG:
             self._regular(parent, base, e, reader)
         elif kind == _DIR:
@@ -1248,6 +1405,9 @@ class _Applier:
         if target[0] == _WH_LINKDIR:
             self._plnk_link(self.tree.lookup(b"/".join(parts[:-1])), name, target, e)
             return
+        if self.changes is not None:
+            # The link changes the target's inode (owner, mode, times).
+            self.changes.touch(b"/".join(target), replaced=False)
         target_dir = b"/".join(target[:-1])
         missing = ArchiveError(
             f"layer tar entry {e.display!r}: hard link target "
@@ -1348,6 +1508,8 @@ class _Applier:
             # re-export of the layer reproducible.
             os.utime(original, ns=(e.atime_ns, e.mtime_ns), dir_fd=parent, follow_symlinks=False)
             return
+        if self.changes is not None:
+            self.changes.touch(dir_rel + b"/" + original if dir_rel else original, replaced=True)
         try:
             parent = self.tree.ensure(dir_rel, self.owner())
             st = os.stat(original, dir_fd=parent, follow_symlinks=False)
@@ -1375,6 +1537,8 @@ class _Applier:
                         except FileNotFoundError:
                             continue
                         if child not in self.unpacked:
+                            if self.changes is not None:
+                                self.changes.touch(child, replaced=True)
                             _remove(None, fd, name, st)
                             removed = True
                         elif stat.S_ISDIR(st.st_mode):
@@ -1411,6 +1575,7 @@ def apply_layer(
     mode: ApplyMode,
     id_map: IDMap | None = None,
     scratch_dir: str | None = None,
+    track_changes: bool = False,
 ) -> ApplyStats:
     """
     Apply a layer tar, read from C{stream} in bounded memory, to C{root}.
@@ -1431,6 +1596,10 @@ def apply_layer(
         removed); None for the default temporary directory (C{/tmp}).
         Backends pass a directory on the layer's own filesystem, so that
         those files count against it rather than against C{/tmp}.
+    @param track_changes: (L{ApplyMode.INPLACE} onto a copy of the tree
+        the layer applies to) return in L{ApplyStats.changes_size} what
+        C{changes_size(root, changes_dirs(root, parent))} would, or None
+        where that takes comparing the trees.
     @raise ArchiveError: the tar is malformed or reaches outside C{root};
         the message names the entry.
     @raise OSError: the host failed (no space, I/O error...).
@@ -1439,6 +1608,9 @@ def apply_layer(
     inp = _Input(stream)
     reader = _TarReader(inp)
     applier = _Applier(root, mode, ids, scratch_dir)
+    if track_changes:
+        applier.track_changes()
+    changes_size = None
     try:
         while True:
             entry = reader.next()
@@ -1463,10 +1635,12 @@ def apply_layer(
                     raise
                 raise ArchiveError(f"layer tar entry {entry.display!r}: {err}") from None
         applier.finish()
+        if applier.changes is not None:
+            changes_size = applier.changes.size()
     finally:
         applier.close()
     inp.drain()
-    return ApplyStats(reader.entries, reader.tar_bytes, reader.content_bytes)
+    return ApplyStats(reader.entries, reader.tar_bytes, reader.content_bytes, changes_size)
 
 
 # -- sizes ------------------------------------------------------------------------

@@ -1699,8 +1699,10 @@ class RBDBackend(Backend):
                 self._set_meta(name, {K_STATE: "dirty"})
                 with self._work_mount(name, readonly=False) as (top, _device):
                     root = os.path.join(top, ROOTFS)
-                    archive.apply_layer(body, root, ApplyMode.INPLACE, id_map)
-                    return self._size_against_parent(layer, root)
+                    stats = archive.apply_layer(
+                        body, root, ApplyMode.INPLACE, id_map, track_changes=True
+                    )
+                    return self._size_against_parent(layer, root, stats)
             except BaseException:
                 try:
                     self._discard_image(self._candidate(layer.id))
@@ -1713,7 +1715,18 @@ class RBDBackend(Backend):
                     )
                 raise
 
-    def _size_against_parent(self, layer: LayerInfo, root: str) -> int:
+    def _size_against_parent(
+        self, layer: LayerInfo, root: str, stats: archive.ApplyStats
+    ) -> int:
+        """
+        The size of the layer's changes: as the extraction tracked them
+        (the clone held its parent's tree), or, where it could not tell,
+        by comparing the tree with its parent's (a read-only mapping of
+        the parent, and a walk of both trees).
+        """
+        if stats.changes_size is not None:
+            return stats.changes_size
+        log.info("layer {id}: sizing its changes against its parent's tree", id=layer.id)
         if layer.parent is None:
             return archive.changes_size(root, archive.changes_dirs(root, None))
         with self._view(layer.parent) as old:
@@ -1852,9 +1865,11 @@ class RBDBackend(Backend):
         size = 0
         with self._work_mount(candidate, readonly=False) as (top, _device):
             root = os.path.join(top, ROOTFS)
-            archive.apply_layer(body, root, ApplyMode.INPLACE, id_map)
+            stats = archive.apply_layer(
+                body, root, ApplyMode.INPLACE, id_map, track_changes=measure is not None
+            )
             if measure is not None:
-                size = self._size_against_parent(measure, root)
+                size = self._size_against_parent(measure, root, stats)
         reader.drain()
         chain = thin.chain_id(parent_chain or None, reader.digest())
         if self.flatten_depth and depth >= self.flatten_depth:
