@@ -126,7 +126,7 @@ async def publish_layers(
     events (bytes read); C{progress} adapts the byte callback, which is
     called in a backend thread, to the caller's thread.
     """
-    backend = _sharing_backend(driver)
+    _sharing_backend(driver)
     results: list[dict[str, Any]] = []
     parent = ""
     for index, layer in enumerate(layers):
