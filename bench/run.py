@@ -675,8 +675,9 @@ class Bench:
     def rbd_raw_write(self, system: System) -> None:
         """
         Sequential O_DIRECT writes to a freshly mapped RBD image of the same
-        cluster, mapped the way txgraph maps layers (its own rbd-fuse
-        mapper: rbd-fuse, and a direct-I/O loop device), in MB/s.
+        cluster, mapped the way txgraph maps a layer it extracts into (its
+        own rbd-fuse mapper with C{bulk_write}: rbd-fuse, and a direct-I/O
+        loop device), in MB/s.
         """
         from txgraph.backends.mappers import ClusterAccess, FuseMapper
 
@@ -699,7 +700,7 @@ class Bench:
                               pool=cluster.pool, namespace=None, timeout=60),
                 tempfile.mkdtemp(prefix="raw-", dir=self.args.workdir),
             )
-            mapping = mapper.map(image, readonly=False, tag=".raw")
+            mapping = mapper.map(image, readonly=False, tag=".raw", bulk_write=True)
             device = mapping["device"]
             try:
                 buf = mmap.mmap(-1, block)

@@ -222,12 +222,14 @@ class Mapper(abc.ABC):
         """
 
     @abc.abstractmethod
-    def map(self, image: str, *, readonly: bool, tag: str) -> Mapping:
+    def map(self, image: str, *, readonly: bool, tag: str, bulk_write: bool = False) -> Mapping:
         """
         Attach C{image}; wait for its device node; return the mapping.
         C{tag} names the mapping's purpose (a layer ID for a layer's own
         mapping, a unique name for a temporary one) where the mapper can
-        record it.  On failure, nothing of the attempt is left behind.
+        record it.  C{bulk_write}: the mapping will mostly be written (an
+        extraction), where a mapper has a faster way for that.  On
+        failure, nothing of the attempt is left behind.
         """
 
     @abc.abstractmethod
@@ -286,7 +288,7 @@ class _RBDDeviceMapper(Mapper):
             self.access.timeout,
         )
 
-    def map(self, image: str, *, readonly: bool, tag: str) -> Mapping:
+    def map(self, image: str, *, readonly: bool, tag: str, bulk_write: bool = False) -> Mapping:
         args = ["map", "--pool", self.access.pool]
         if self.access.namespace:
             args += ["--namespace", self.access.namespace]
@@ -581,7 +583,7 @@ class FuseMapper(Mapper):
             return None
         return pid
 
-    def map(self, image: str, *, readonly: bool, tag: str) -> Mapping:
+    def map(self, image: str, *, readonly: bool, tag: str, bulk_write: bool = False) -> Mapping:
         what = f"map {self.access.image_spec(image)} with rbd-fuse"
         directory = self._dir(tag)
         # Leftovers of an earlier attempt with this tag go first.
@@ -662,11 +664,14 @@ class FuseMapper(Mapper):
                         f"{self.access.timeout:g} s: {self._log_tail(log_path)}"
                     )
                 time.sleep(0.005)
-            # Direct I/O to the FUSE file: the filesystem's page cache is
-            # the only cache, and a block reaches librbd in one request
-            # rather than through a second page cache (measured: twice
-            # the write throughput).
-            args = ["losetup", "--find", "--show", "--direct-io=on"]
+            args = ["losetup", "--find", "--show"]
+            if bulk_write:
+                # Direct I/O to the FUSE file: a block reaches librbd in one
+                # request rather than through a second page cache (measured:
+                # buffered 1 MiB writes + fsync 230 -> 446 MB/s).  Reads lose
+                # the FUSE file's readahead that way (reading a tree took
+                # twice as long), so only extractions get it.
+                args.append("--direct-io=on")
             if readonly:
                 args.append("--read-only")
             try:

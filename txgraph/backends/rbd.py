@@ -1234,12 +1234,12 @@ class RBDBackend(Backend):
     def _unmap(self, mapping: Mapping) -> None:
         self._mapper_for(mapping).unmap(mapping)
 
-    def _map_temporary(self, name: str, readonly: bool) -> Mapping:
+    def _map_temporary(self, name: str, readonly: bool, bulk_write: bool = False) -> Mapping:
         assert self.mapper is not None
         if not readonly:
             self._clear_stale_clients(name)
         tag = f".tmp-{os.urandom(6).hex()}"
-        return self.mapper.map(name, readonly=readonly, tag=tag)
+        return self.mapper.map(name, readonly=readonly, tag=tag, bulk_write=bulk_write)
 
     def _mount_data(self, readonly: bool) -> str:
         options = []
@@ -1263,14 +1263,17 @@ class RBDBackend(Backend):
             ) from None
 
     @contextlib.contextmanager
-    def _work_mount(self, name: str, readonly: bool) -> Iterator[tuple[str, str]]:
+    def _work_mount(
+        self, name: str, readonly: bool, bulk_write: bool = False
+    ) -> Iterator[tuple[str, str]]:
         """
         A temporary mapping and mount of an image; yields the mount's top
-        directory and the device.  Always cleaned up.
+        directory and the device.  Always cleaned up.  C{bulk_write}: for
+        an extraction.
         """
         top = tempfile.mkdtemp(prefix="work-", dir=self._work)
         try:
-            mapping = self._map_temporary(name, readonly)
+            mapping = self._map_temporary(name, readonly, bulk_write)
             try:
                 self._mount_device(mapping["device"], top, readonly)
                 try:
@@ -1697,7 +1700,7 @@ class RBDBackend(Backend):
                 if parent_chain is not None:
                     return self._apply_shared(layer, name, body, reader, parent_chain, id_map)
                 self._set_meta(name, {K_STATE: "dirty"})
-                with self._work_mount(name, readonly=False) as (top, _device):
+                with self._work_mount(name, readonly=False, bulk_write=True) as (top, _device):
                     root = os.path.join(top, ROOTFS)
                     stats = archive.apply_layer(
                         body, root, ApplyMode.INPLACE, id_map, track_changes=True
@@ -1863,7 +1866,7 @@ class RBDBackend(Backend):
              K_STATE: "dirty", K_DEPTH: str(depth), K_CHAIN: NONE},
         )
         size = 0
-        with self._work_mount(candidate, readonly=False) as (top, _device):
+        with self._work_mount(candidate, readonly=False, bulk_write=True) as (top, _device):
             root = os.path.join(top, ROOTFS)
             stats = archive.apply_layer(
                 body, root, ApplyMode.INPLACE, id_map, track_changes=measure is not None
