@@ -1164,8 +1164,7 @@ class _ChangeTracker:
         """
         if self.unknown:
             return None
-        total = 0
-        seen: set[int] = set()
+        sizes = _ChangedSizes()
         try:
             for rel in sorted(self.before):
                 old, old_capability = self.before[rel]
@@ -1183,14 +1182,10 @@ class _ChangeTracker:
                     and old_capability == (self._lstat(rel)[1])
                 ):
                     continue
-                if new.st_nlink > 1:
-                    if new.st_ino in seen:
-                        continue
-                    seen.add(new.st_ino)
-                total += new.st_size
+                sizes.add(new)
         finally:
             self.close()
-        return total
+        return sizes.total
 
 
 class _Unknown(Exception):
@@ -1712,8 +1707,7 @@ def changes_size(root: str, changes: list[Change]) -> int:
     added and modified non-directories, files with several links counted
     once.
     """
-    seen: set[int] = set()
-    total = 0
+    sizes = _ChangedSizes()
     root_fd = os.open(root, _WALK_FLAGS)
     try:
         for change in changes:
@@ -1735,14 +1729,28 @@ def changes_size(root: str, changes: list[Change]) -> int:
                 continue
             if stat.S_ISDIR(st.st_mode):
                 continue
-            if st.st_nlink > 1:
-                if st.st_ino in seen:
-                    continue
-                seen.add(st.st_ino)
-            total += st.st_size
+            sizes.add(st)
     finally:
         os.close(root_fd)
-    return total
+    return sizes.total
+
+
+class _ChangedSizes:
+    """
+    moby's C{ChangesSize} sum: the sizes of changed non-directories, a
+    file with several links counted once.
+    """
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._seen: set[int] = set()
+
+    def add(self, st: os.stat_result) -> None:
+        if st.st_nlink > 1:
+            if st.st_ino in self._seen:
+                return
+            self._seen.add(st.st_ino)
+        self.total += st.st_size
 
 
 # -- changes ----------------------------------------------------------------------
