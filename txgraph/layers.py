@@ -903,7 +903,8 @@ class LayerRegistry:
             layer = self._layers.get(row.id)
             if layer is None:
                 continue
-            summary[row.state] = summary.get(row.state, 0) + 1
+            was = row.state
+            summary[was] = summary.get(was, 0) + 1
             recover = layer.machine.recoverAfterReboot if rebooted else layer.machine.recover
             try:
                 await self._run(layer, recover)
@@ -911,8 +912,16 @@ class LayerRegistry:
                 log.error(
                     "could not recover layer {id} from state {state}: {error}",
                     id=row.id,
-                    state=row.state,
+                    state=was,
                     error=e,
+                )
+                continue
+            if layer.row.state == "faulty" and was != "faulty":
+                log.error(
+                    "recovery found layer {id} ({state}) lost: {error}",
+                    id=row.id,
+                    state=was,
+                    error=layer.row.error,
                 )
         return summary
 

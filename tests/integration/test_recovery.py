@@ -242,6 +242,11 @@ POINTS = {
 # Get and Put with their new reference count committed, unanswered.
 for _points in POINTS.values():
     _points += ["get.committed", "put.committed"]
+# An ApplyDiff replacing the layer's image by a clone of its shared image,
+# between the removal and the clone.
+POINTS["rbd"].append("rbd.replace.removed")
+#: Points whose workload is a docker load (an ApplyDiff).
+LOAD_POINTS = ("applying.", "rbd.replace.")
 CASES = [(backend, point) for backend, points in POINTS.items() for point in points]
 
 
@@ -286,7 +291,7 @@ def _small_image(tmp_path: Path, tag: str) -> Path:
 
 
 def _workload(point: str, tmp_path: Path) -> list[str]:
-    if point.startswith("applying"):
+    if point.startswith(LOAD_POINTS):
         return ["load", "-i", str(_small_image(tmp_path, f"crash:{point.replace('.', '-')}"))]
     # docker run creates, maps, mounts, unmounts, unmaps, commits (the -init
     # layer, lazily, when the container's layer is made from it) and removes.
@@ -377,7 +382,12 @@ def test_crash_point(
     daemon.start()
     del daemon.env["TXGRAPH_CRASH_AT"]
     args = _workload(point, tmp_path)
+    log_start = daemon.log_path.stat().st_size
     result = _crash_during(stack, point, args)
+    with open(daemon.log_path, "rb") as f:
+        f.seek(log_start)
+        lost = [ln for ln in f.read().decode(errors="replace").splitlines() if "recovery found" in ln]
+    assert lost == [], lost
     if result.returncode != 0:
         # dockerd retries a call cut off by the crash with the request body
         # it already consumed: an empty JSON body (refused: "missing ID") or

@@ -79,7 +79,7 @@ from typing import IO, Any, BinaryIO, cast
 
 from twisted.logger import Logger
 
-from txgraph import archive, mounts, thin
+from txgraph import archive, faults, mounts, thin
 from txgraph.archive import ApplyMode, Change, IDMap
 from txgraph.backends import Backend, BackendOption, LayerInfo, LayerView, Orphan, parse_options
 from txgraph.backends.mappers import (
@@ -116,6 +116,12 @@ K_CHAIN = "txgraph.chain"
 NONE = "-"
 #: The owner of shared images: no node.
 SHARED = "shared"
+
+#: Crash point: a layer's own image was removed to be replaced by a clone
+#: of a shared image (ApplyDiff of a shared or thin layer), and the clone
+#: is not made yet.
+CRASH_REPLACED = "rbd.replace.removed"
+faults.declare(CRASH_REPLACED)
 
 MS_RDONLY = 1
 MS_REMOUNT = 32
@@ -1356,13 +1362,20 @@ class RBDBackend(Backend):
         """
         name = self.image_name(layer.id)
         with self._op("prepare", layer.id, name):
-            grow_to = self._requested_size(layer)
-            state = self._inspect(name)
-            if state is not None:
-                if not self._ours(state):
-                    self._refuse_foreign(state)
-                self._destroy(layer.id, name)
-            self._clone(layer, name, grow_to)
+            self._fresh_clone(layer, name)
+
+    def _fresh_clone(self, layer: LayerInfo, name: str) -> None:
+        """
+        Make the layer's image a fresh clone of its parent's snapshot,
+        removing the image of that name first if it is this node's.
+        """
+        grow_to = self._requested_size(layer)
+        state = self._inspect(name)
+        if state is not None:
+            if not self._ours(state):
+                self._refuse_foreign(state)
+            self._destroy(layer.id, name)
+        self._clone(layer, name, grow_to)
 
     def commit(self, layer: LayerInfo) -> None:
         """
@@ -1431,10 +1444,26 @@ class RBDBackend(Backend):
             self._reclone(layer, name)
 
     def _reclone(self, layer: LayerInfo, name: str) -> None:
+        """
+        Make the layer equal to its parent again.  Its image may be gone:
+        a crash while it was replaced by a clone of a shared image
+        (L{_replace_by_clone}) leaves none.
+        """
         self._release(layer.id, name, layer.mapping)
-        self._require(name)
+        self._fresh_clone(layer, name)
+
+    def _replace_by_clone(
+        self, layer: LayerInfo, name: str, shared: str, meta: dict[str, str],
+        source: _ImageState | None = None,
+    ) -> None:
+        """
+        Replace the layer's image (the clone Create made) by a clone of the
+        shared image C{shared}, or of this node's finished candidate as
+        C{source} says.  L{_SharedGone} if that image is gone.
+        """
         self._destroy(layer.id, name)
-        self._clone(layer, name, self._requested_size(layer))
+        faults.point(CRASH_REPLACED)
+        self._clone(layer, name, None, shared=shared, meta=meta, source=source)
 
     def exists(self, layer: LayerInfo) -> bool:
         """
@@ -1903,8 +1932,7 @@ class RBDBackend(Backend):
                     )
                 try:
                     if layer is not None:
-                        self._destroy(layer.id, name)
-                        self._clone(layer, name, None, shared=target, meta=meta)
+                        self._replace_by_clone(layer, name, target, meta)
                 except _SharedGone:
                     time.sleep(0.1)
                     continue
@@ -1916,8 +1944,7 @@ class RBDBackend(Backend):
                 built = self._inspect(candidate, fresh=True)
                 if built is None:
                     raise BackendError(f"the candidate {self.spec(candidate)} is gone")
-                self._destroy(layer.id, name)
-                self._clone(layer, name, None, shared=candidate, meta=meta, source=built)
+                self._replace_by_clone(layer, name, candidate, meta, built)
             if self._publish(candidate, target):
                 return False
             # Another node was first: use its image instead of ours.
@@ -1988,8 +2015,7 @@ class RBDBackend(Backend):
                 f"{state.meta.get(K_CHAIN) or '(none)'}, not {top.chain_id}"
             )
         try:
-            self._destroy(layer.id, name)
-            self._clone(layer, name, None, shared=top.image, meta={K_STATE: "thin"})
+            self._replace_by_clone(layer, name, top.image, {K_STATE: "thin"})
         except _SharedGone:
             raise ThinDescriptorError(
                 f"thin descriptor names snapshot {self.spec(top.image)}@{SNAP}, which was "
