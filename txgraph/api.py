@@ -308,6 +308,8 @@ class PluginRequest(UnixSocketRequest):
     """
 
     content: Any
+    #: whether the ApplyDiff route took over the apply's outcome
+    _handled = False
 
     def gotLength(self, length: int | None) -> None:
         channel = self.channel
@@ -345,6 +347,16 @@ class PluginRequest(UnixSocketRequest):
     def connectionLost(self, reason: Failure) -> None:
         if isinstance(self.content, ApplyStream):
             self.content.abort(reason.value)
+            result = self.content.result
+            if result is not None and not self._handled:
+                # Nobody is left to answer: log the outcome rather than
+                # leave it to the garbage collector as an unhandled error.
+                result.addErrback(
+                    lambda f: log.warn(
+                        "ApplyDiff failed after dockerd closed the connection: {error}",
+                        error=f.getErrorMessage(),
+                    )
+                )
         super().connectionLost(reason)
 
 
@@ -763,6 +775,7 @@ class GraphDriverAPI:
             ).addErrback(lambda f: _error(request, f))
         d: Deferred[Any] = Deferred()
         # Hand the outcome over (the apply's own Deferred keeps nothing).
+        request._handled = True  # type: ignore[attr-defined]
         content.result.addBoth(d.callback)
         d.addCallback(lambda size: _respond(request, 200, {"Size": size}))
         d.addErrback(lambda f: _error(request, f))

@@ -417,6 +417,35 @@ def test_apply_diff_connection_lost(client: Client, driver: FakeDriver) -> None:
         stream.read(10)
 
 
+def test_apply_diff_failure_after_connection_lost_is_consumed(
+    client: Client, driver: FakeDriver
+) -> None:
+    """
+    An ApplyDiff that fails after its connection is gone (dockerd gave up)
+    has nobody to answer: its failure is logged once, never left as an
+    "Unhandled error in Deferred".
+    """
+    import gc
+
+    from twisted.internet.error import ConnectionLost
+    from twisted.logger import formatEvent, globalLogPublisher
+    from twisted.python.failure import Failure
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        protocol, _ = client.connect()
+        _chunked_apply(protocol, f"id={'c' * 64}&parent=", [b"data"], finish=False)
+        protocol.connectionLost(Failure(ConnectionLost()))
+        del protocol
+        gc.collect()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    texts = [formatEvent(e) + str(e.get("log_failure", "")) for e in events]
+    assert not [t for t in texts if "Unhandled error" in t], texts
+    assert [t for t in texts if "unknown layer" in t], texts
+
+
 def test_diff_streams_tar(client: Client, driver: FakeDriver) -> None:
     """
     Diff answers 200 with the tar the driver produced, streamed.
