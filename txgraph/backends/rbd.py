@@ -1800,15 +1800,17 @@ class RBDBackend(Backend):
         with self._lock:
             self._checked.discard(name)
 
-    def _ensure_shared_base(self) -> str:
+    def _ensure_shared_base(self) -> _ImageState:
         """
         The pool's shared base image (an empty formatted filesystem, as a
-        node's own base), made and published by the first node that needs it.
+        node's own base), made and published by the first node that needs
+        it; returns its state.
         """
         assert self._rbd is not None
         for _attempt in range(8):
-            if self._shared_state(self.shared_base) is not None:
-                return self.shared_base
+            state = self._shared_state(self.shared_base)
+            if state is not None:
+                return state
             candidate = self._candidate("base")
             self._discard_image(candidate)
             self._rbd.RBD().create(
@@ -1824,9 +1826,12 @@ class RBDBackend(Backend):
             )
             self._format_base(candidate)
             self._snapshot(candidate)
-            if self._publish(candidate, self.shared_base):
-                return self.shared_base
-            self._discard_image(candidate)
+            if not self._publish(candidate, self.shared_base):
+                # Another node published it first: use that one.
+                self._discard_image(candidate)
+        state = self._shared_state(self.shared_base)
+        if state is not None:
+            return state
         raise BackendError(f"cannot publish the shared base image {self.spec(self.shared_base)}")
 
     def _publish(self, candidate: str, target: str) -> bool:
@@ -1870,8 +1875,12 @@ class RBDBackend(Backend):
         ID, size of the changes against C{measure}'s parent, or 0).
         """
         assert self._rbd is not None
-        source = self._ensure_shared_base() if not parent_chain else self.shared_image(parent_chain)
-        pstate = self._shared_state(source)
+        if parent_chain:
+            source = self.shared_image(parent_chain)
+            pstate = self._shared_state(source)
+        else:
+            # Looked at as it is now, like any shared image.
+            source, pstate = self.shared_base, self._ensure_shared_base()
         if pstate is None or (parent_chain and pstate.meta.get(K_CHAIN) != parent_chain):
             raise BackendError(
                 f"the shared image {self.spec(source)} of chain {parent_chain or '(base)'} "
