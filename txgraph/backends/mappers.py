@@ -555,6 +555,15 @@ class FuseMapper(Mapper):
             return []
         return self._fuse_processes().get(directory, [])
 
+    def _mapping_dir(self, mapping: Mapping) -> str | None:
+        """
+        The FUSE directory of a mapping: recorded, or named by its tag.
+        """
+        directory: str | None = mapping.get("fuse_dir")
+        if directory:
+            return directory
+        return self._dir(mapping["tag"]) if mapping.get("tag") else None
+
     def _pid_file(self, directory: str) -> str:
         return os.path.join(self.pid_root, os.path.basename(directory))
 
@@ -710,9 +719,7 @@ class FuseMapper(Mapper):
         mapping has no admin socket (temporary, or made by an older
         txgraph) or does not answer.
         """
-        directory = mapping.get("fuse_dir") or (
-            self._dir(mapping["tag"]) if mapping.get("tag") else None
-        )
+        directory = self._mapping_dir(mapping)
         image = mapping.get("image")
         if not directory or not image:
             return None
@@ -739,9 +746,7 @@ class FuseMapper(Mapper):
 
     def unmap(self, mapping: Mapping) -> None:
         image = mapping.get("image", "")
-        directory = mapping.get("fuse_dir") or (
-            self._dir(mapping["tag"]) if mapping.get("tag") else None
-        )
+        directory = self._mapping_dir(mapping)
         if directory is None:
             return
         what = f"unmap {self.access.image_spec(image)} ({directory})"
