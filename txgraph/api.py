@@ -85,6 +85,8 @@ class ApplyStream:
         self._cond = threading.Condition()
         self.received = 0
         self.result: Deferred[Any] | None = None
+        #: whether the ApplyDiff route took over L{result} to answer it
+        self.answered = False
 
     # reactor side
 
@@ -308,8 +310,6 @@ class PluginRequest(UnixSocketRequest):
     """
 
     content: Any
-    #: whether the ApplyDiff route took over the apply's outcome
-    _handled = False
 
     def gotLength(self, length: int | None) -> None:
         channel = self.channel
@@ -348,7 +348,7 @@ class PluginRequest(UnixSocketRequest):
         if isinstance(self.content, ApplyStream):
             self.content.abort(reason.value)
             result = self.content.result
-            if result is not None and not self._handled:
+            if result is not None and not self.content.answered:
                 # Nobody is left to answer: log the outcome rather than
                 # leave it to the garbage collector as an unhandled error.
                 result.addErrback(
@@ -775,7 +775,7 @@ class GraphDriverAPI:
             ).addErrback(lambda f: _error(request, f))
         d: Deferred[Any] = Deferred()
         # Hand the outcome over (the apply's own Deferred keeps nothing).
-        request._handled = True  # type: ignore[attr-defined]
+        content.answered = True
         content.result.addBoth(d.callback)
         d.addCallback(lambda size: _respond(request, 200, {"Size": size}))
         d.addErrback(lambda f: _error(request, f))
