@@ -135,17 +135,12 @@ def apply(data: bytes, root: Path, mode: ApplyMode = ApplyMode.OVERLAY, **kw: An
         stats = apply_layer(stream, str(root), mode, track_changes=True, **kw)  # type: ignore[arg-type]
         if stats.changes_size is not None:
             assert stats.changes_size == changes_size(str(root), changes_dirs(str(root), str(before)))
-        TRACKED.append(stats.changes_size)
     finally:
         shutil.rmtree(keep)
     return stats
 
 
 _BEFORE = itertools.count()
-
-
-#: what each in-place apply tracked (None: it fell back to comparing trees)
-TRACKED: list[int | None] = []
 
 
 def export(func: Callable[..., None], *args: Any, **kw: Any) -> bytes:
@@ -950,9 +945,8 @@ def test_diff_size_rules_agree(tmp_path: Path) -> None:
 
 
 def _tracked(tar: bytes, root: Path) -> int | None:
-    size = apply(tar, root, ApplyMode.INPLACE).changes_size
-    # apply() compared it with the whole trees when it is not None.
-    return size
+    # apply() compares it with the whole trees when it is not None.
+    return apply(tar, root, ApplyMode.INPLACE).changes_size
 
 
 def test_tracked_size_of_a_first_layer(tmp_path: Path) -> None:
