@@ -125,6 +125,16 @@ class Ceph:
         finally:
             ioctx.close()
 
+    def trash(self, namespace: str) -> list[str]:
+        """
+        The names of the images in a namespace's RBD trash.
+        """
+        ioctx = self.io(namespace)
+        try:
+            return sorted(e["name"] for e in self.rbd.RBD().trash_list(ioctx))
+        finally:
+            ioctx.close()
+
     def snaps(self, namespace: str, image: str) -> list[str]:
         """
         The snapshots of an image.
@@ -779,8 +789,9 @@ def test_dead_reader_is_no_obstacle_to_removal(started: Started) -> None:
     _wait_dead(info.mapping["pid"])
     began = time.monotonic()
     backend.remove(info)
-    assert time.monotonic() - began < 15
     assert not backend.exists(info)
+    assert backend.settle_trash() == []
+    assert time.monotonic() - began < 15
 
 
 def test_restart_keeps_base(started: Started, ceph: Ceph, tmp_path: Path) -> None:
@@ -899,3 +910,103 @@ def test_backend_class() -> None:
     The rbd backend is found by name.
     """
     assert backend_class("rbd") is RBDBackend
+
+
+# -- removal through the trash -------------------------------------------------------
+
+
+def test_removed_images_are_purged_children_first(started: Started, ceph: Ceph) -> None:
+    """
+    Remove moves a layer's image to the RBD trash and answers; the
+    background purge deletes it.  A parent removed while its child's image
+    still waits in the trash (dockerd removes a container's layer, then
+    its -init layer, at once) is purged after the child.
+    """
+    backend, namespace, layers = started.backend, started.namespace, started.layers
+    init = layers.create()
+    layers.write(init, {"etc/hosts": b"h"})
+    container = layers.create(init)
+    names = {backend.image_name(init), backend.image_name(container)}
+    for layer in (container, init):
+        backend.remove(layers.infos.pop(layer))
+    assert not names & set(ceph.images(namespace))
+    assert backend.settle_trash() == []
+    assert ceph.trash(namespace) == []
+    assert ("Removed Images Not Purged", "0") in backend.status()
+    # The name is free at once: the same layer ID can be made again.
+    again = LayerInfo(id=init, parent=None, readwrite=True)
+    backend.prepare(again)
+    layers.infos[init] = again
+    assert os.listdir(layers.get(init)) == []
+    layers.put(init)
+
+
+def test_trashed_image_with_a_clone_waits(started: Started, ceph: Ceph) -> None:
+    """
+    An image whose snapshot a live layer was cloned from (only possible by
+    going around the layer store's check) stays in the trash, readable by
+    its clone; gc reports it with the reason, and it is purged once the
+    clone is removed.
+    """
+    backend, namespace, layers = started.backend, started.namespace, started.layers
+    parent = layers.create()
+    layers.write(parent, {"f": b"from the parent"})
+    child = layers.create(parent)
+    backend.remove(layers.infos[parent])
+    left = backend.settle_trash()
+    assert [(name, why) for _, name, why in left] == [(
+        backend.image_name(parent),
+        f"images made from its snapshot remain: {backend.image_name(child)}",
+    )]
+    assert _read(layers.get(child), "f") == b"from the parent"
+    layers.put(child)
+    assert ("Removed Images Not Purged", "1") in backend.status()
+    trash_id = left[0][0]
+    orphans = [o for o in backend.orphans({}) if o.id.startswith("trash.")]
+    assert [(o.kind, o.id) for o in orphans] == [("object", f"trash.{trash_id}")]
+    assert "made from its snapshot remain" in orphans[0].detail
+    with pytest.raises(BackendError, match=f"trash id {trash_id}.*made from its snapshot"):
+        backend.repair(orphans[0])
+    backend.remove(layers.infos.pop(child))
+    del layers.infos[parent]
+    assert backend.settle_trash() == []
+    assert ceph.trash(namespace) == []
+    assert not [o for o in backend.orphans({}) if o.id.startswith("trash.")]
+
+
+def test_purge_resumes_at_start(started: Started, ceph: Ceph, tmp_path: Path) -> None:
+    """
+    An image moved to the trash by a node that then stopped (or crashed)
+    is purged when the node starts again; an image in the trash that is
+    named like this node's but is not its own is left alone.
+    """
+    backend, namespace, layers = started.backend, started.namespace, started.layers
+    layer = layers.create()
+    name = backend.image_name(layer)
+    impostor = backend.image_name(new_id())
+    backend.stop()
+    ioctx = ceph.io(namespace)
+    try:
+        ceph.rbd.RBD().create(ioctx, impostor, 64 * MiB)
+        with ceph.rbd.Image(ioctx, impostor) as img:
+            img.metadata_set(K_OWNER, "node-b")
+        ceph.rbd.RBD().trash_move(ioctx, name, 0)
+        ceph.rbd.RBD().trash_move(ioctx, impostor, 0)
+    finally:
+        ioctx.close()
+    assert ceph.trash(namespace) == sorted([name, impostor])
+    second = RBDBackend(str(tmp_path / "state"), dict(backend.config))
+    second.start()
+    try:
+        assert second.settle_trash() == []
+        assert ceph.trash(namespace) == [impostor]
+        assert not [o for o in second.orphans({}) if o.id.startswith("trash.")]
+        started.backend = started.layers.backend = second
+    finally:
+        del layers.infos[layer]
+    ioctx = ceph.io(namespace)
+    try:
+        entry = next(e for e in ceph.rbd.RBD().trash_list(ioctx) if e["name"] == impostor)
+        ceph.rbd.RBD().trash_remove(ioctx, entry["id"])
+    finally:
+        ioctx.close()

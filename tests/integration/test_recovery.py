@@ -245,6 +245,8 @@ for _points in POINTS.values():
 # An ApplyDiff replacing the layer's image by a clone of its shared image,
 # between the removal and the clone.
 POINTS["rbd"].append("rbd.replace.removed")
+# A Remove that moved the layer's image to the RBD trash, before the purge.
+POINTS["rbd"].append("rbd.remove.trashed")
 #: Points whose workload is a docker load (an ApplyDiff).
 LOAD_POINTS = ("applying.", "rbd.replace.")
 CASES = [(backend, point) for backend, points in POINTS.items() for point in points]

@@ -32,7 +32,8 @@ Life cycle as the layer machine drives it: C{prepare} clones, C{map}
 attaches a device (read-only once committed, so a committed layer never
 changes under its children), C{mount} mounts it, C{unmount}/C{unmap} undo
 that, C{commit} snapshots and protects (never a mounted or mapped layer),
-C{remove} undoes everything.  C{apply}, C{diff}, C{changes} and
+C{remove} undoes everything (the image goes to the RBD trash, from where a
+background purge deletes it).  C{apply}, C{diff}, C{changes} and
 C{diff_size} work on temporary mappings of their own, so they need the
 layer to be neither mapped nor mounted; the views they compare are
 read-only (a layer that is mounted is seen through a read-only bind mount
@@ -82,6 +83,7 @@ from twisted.logger import Logger
 from txgraph import archive, faults, mounts, thin
 from txgraph.archive import ApplyMode, Change, IDMap
 from txgraph.backends import Backend, BackendOption, LayerInfo, LayerView, Orphan, parse_options
+from txgraph.backends.background import BackgroundPasses
 from txgraph.backends.mappers import (
     AUTO_ORDER,
     MAPPERS,
@@ -121,7 +123,16 @@ SHARED = "shared"
 #: of a shared image (ApplyDiff of a shared or thin layer), and the clone
 #: is not made yet.
 CRASH_REPLACED = "rbd.replace.removed"
-faults.declare(CRASH_REPLACED)
+#: Crash point: a removed layer's image is in the RBD trash, not purged yet.
+CRASH_TRASHED = "rbd.remove.trashed"
+faults.declare(CRASH_REPLACED, CRASH_TRASHED)
+
+#: gc's name for a trashed image of this node: this prefix and its trash id.
+TRASH = "trash."
+
+#: Seconds between purge passes while removed images wait in the trash
+#: (for their clones to be purged first, or a dead client's watch to end).
+PURGE_RETRY = 10.0
 
 MS_RDONLY = 1
 MS_REMOUNT = 32
@@ -472,6 +483,14 @@ class RBDBackend(Backend):
         self._known: dict[str, _ImageState] = {}
         # Images whose locks were checked for dead clients since start.
         self._checked: set[str] = set()
+        # Removed layers' images are purged from the RBD trash in the
+        # background (see remove).
+        self._purger = BackgroundPasses("rbd trash purge", self._purge_trash, PURGE_RETRY)
+        # Trash entries of this node the last pass could not purge:
+        # image id -> (image name, why).
+        self._trash_left: dict[str, tuple[str, str]] = {}
+        # Trash entries named like ours that are not ours (ids).
+        self._trash_foreign: set[str] = set()
 
     # -- names -------------------------------------------------------------------
 
@@ -550,6 +569,7 @@ class RBDBackend(Backend):
             self._cleanup_leftovers()
             with self._op("set-up of the base image", None, self.base_image):
                 self._ensure_base()
+            self._purger.start()
         except BaseException:
             self.stop()
             raise
@@ -699,6 +719,9 @@ class RBDBackend(Backend):
         for mapper in self._mappers.values():
             if isinstance(mapper, FuseMapper):
                 mapper.reap()
+        if not self._purger.stop(self.timeout + 5):
+            log.warn("the rbd trash purge did not stop; leaving the cluster connection open")
+            return
         if self._ioctx is not None:
             with contextlib.suppress(Exception):
                 self._ioctx.close()
@@ -730,6 +753,9 @@ class RBDBackend(Backend):
         ]
         if unavailable:
             lines.append(("Unavailable Mappers", unavailable))
+        with self._lock:
+            waiting = len(self._trash_left)
+        lines.append(("Removed Images Not Purged", str(waiting)))
         lines.append(
             ("Shared Layers", f"{self.spec(self._shared_stem)}<chain>@{SNAP}" if self.share else "off")
         )
@@ -841,9 +867,13 @@ class RBDBackend(Backend):
         )
 
     @contextlib.contextmanager
-    def _open(self, name: str) -> Iterator[Any]:
+    def _open(self, name: str, image_id: str | None = None) -> Iterator[Any]:
+        # By name, or by id (an image in the trash has only its id).
         assert self._rbd is not None
-        image = self._rbd.Image(self._ioctx, name)
+        image = (
+            self._rbd.Image(self._ioctx, image_id=image_id) if image_id
+            else self._rbd.Image(self._ioctx, name)
+        )
         try:
             yield image
         finally:
@@ -881,7 +911,9 @@ class RBDBackend(Backend):
         with self._lock:
             self._checked.discard(image)
 
-    def _clear_stale_clients(self, name: str, watchers: bool = False) -> None:
+    def _clear_stale_clients(
+        self, name: str, watchers: bool = False, image_id: str | None = None
+    ) -> None:
         """
         Break the exclusive lock (and, with C{watchers}, drop the watches)
         of clients of this node's image that are dead: held while no local
@@ -900,7 +932,10 @@ class RBDBackend(Backend):
         rbd = self._rbd
         own = _client_nonce(self._cluster.get_addrs())
         try:
-            image = rbd.Image(self._ioctx, name, read_only=True)
+            image = (
+                rbd.Image(self._ioctx, image_id=image_id, read_only=True) if image_id
+                else rbd.Image(self._ioctx, name, read_only=True)
+            )
         except rbd.ImageNotFound:
             return
         try:
@@ -919,7 +954,7 @@ class RBDBackend(Backend):
             if any(m["alive"] for m in self._mappings(name)):
                 return
             if held:
-                with self._open(name) as rw:
+                with self._open(name, image_id) as rw:
                     for client, cookie, address in held:
                         log.warn(
                             "breaking the lock of dead client {client} ({address}) "
@@ -1415,8 +1450,16 @@ class RBDBackend(Backend):
 
     def remove(self, layer: LayerInfo) -> None:
         """
-        Unmount, unmap, unprotect and remove the snapshot, remove the image.
-        What is gone is fine; an image that is not this node's is left alone.
+        Unmount, unmap, and move the image to the RBD trash, from where the
+        background purge deletes it (and its snapshot) once the clones made
+        from it are gone.  What is gone is fine; an image that is not this
+        node's is left alone.
+
+        Deleting takes an unprotect, a snapshot removal and an image
+        removal, ~80 ms for a container's C{-init} layer; the move takes
+        ~13 ms.  The move frees the name at once (a layer of the same ID
+        can be made again), keeps the image's data readable for clones
+        not purged yet, and survives a crash: the purge resumes at start.
         """
         name = self.image_name(layer.id)
         with self._op("remove", layer.id, name):
@@ -1430,9 +1473,132 @@ class RBDBackend(Backend):
                 self._release(layer.id, name, layer.mapping)
                 return
             self._release(layer.id, name, layer.mapping)
-            self._destroy(layer.id, name)
+            if state is not None:
+                self._trash(name)
             with contextlib.suppress(OSError):
                 os.rmdir(self._mountpoint(layer.id))
+
+    def _trash(self, name: str) -> None:
+        """
+        Move one of this node's images (unmapped everywhere on this host)
+        to the RBD trash and wake the purge.
+        """
+        assert self._rbd is not None
+        for mapping in self._mappings(name):
+            self._unmap(mapping)
+        with self._lock:
+            suspect = name not in self._checked
+        if suspect:
+            # The move notifies the image's watchers and waits for each to
+            # answer: a dead client's watch would hold it ~30 s.
+            self._clear_stale_clients(name, watchers=True)
+        try:
+            self._rbd.RBD().trash_move(self._ioctx, name, 0)
+        except self._rbd.ImageNotFound:
+            pass
+        self._forget(name)
+        with self._lock:
+            self._checked.discard(name)
+        faults.point(CRASH_TRASHED)
+        self._purger.wake()
+
+    def _purge_trash(self) -> bool:
+        """
+        One purge pass: delete this node's images from the RBD trash,
+        clones before the images they were made from.  True if some are
+        left (see L{_trash_left}: their clones are not purged yet, or a
+        dead client still watches them, or they cannot be deleted).
+        """
+        assert self._rbd is not None
+        entries = [
+            e for e in self._rbd.RBD().trash_list(self._ioctx)
+            if e["name"].startswith(self._stem) and e["name"] != self.base_image
+            and e["id"] not in self._trash_foreign
+        ]
+        left: dict[str, tuple[str, str]] = {}
+        progress = True
+        while entries and progress:
+            progress = False
+            for entry in list(entries):
+                why = self._purge_one(entry["id"], entry["name"])
+                if why is None:
+                    entries.remove(entry)
+                    left.pop(entry["id"], None)
+                    progress = True
+                else:
+                    left[entry["id"]] = (entry["name"], why)
+        with self._lock:
+            for image_id, (name, why) in left.items():
+                if self._trash_left.get(image_id, ("", ""))[1] != why:
+                    log.warn(
+                        "removed image {image} (trash id {id}) cannot be purged yet: {why}",
+                        image=self.spec(name), id=image_id, why=why,
+                    )
+            self._trash_left = left
+        return bool(left)
+
+    def _purge_one(self, image_id: str, name: str) -> str | None:
+        """
+        Delete one trashed image of this node; None when it is gone, else
+        why it is not.
+        """
+        assert self._rbd is not None
+        rbd = self._rbd
+        try:
+            image = rbd.Image(self._ioctx, image_id=image_id)
+        except rbd.ImageNotFound:
+            return None
+        try:
+            meta = dict(image.metadata_list())
+            try:
+                parent: str | None = image.get_parent_image_spec()["image_name"]
+            except rbd.ImageNotFound:
+                parent = None
+            if not self._ours(_ImageState(name=name, meta=meta, parent=parent)):
+                self._trash_foreign.add(image_id)
+                log.warn(
+                    "leaving {image} (trash id {id}) alone: it is named like this node's "
+                    "layers but is not one (owner: {owner})",
+                    image=self.spec(name), id=image_id, owner=meta.get(K_OWNER, "none"),
+                )
+                return None
+            if any(s["name"] == SNAP for s in image.list_snaps()):
+                if image.is_protected_snap(SNAP):
+                    try:
+                        image.unprotect_snap(SNAP)
+                    except rbd.ImageBusy:
+                        image.set_snap(SNAP)
+                        kids = [
+                            f"{c['image']}{' (in the trash)' if c['trash'] else ''}"
+                            for c in image.list_children2()
+                        ]
+                        return f"images made from its snapshot remain: {', '.join(kids[:5])}"
+                image.remove_snap(SNAP)
+        finally:
+            image.close()
+        for attempt in range(2):
+            try:
+                rbd.RBD().trash_remove(self._ioctx, image_id)
+                return None
+            except rbd.ImageNotFound:
+                return None
+            except rbd.ImageBusy:
+                # Watched: by a dead client of ours (blocklist it and try
+                # again), or by a live one somewhere.
+                if attempt == 0:
+                    self._clear_stale_clients(name, watchers=True, image_id=image_id)
+            except rbd.Error as e:
+                return _describe(e)
+        return "it is still open somewhere (it has watchers); is it mapped on another host?"
+
+    def settle_trash(self) -> list[tuple[str, str, str]]:
+        """
+        Wait for the purge to try every image removed so far; return what
+        is left in the trash: (trash id, image name, why).
+        """
+        self._purger.settle(max(10.0, 2 * self.timeout))
+        with self._lock:
+            return [(i, n, why) for i, (n, why) in sorted(self._trash_left.items())]
 
     def reset(self, layer: LayerInfo) -> None:
         """
@@ -1533,6 +1699,11 @@ class RBDBackend(Backend):
                         f"image {self.spec(self.image_name(layer_id))} has no layer row",
                     )
                 )
+        for image_id, name, why in self.settle_trash():
+            found.append(
+                Orphan("object", f"{TRASH}{image_id}",
+                       f"removed layer image {self.spec(name)} is still in the RBD trash: {why}")
+            )
         assert self._rbd is not None
         applying = {i for i, v in layers.items() if v.state == "applying"}
         stem = self._candidate("")
@@ -1575,6 +1746,13 @@ class RBDBackend(Backend):
             mapper = self._mappers[mapper_name]
             for mapping in mapper.find(image, tag):
                 mapper.unmap(mapping)
+        elif orphan.kind == "object" and orphan.id.startswith(TRASH):
+            # Only the purge deletes from the trash: let it try again.
+            image_id = orphan.id[len(TRASH):]
+            left = {i: (name, why) for i, name, why in self.settle_trash()}
+            if image_id in left:
+                name, why = left[image_id]
+                raise BackendError(f"rbd purge of {self.spec(name)} (trash id {image_id}): {why}")
         elif orphan.kind == "object" and orphan.id.startswith("candidate."):
             name = f"{self._stem}{orphan.id}"
             with self._op("removal of a stray candidate", None, name):
@@ -2105,6 +2283,8 @@ class RBDBackend(Backend):
         """
         assert self._rbd is not None
         rbd = self._rbd
+        # Clones in the trash still count as users: purge them first.
+        self.settle_trash()
         with self._op("list of the shared images", None):
             now = time.time()
             children: dict[str, list[str]] = {}
