@@ -1010,3 +1010,45 @@ def test_purge_resumes_at_start(started: Started, ceph: Ceph, tmp_path: Path) ->
         ceph.rbd.RBD().trash_remove(ioctx, entry["id"])
     finally:
         ioctx.close()
+
+
+def test_child_of_a_shared_layer_is_cloned_from_the_shared_image(
+    started: Started, ceph: Ceph, tmp_path: Path
+) -> None:
+    """
+    A layer made on an image layer that is an unchanged clone of a shared
+    image is cloned from the shared image itself (one clone level less to
+    open), before and after a restart; a layer made on a container's layer
+    is cloned from that layer.
+    """
+    backend, namespace, layers = started.backend, started.namespace, started.layers
+    image = layers.create(readwrite=False)
+    backend.apply(layers.infos[image], _tar({"f": b"from the image"}), IDENTITY)
+    init = layers.create(image)
+    layers.write(init, {"etc/hosts": b"h"})
+    container = layers.create(init)
+
+    def parent(layer: str) -> str:
+        ioctx = ceph.io(namespace)
+        try:
+            with ceph.rbd.Image(ioctx, backend.image_name(layer), read_only=True) as img:
+                return str(img.get_parent_image_spec()["image_name"])
+        finally:
+            ioctx.close()
+
+    shared = parent(image)
+    assert shared.startswith(backend.shared_image(""))
+    assert parent(init) == shared
+    assert ceph.meta(namespace, backend.image_name(init))["txgraph.depth"] == ceph.meta(
+        namespace, backend.image_name(image)
+    )["txgraph.depth"]
+    assert parent(container) == backend.image_name(init)
+    root = layers.get(container)
+    assert (_read(root, "f"), _read(root, "etc/hosts")) == (b"from the image", b"h")
+    layers.put(container)
+    second = RBDBackend(str(tmp_path / "state"), dict(backend.config))
+    backend.stop()
+    second.start()
+    started.backend = started.layers.backend = second
+    again = layers.create(image)
+    assert parent(again) == shared

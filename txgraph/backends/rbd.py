@@ -1121,10 +1121,25 @@ class RBDBackend(Backend):
             grow_to = self.base_size
         if grow_to == parent_size:
             grow_to = None
+        depth = min(pstate.depth, 1 << 16) + 1
+        origin = self._shared_origin(pstate) if shared is None else None
         try:
-            rbd.RBD().clone(
-                self._ioctx, parent, SNAP, self._ioctx, name, data_pool=self.data_pool
-            )
+            if origin is not None:
+                # The parent is an unchanged clone of a shared image: clone
+                # that image instead.  Same tree, one level less to open for
+                # this image and everything made from it (a container's
+                # layer opens 4 images instead of 5 on a one-layer image).
+                try:
+                    rbd.RBD().clone(
+                        self._ioctx, origin, SNAP, self._ioctx, name, data_pool=self.data_pool
+                    )
+                    parent, depth = origin, depth - 1
+                except (rbd.ImageNotFound, rbd.InvalidArgument):
+                    origin = None
+            if origin is None:
+                rbd.RBD().clone(
+                    self._ioctx, parent, SNAP, self._ioctx, name, data_pool=self.data_pool
+                )
         except (rbd.ImageNotFound, rbd.InvalidArgument) as e:
             if shared is None:
                 raise
@@ -1145,7 +1160,7 @@ class RBDBackend(Backend):
                     K_LAYER: layer.id,
                     K_PARENT: layer.parent or NONE,
                     K_STATE: "clean",
-                    K_DEPTH: str(min(pstate.depth, 1 << 16) + 1),
+                    K_DEPTH: str(depth),
                     K_CHAIN: NONE,
                     **(meta or {}),
                 },
@@ -1159,6 +1174,22 @@ class RBDBackend(Backend):
             except Exception as e:
                 log.error("cannot remove half-made image {image}: {error}", image=name, error=e)
             raise
+
+    def _shared_origin(self, state: _ImageState) -> str | None:
+        """
+        The shared image a committed layer is an unchanged clone of (an
+        image layer ApplyDiff settled on a shared image, never written
+        since), or None.
+        """
+        chain = state.meta.get(K_CHAIN, NONE)
+        if (
+            state.meta.get(K_STATE) == "shared"
+            and chain.startswith("sha256:")
+            and state.parent == self.shared_image(chain)
+            and state.committed
+        ):
+            return state.parent
+        return None
 
     def _set_up(self, layer: LayerInfo, name: str, grow_to: int | None, chown: bool) -> None:
         """
@@ -2133,6 +2164,9 @@ class RBDBackend(Backend):
                     raise BackendError(f"the candidate {self.spec(candidate)} is gone")
                 self._replace_by_clone(layer, name, candidate, meta, built)
             if self._publish(candidate, target):
+                if layer is not None:
+                    # Renamed: the layer's parent is the shared image now.
+                    self._update(name, parent=target)
                 return False
             # Another node was first: use its image instead of ours.
             time.sleep(0.05)
