@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import select
 import time
 from dataclasses import dataclass
 
@@ -139,6 +140,37 @@ def mounted_under(prefix: str) -> list[str]:
         if e.mountpoint == prefix or e.mountpoint.startswith(prefix + "/")
     }
     return sorted(points, key=lambda p: (-p.count("/"), p))
+
+
+class MountWatch:
+    """
+    Wakes when the mount table changes: the kernel marks an open
+    C{/proc/self/mountinfo} with POLLPRI on every mount or unmount in the
+    namespace, so a waiter sleeps until then rather than polling on a
+    timer.  Open it I{before} looking at the table: a change after the open
+    is never missed.
+    """
+
+    def __init__(self) -> None:
+        self._fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        self._poll = select.poll()
+        self._poll.register(self._fd, select.POLLPRI | select.POLLERR)
+
+    def wait(self, timeout: float) -> None:
+        """
+        Return when the table changed since the last call (or the open),
+        or after C{timeout} seconds.
+        """
+        self._poll.poll(max(0, int(timeout * 1000)))
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def __enter__(self) -> MountWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def is_mountpoint(path: str) -> bool:

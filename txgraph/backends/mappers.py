@@ -52,6 +52,7 @@ import errno
 import fcntl
 import json
 import os
+import select
 import shutil
 import hashlib
 import signal
@@ -660,19 +661,21 @@ class FuseMapper(Mapper):
             # it: a FUSE request blocks until rbd-fuse answers, and it may
             # never answer if the cluster is down.  losetup's open below
             # waits for rbd-fuse to connect, under a timeout (and can be
-            # killed).
-            while not mounts.is_mountpoint(directory):
-                if proc.poll() is not None:
-                    raise BackendError(
-                        f"{what}: rbd-fuse exited (status {proc.returncode}): "
-                        f"{self._log_tail(log_path)}"
-                    )
-                if time.monotonic() > deadline:
-                    raise BackendError(
-                        f"{what}: rbd-fuse did not mount within "
-                        f"{self.access.timeout:g} s: {self._log_tail(log_path)}"
-                    )
-                time.sleep(0.005)
+            # killed).  Woken by the table's change; the timer only checks
+            # that rbd-fuse still runs.
+            with mounts.MountWatch() as watch:
+                while not mounts.is_mountpoint(directory):
+                    if proc.poll() is not None:
+                        raise BackendError(
+                            f"{what}: rbd-fuse exited (status {proc.returncode}): "
+                            f"{self._log_tail(log_path)}"
+                        )
+                    if time.monotonic() > deadline:
+                        raise BackendError(
+                            f"{what}: rbd-fuse did not mount within "
+                            f"{self.access.timeout:g} s: {self._log_tail(log_path)}"
+                        )
+                    watch.wait(0.05)
             args = ["losetup", "--find", "--show"]
             if bulk_write:
                 # Direct I/O to the FUSE file: a block reaches librbd in one
@@ -811,23 +814,41 @@ class FuseMapper(Mapper):
         with self._lock:
             child = self._children.get(pid)
         signalled = False
-        while True:
-            if child is not None:
-                if child.poll() is not None:
-                    with self._lock:
-                        self._children.pop(pid, None)
+        # A pidfd becomes readable when the process exits: sleep until then
+        # rather than polling on a timer.
+        exits = select.poll()
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            # Gone already, or a kernel without pidfds: the timer it is.
+            pidfd = -1
+        else:
+            exits.register(pidfd, select.POLLIN)
+        try:
+            while True:
+                if child is not None:
+                    if child.poll() is not None:
+                        with self._lock:
+                            self._children.pop(pid, None)
+                        return not signalled
+                elif _process_args(pid) is None:
                     return not signalled
-            elif _process_args(pid) is None:
-                return not signalled
-            if time.monotonic() > deadline:
-                if signalled:
-                    raise BackendError(f"{what}: rbd-fuse (pid {pid}) does not exit")
-                # It should have exited once unmounted; make sure it does.
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                signalled = True
-                deadline = time.monotonic() + 5
-            time.sleep(0.005)
+                if time.monotonic() > deadline:
+                    if signalled:
+                        raise BackendError(f"{what}: rbd-fuse (pid {pid}) does not exit")
+                    # It should have exited once unmounted; make sure it does.
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    signalled = True
+                    deadline = time.monotonic() + 5
+                if pidfd >= 0:
+                    # Exited (readable), or the timer to check the deadline.
+                    exits.poll(50)
+                else:
+                    time.sleep(0.005)
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
 
     def find(self, image: str, tag: str | None = None) -> list[Mapping]:
         if tag is not None:
