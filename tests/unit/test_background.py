@@ -100,7 +100,10 @@ def test_stop_waits_for_the_pass_in_progress() -> None:
     work.hold.clear()
     passes.start()
     assert work.inside.wait(10)
+    assert not passes.stopping
     assert not passes.stop(0.1)
+    # The pass in progress can see it should end early.
+    assert passes.stopping
     work.hold.set()
     # Stopped: nothing settles any more.
     assert passes.settle(0.1) is False

@@ -74,6 +74,13 @@ class BackgroundPasses:
                 self._cond.wait(left)
         return True
 
+    @property
+    def stopping(self) -> bool:
+        """
+        Whether C{stop} was called: a long pass should end early.
+        """
+        return self._stopping
+
     def stop(self, timeout: float) -> bool:
         """
         Stop after the pass in progress, if any; False if it did not end

@@ -1551,6 +1551,8 @@ class RBDBackend(Backend):
         while entries and progress:
             progress = False
             for entry in list(entries):
+                if self._purger.stopping:
+                    return True
                 why = self._purge_one(entry["id"], entry["name"])
                 if why is None:
                     entries.remove(entry)
