@@ -783,27 +783,36 @@ class RBDBackend(Backend):
             self._forget(name)
             return None
         try:
-            state = _ImageState(name=name, meta=dict(image.metadata_list()))
-            for snap in image.list_snaps():
-                if snap.get("namespace", rbd.RBD_SNAP_NAMESPACE_TYPE_USER) != (
-                    rbd.RBD_SNAP_NAMESPACE_TYPE_USER
-                ):
-                    # A removed snapshot that clones still use (librbd keeps
-                    # it in the trash namespace, under a UUID): not ours.
-                    continue
-                state.snaps[snap["name"]] = (
-                    bool(image.is_protected_snap(snap["name"])),
-                    int(snap["size"]),
-                )
-            state.size = int(image.size())
-            try:
-                state.parent = image.get_parent_image_spec()["image_name"]
-            except rbd.ImageNotFound:
-                state.parent = None
+            state = self._read_state(image, name)
         finally:
             image.close()
         if self._ours(state):
             self._remember(state)
+        return state
+
+    def _read_state(self, image: Any, name: str) -> _ImageState:
+        """
+        An open image's metadata, snapshots, size and parent.
+        """
+        assert self._rbd is not None
+        rbd = self._rbd
+        state = _ImageState(name=name, meta=dict(image.metadata_list()))
+        for snap in image.list_snaps():
+            if snap.get("namespace", rbd.RBD_SNAP_NAMESPACE_TYPE_USER) != (
+                rbd.RBD_SNAP_NAMESPACE_TYPE_USER
+            ):
+                # A removed snapshot that clones still use (librbd keeps
+                # it in the trash namespace, under a UUID): not ours.
+                continue
+            state.snaps[snap["name"]] = (
+                bool(image.is_protected_snap(snap["name"])),
+                int(snap["size"]),
+            )
+        state.size = int(image.size())
+        try:
+            state.parent = image.get_parent_image_spec()["image_name"]
+        except rbd.ImageNotFound:
+            state.parent = None
         return state
 
     def _remember(self, state: _ImageState) -> None:
@@ -866,14 +875,19 @@ class RBDBackend(Backend):
             f"refusing to touch it"
         )
 
+    def _image(self, name: str, image_id: str | None = None, read_only: bool = False) -> Any:
+        """
+        Open an image by name, or by id (an image in the trash has only
+        its id).
+        """
+        assert self._rbd is not None
+        if image_id:
+            return self._rbd.Image(self._ioctx, image_id=image_id, read_only=read_only)
+        return self._rbd.Image(self._ioctx, name, read_only=read_only)
+
     @contextlib.contextmanager
     def _open(self, name: str, image_id: str | None = None) -> Iterator[Any]:
-        # By name, or by id (an image in the trash has only its id).
-        assert self._rbd is not None
-        image = (
-            self._rbd.Image(self._ioctx, image_id=image_id) if image_id
-            else self._rbd.Image(self._ioctx, name)
-        )
+        image = self._image(name, image_id)
         try:
             yield image
         finally:
@@ -932,10 +946,7 @@ class RBDBackend(Backend):
         rbd = self._rbd
         own = _client_nonce(self._cluster.get_addrs())
         try:
-            image = (
-                rbd.Image(self._ioctx, image_id=image_id, read_only=True) if image_id
-                else rbd.Image(self._ioctx, name, read_only=True)
-            )
+            image = self._image(name, image_id, read_only=True)
         except rbd.ImageNotFound:
             return
         try:
@@ -1578,35 +1589,28 @@ class RBDBackend(Backend):
         assert self._rbd is not None
         rbd = self._rbd
         try:
-            image = rbd.Image(self._ioctx, image_id=image_id)
+            image = self._image(name, image_id)
         except rbd.ImageNotFound:
             return None
         try:
-            meta = dict(image.metadata_list())
-            try:
-                parent: str | None = image.get_parent_image_spec()["image_name"]
-            except rbd.ImageNotFound:
-                parent = None
-            if not self._ours(_ImageState(name=name, meta=meta, parent=parent)):
+            state = self._read_state(image, name)
+            if not self._ours(state):
                 self._trash_foreign.add(image_id)
                 log.warn(
                     "leaving {image} (trash id {id}) alone: it is named like this node's "
                     "layers but is not one (owner: {owner})",
-                    image=self.spec(name), id=image_id, owner=meta.get(K_OWNER, "none"),
+                    image=self.spec(name), id=image_id, owner=state.meta.get(K_OWNER, "none"),
                 )
                 return None
-            if any(s["name"] == SNAP for s in image.list_snaps()):
-                if image.is_protected_snap(SNAP):
-                    try:
-                        image.unprotect_snap(SNAP)
-                    except rbd.ImageBusy:
-                        image.set_snap(SNAP)
-                        kids = [
-                            f"{c['image']}{' (in the trash)' if c['trash'] else ''}"
-                            for c in image.list_children2()
-                        ]
-                        return f"images made from its snapshot remain: {', '.join(kids[:5])}"
-                image.remove_snap(SNAP)
+            try:
+                _remove_snap(image)
+            except rbd.ImageBusy:
+                image.set_snap(SNAP)
+                kids = [
+                    f"{c['image']}{' (in the trash)' if c['trash'] else ''}"
+                    for c in image.list_children2()
+                ]
+                return f"images made from its snapshot remain: {', '.join(kids[:5])}"
         finally:
             image.close()
         for attempt in range(2):
