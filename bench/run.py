@@ -133,12 +133,14 @@ def rows_for(args: argparse.Namespace) -> list[Row]:
             f"Capabilities (no state) over the socket, median of {args.calls}",
             builtin=False),
         Row("socket_get_unmounted",
-            f"Get of an unmounted layer (mounts), median of {args.mount_calls}",
+            f"Get of an unmounted layer (mounts; on rbd its device is kept after the "
+            f"last Put), median of {args.mount_calls}",
             builtin=False),
         Row("socket_put_last",
             f"last Put (unmounts), median of {args.mount_calls}", builtin=False),
         Row("socket_create_rw",
-            f"CreateReadWrite over the socket, median of {args.mount_calls}", builtin=False),
+            f"CreateReadWrite over the socket (rbd: maps the layer too), median of "
+            f"{args.mount_calls}", builtin=False),
         Row("socket_remove",
             f"Remove over the socket, median of {args.mount_calls}", builtin=False),
     ]

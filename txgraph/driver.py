@@ -183,7 +183,7 @@ class Driver:
         self._pool = pool
         self._cli_options = cli_options
         self.backend = AsyncBackend(backend, reactor, pool)
-        self.registry = LayerRegistry(store, self.backend)
+        self.registry = LayerRegistry(store, self.backend, reactor)
         self.init_args: InitArgs | None = None
         self.ready: Deferred[None] = Deferred()
         self.started_at = time.time()
@@ -417,9 +417,11 @@ class Driver:
 
     async def cleanup(self) -> None:
         """
-        Cleanup (dockerd is shutting down): nothing to release, since every
-        mount is reference-counted and persisted; say what is still held.
+        Cleanup (dockerd is shutting down): unmap the devices kept after a
+        last Put; every mount is reference-counted and persisted, so the
+        held ones stay; say which.
         """
+        await self.registry.release_all()
         held = [r.id for r in self.registry.rows() if r.refcount]
         if held:
             log.info(

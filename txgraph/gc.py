@@ -131,7 +131,9 @@ async def collect(
             for row in rows:
                 if row.id in known or row.id in reported:
                     continue
-                if row.state not in ("created", "mounted") or (
+                # A layer at rest (mapped: its device kept after the last
+                # Put); not one with an operation in flight.
+                if row.state not in ("created", "mapped", "mounted") or (
                     row.state == "created" and row.refcount
                 ):
                     continue

@@ -12,6 +12,13 @@ I{before} the backend is called, and the outcome is committed after it:
 write-ahead transitions, so that recovery at start knows exactly what was
 in flight and can finish or roll it back.
 
+A backend that maps may keep a layer's device for a while after its last
+Put (C{unmap_delay}): the layer rests in C{mapped}, and the registry feeds
+C{release} once the delay has passed with no Get, or at once when the
+layer is committed, gets an ApplyDiff, or the daemon stops.  dockerd gets
+and puts a container's layer when it creates the container and gets it
+again when it starts it: the second Get then only mounts.
+
 Behaviours never raise.  They persist, start backend work in the thread
 pool, and feed the outcome back as the private inputs C{_succeeded} or
 C{_failed}; a failure thus becomes an explicit transition to an explicit
@@ -32,6 +39,7 @@ from typing import Any, BinaryIO, Protocol, TypeVar
 
 from automat import NoTransition, TypeMachineBuilder
 from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -93,7 +101,14 @@ class LayerInputs(Protocol):
 
     def put(self) -> Deferred[None]:
         """
-        Drop a reference, unmounting (and unmapping) on the last.
+        Drop a reference, unmounting on the last, and unmapping too unless
+        the backend keeps the device for a while (C{unmap_delay}).
+        """
+
+    def release(self) -> Deferred[None]:
+        """
+        Unmap the device a layer kept (after its last Put, or since its
+        Create).
         """
 
     def remove(self) -> Deferred[None]:
@@ -116,6 +131,12 @@ class LayerInputs(Protocol):
     def _succeeded(self, result: Any) -> None:
         """
         The backend operation in flight succeeded with C{result}.
+        """
+
+    def _kept(self, result: Any) -> None:
+        """
+        The device stays mapped: a last Put's unmount succeeded, or a
+        Create made the layer and mapped it (C{result}: the mapping).
         """
 
     def _failed(self, failure: Failure) -> None:
@@ -220,23 +241,27 @@ class LayerCore:
         inputs: LayerInputs,
         trying: str | None,
         work: Callable[[], Deferred[Any]],
+        succeeded: Callable[[Any], None] | None = None,
         **fields: Any,
     ) -> None:
         """
         Run one backend operation with a write-ahead transition: commit the
         C{trying} state, then run C{work}, then feed its outcome back as
-        C{_succeeded} or C{_failed}.  C{trying=None} says this backend has
-        nothing to do for the step (overlay never maps): it succeeds at once,
-        with nothing recorded and no thread hop.
+        C{_succeeded} (or the input C{succeeded}) or C{_failed}.
+        C{trying=None} says this backend has nothing to do for the step
+        (overlay never maps): it succeeds at once, with nothing recorded
+        and no thread hop.
         """
+        if succeeded is None:
+            succeeded = inputs._succeeded
         if trying is None:
             for name, value in fields.items():
                 setattr(self.row, name, value)
-            inputs._succeeded(None)
+            succeeded(None)
             return
         d = self.persist(trying, **fields)
         d.addCallback(lambda _: self._work(trying, work))
-        d.addCallbacks(inputs._succeeded, inputs._failed)
+        d.addCallbacks(succeeded, inputs._failed)
         d.addErrback(self._bug)
 
     def _work(self, trying: str, work: Callable[[], Deferred[Any]]) -> Deferred[Any]:
@@ -325,7 +350,11 @@ def _create(inputs: LayerInputs, core: LayerCore) -> Deferred[None]:
     core.row.state = "creating"
     d = core.store.insert_layer(core.row)
     d.addCallback(lambda _: core._work("creating", lambda: core.backend.prepare(core.info())))
-    d.addCallbacks(inputs._succeeded, inputs._failed)
+    d.addCallbacks(
+        # A mapping: the backend mapped the new layer too (it keeps devices).
+        lambda mapping: (inputs._succeeded if mapping is None else inputs._kept)(mapping),
+        inputs._failed,
+    )
     d.addErrback(core._bug)
     return pending
 
@@ -333,6 +362,11 @@ def _create(inputs: LayerInputs, core: LayerCore) -> Deferred[None]:
 @creating.upon(LayerInputs._succeeded).to(created)
 def _created(inputs: LayerInputs, core: LayerCore, result: Any) -> None:
     core.settle("created")
+
+
+@creating.upon(LayerInputs._kept).to(mapped)
+def _createdMapped(inputs: LayerInputs, core: LayerCore, result: Any) -> None:
+    core.settle("mapped", mapping=result)
 
 
 @creating.upon(LayerInputs._failed).to(removing)
@@ -535,9 +569,21 @@ def _put(inputs: LayerInputs, core: LayerCore) -> Deferred[None]:
 
 @mounted.upon(LayerInputs._proceed).to(unmounting)
 def _lastPut(inputs: LayerInputs, core: LayerCore) -> None:
+    # A backend that keeps the device (unmap_delay) goes back to mapped,
+    # and the registry unmaps it later unless a Get comes first.
+    keep = core.registry.backend.unmap_delay > 0
     core.step(
-        inputs, "unmounting", lambda: core.backend.unmount(core.info()), refcount=0
+        inputs,
+        "unmounting",
+        lambda: core.backend.unmount(core.info()),
+        succeeded=inputs._kept if keep else None,
+        refcount=0,
     )
+
+
+@unmounting.upon(LayerInputs._kept).to(mapped)
+def _unmountedKept(inputs: LayerInputs, core: LayerCore, result: Any) -> None:
+    core.settle("mapped", mountpoint=None, refcount=0)
 
 
 @unmounting.upon(LayerInputs._succeeded).to(unmapping)
@@ -548,6 +594,13 @@ def _unmounted(inputs: LayerInputs, core: LayerCore, result: Any) -> None:
         "unmapping" if core.registry.backend.maps else None,
         lambda: core.backend.unmap(core.info()),
     )
+
+
+@mapped.upon(LayerInputs.release).to(unmapping)
+def _release(inputs: LayerInputs, core: LayerCore) -> Deferred[None]:
+    pending = core.begin()
+    core.step(inputs, "unmapping", lambda: core.backend.unmap(core.info()))
+    return pending
 
 
 @unmapping.upon(LayerInputs._succeeded).to(created)
@@ -775,12 +828,23 @@ class Layer:
     A layer known to the registry: its machine, core and lock.
 
     @ivar children: IDs of the layers whose parent this is.
+    @ivar release_call: the timer that unmaps a device kept after the
+        last Put.
     """
 
     core: LayerCore
     machine: LayerInputs
     lock: DeferredLock = field(default_factory=DeferredLock)
     children: set[str] = field(default_factory=set)
+    release_call: IDelayedCall | None = None
+
+    def cancel_release(self) -> None:
+        """
+        Stop the timer that would unmap the layer's kept device.
+        """
+        call, self.release_call = self.release_call, None
+        if call is not None and call.active():
+            call.cancel()
 
     @property
     def row(self) -> LayerRow:
@@ -796,11 +860,13 @@ class LayerRegistry:
     at start, and runs each operation under the layer's lock.
 
     @ivar id_map: Init's UIDMaps/GIDMaps (userns-remap), or the identity.
+    @ivar clock: times the release of kept devices (the reactor).
     """
 
-    def __init__(self, store: Store, backend: AsyncBackend) -> None:
+    def __init__(self, store: Store, backend: AsyncBackend, clock: IReactorTime) -> None:
         self.store = store
         self.backend = backend
+        self.clock = clock
         self.id_map = IDMap.from_docker(None, None)
         self._layers: dict[str, Layer] = {}
 
@@ -857,6 +923,8 @@ class LayerRegistry:
         Drop a released layer.
         """
         layer = self._layers.pop(layer_id, None)
+        if layer is not None:
+            layer.cancel_release()
         if layer is not None and layer.row.parent in self._layers:
             self._layers[layer.row.parent].children.discard(layer_id)
 
@@ -980,8 +1048,11 @@ class LayerRegistry:
             parentLayer.children.add(layer_id)
         try:
             if parentLayer is not None and not parentLayer.row.committed:
+                # A read-write mapping is never snapshotted.
+                await self._release(parentLayer)
                 await self._run(parentLayer, parentLayer.machine.commit)
             await self._run(layer, layer.machine.create)
+            self._keep(layer)
         except BaseException:
             # The machine rolled back (and forgot the layer), or never
             # started; a layer whose rollback failed stays, faulty, for
@@ -1004,6 +1075,7 @@ class LayerRegistry:
                 f"cannot remove layer {layer_id}: it is the parent of "
                 f"{len(layer.children)} layer(s): {', '.join(sorted(layer.children)[:3])}"
             )
+        layer.cancel_release()
         await self._run(layer, layer.machine.remove)
 
     async def get(self, layer_id: str) -> str:
@@ -1011,14 +1083,68 @@ class LayerRegistry:
         Take a reference; return the directory.
         """
         layer = self.lookup(layer_id)
+        layer.cancel_release()
         return await self._run(layer, layer.machine.get)
 
     async def put(self, layer_id: str) -> None:
         """
-        Drop a reference.
+        Drop a reference; after the last, time the release of the device
+        if the backend keeps it.
         """
         layer = self.lookup(layer_id)
         await self._run(layer, layer.machine.put)
+        self._keep(layer)
+
+    def _keep(self, layer: Layer) -> None:
+        """
+        Time the release of the device a layer rests mapped with (after
+        its last Put, or since its Create).
+        """
+        if layer.row.state == "mapped" and self._layers.get(layer.row.id) is layer:
+            layer.cancel_release()
+            layer.release_call = self.clock.callLater(
+                self.backend.unmap_delay, self._release_later, layer
+            )
+
+    def _release_later(self, layer: Layer) -> None:
+        layer.release_call = None
+        d = Deferred.fromCoroutine(self._release(layer))
+        d.addErrback(
+            lambda f: log.error(
+                "could not unmap the kept device of layer {id}: {error}",
+                id=layer.row.id,
+                error=_describe(f),
+            )
+        )
+
+    async def _release(self, layer: Layer) -> None:
+        """
+        Unmap the device the layer kept, if it still rests mapped (a Get
+        may have mounted it again meanwhile).
+        """
+        layer.cancel_release()
+
+        def locked() -> Deferred[None]:
+            if layer.row.state == "mapped":
+                return layer.machine.release()
+            return succeed(None)
+
+        await layer.lock.run(locked)
+
+    async def release_all(self) -> None:
+        """
+        Unmap every kept device (dockerd's Cleanup, and the daemon's
+        stop); a failed unmap is logged, and leaves the layer faulty.
+        """
+        for layer in list(self._layers.values()):
+            if layer.row.state != "mapped":
+                continue
+            try:
+                await self._release(layer)
+            except Exception as e:
+                log.error(
+                    "could not unmap layer {id}: {error}", id=layer.row.id, error=e
+                )
 
     async def apply(self, layer_id: str, stream: BinaryIO) -> int:
         """
@@ -1029,6 +1155,7 @@ class LayerRegistry:
             raise InvalidLayerState(
                 f"cannot ApplyDiff to layer {layer_id}: other layers are made from it"
             )
+        await self._release(layer)
         return await self._run(layer, lambda: layer.machine.applyDiff(stream))
 
     async def read(

@@ -315,17 +315,13 @@ class TxgraphService(Service):
 
     def stopService(self) -> Deferred[None] | None:
         """
-        Stop listening, let the database thread finish, release the lock.
+        Stop listening, unmap the devices kept after a last Put, let the
+        database thread finish, release the lock.
         """
         super().stopService()
         if self._stop_lag_watch is not None:
             self._stop_lag_watch()
-        d: Deferred[Any]
-        if self.port is not None:
-            d = Deferred.fromCoroutine(self._stop_listening())
-        else:
-            d = Deferred()
-            d.callback(None)
+        d: Deferred[Any] = Deferred.fromCoroutine(self._stop())
 
         def finish(result: object) -> object:
             self._dbthread.stop()
@@ -337,12 +333,16 @@ class TxgraphService(Service):
         d.addBoth(finish)
         return d
 
-    async def _stop_listening(self) -> None:
+    async def _stop(self) -> None:
         for port in (self.port, self.admin_port):
             if port is not None:
                 stopped = port.stopListening()
                 if stopped is not None:
                     await stopped
+        if self.driver is not None and self.driver.ready.called:
+            # Devices kept after a last Put are unmapped now rather than by
+            # the next start's recovery.
+            await self.driver.registry.release_all()
 
 
 def open_driver(

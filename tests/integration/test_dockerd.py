@@ -15,12 +15,33 @@ import io
 import json
 import signal
 import tarfile
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Stack
 
 pytestmark = pytest.mark.dockerd
+
+
+def _ls(stack: Stack) -> list[dict[str, Any]]:
+    from txgraph.admin import Daemon
+
+    return Daemon(str(stack.txgraph.state_dir)).call("/ls")  # type: ignore[no-any-return]
+
+
+def _stray_mounts(stack: Stack) -> list[str]:
+    """
+    Mounts under txgraph's state directory but for the rbd-fuse mounts of
+    layers that rest mapped (devices kept after their last Put).
+    """
+    mounts = _mounts_under(stack.txgraph.state_dir)
+    if stack.backend != "rbd":
+        return mounts
+    fuse = stack.txgraph.state_dir / "rbd" / "fuse"
+    kept = {str(fuse / r["id"]) for r in _ls(stack) if r["state"] == "mapped"}
+    return [m for m in mounts if m not in kept]
 
 
 def _mounts_under(path: Path) -> list[str]:
@@ -63,7 +84,7 @@ def test_run_rm(stack: Stack) -> None:
     out = stack.docker("run", "--rm", "--network", "none", "busybox:local", "echo", "hi").stdout
     assert out.strip() == "hi"
     assert stack.layer_ids() == before
-    assert _mounts_under(stack.txgraph.state_dir) == []
+    assert _stray_mounts(stack) == []
 
 
 def test_load_debian(stack: Stack, debian_image: Path) -> None:
@@ -113,6 +134,51 @@ def test_commit_and_diff(stack: Stack) -> None:
     assert out.split() == ["new", "y", "gone"]
     size = docker("ps", "-a", "-s", "--filter", "name=c1", "--format", "{{.Size}}").stdout
     assert size.strip().startswith(("14B", "13B", "15B", "12B", "6B", "7B", "10B", "11B", "9B", "8B")) or "B" in size
+
+
+def _mapped(stack: Stack) -> dict[str, dict[str, Any]]:
+    from txgraph.admin import Daemon
+
+    report = Daemon(str(stack.txgraph.state_dir)).call("/status")
+    return {m["id"]: m["mapping"] for m in report["mapped"]}
+
+
+def _alive(pid: Any) -> bool:
+    return isinstance(pid, int) and Path(f"/proc/{pid}").exists()
+
+
+def test_rbd_keeps_a_device_from_create_to_start(stack: Stack) -> None:
+    """
+    dockerd gets and puts a container's layer at create, and gets it again
+    at start: on rbd the last Put keeps the device (unmap_delay), so the
+    start mounts the same rbd-fuse mapping instead of mapping again.
+    docker diff of the stopped container reads that device, and the
+    device is unmapped once the delay (5 s) has passed.
+    """
+    if stack.backend != "rbd":
+        pytest.skip("only the rbd backend maps devices")
+    docker = stack.docker
+    before = stack.layer_ids()
+    docker("create", "--name", "k1", "--network", "none", "busybox:local",
+           "sh", "-c", "echo kept > /kept")
+    (layer,) = [i for i in stack.layer_ids() - before if not i.endswith("-init")]
+    rows = {r["id"]: r for r in _ls(stack)}
+    assert rows[layer]["state"] == "mapped"
+    assert rows[f"{layer}-init"]["state"] == "created"  # committed for its child
+    kept = _mapped(stack)[layer]
+    assert _alive(kept["pid"])
+    docker("start", "-a", "k1")
+    assert _mapped(stack).get(layer) == kept, "start mapped the layer again"
+    assert [line for line in docker("diff", "k1").stdout.split("\n") if line] == ["A /kept"]
+    deadline = time.monotonic() + 30
+    while layer in _mapped(stack):
+        assert time.monotonic() < deadline, "the kept device was never unmapped"
+        time.sleep(0.2)
+    assert {r["id"]: r["state"] for r in _ls(stack)}[layer] == "created"
+    assert not _alive(kept["pid"])
+    assert [line for line in docker("diff", "k1").stdout.split("\n") if line] == ["A /kept"]
+    docker("rm", "k1")
+    assert stack.layer_ids() == before
 
 
 def test_cp_into_container(stack: Stack, tmp_path: Path) -> None:
@@ -173,7 +239,7 @@ def test_rm_and_rmi(stack: Stack) -> None:
     assert len(before - after_rm) == 2
     stack.docker("rmi", "bb:committed")
     assert len(after_rm - stack.layer_ids()) == 1
-    assert _mounts_under(stack.txgraph.state_dir) == []
+    assert _stray_mounts(stack) == []
 
 
 def test_dockerd_restart(stack: Stack) -> None:
@@ -205,7 +271,7 @@ def test_txgraph_sigkill_with_running_container(stack: Stack) -> None:
     docker("rm", "c3")
     docker("rmi", "bb:imported", "debian:local")
     assert stack.status()["Mounts"] == "0"
-    assert _mounts_under(stack.txgraph.state_dir) == []
+    assert _stray_mounts(stack) == []
 
 
 def test_no_reactor_lag(stack: Stack) -> None:
@@ -219,8 +285,8 @@ def test_no_reactor_lag(stack: Stack) -> None:
 
 def test_clean_shutdown(stack: Stack) -> None:
     """
-    Stopping dockerd (Cleanup) and then txgraph (SIGTERM) leaves no mount,
-    and txgraph shuts down in order.  (twistd re-raises SIGTERM after an
+    Stopping dockerd (Cleanup) and then txgraph (SIGTERM) leaves no mount
+    and no device, and txgraph shuts down in order.  (twistd re-raises SIGTERM after an
     orderly shutdown, so its status is "terminated by SIGTERM", which is
     what systemd counts as a clean stop.)
     """
@@ -230,3 +296,7 @@ def test_clean_shutdown(stack: Stack) -> None:
     assert "Main loop terminated." in log
     assert "Traceback" not in log
     assert _mounts_under(stack.txgraph.state_dir) == []
+    # No device kept after a last Put outlives the daemon either.
+    loops = Path("/sys/block").glob("loop*/loop/backing_file")
+    prefix = str(stack.txgraph.state_dir) + "/"
+    assert [p for p in loops if p.read_text().startswith(prefix)] == []

@@ -295,9 +295,7 @@ def test_two_nodes_share_a_pool(ceph: Ceph, tmp_path: Path) -> None:
     try:
         shared = new_id()
         for layers, content in ((la, b"from a"), (lb, b"from b")):
-            info = LayerInfo(id=shared, parent=None, readwrite=True)
-            layers.infos[shared] = info
-            layers.backend.prepare(info)
+            layers.prepare(LayerInfo(id=shared, parent=None, readwrite=True))
             layers.write(shared, {"who": content})
         only_b = lb.create()
         assert a.list_layers() == [shared]
@@ -494,7 +492,7 @@ def test_cluster_down(ceph: Ceph, tmp_path: Path) -> None:
         backend = RBDBackend(str(tmp_path / "state"), parse_options(RBDBackend, values))
         backend.start()
         layers = Layers(backend)
-        layers.create()
+        layers.create(readwrite=False)  # nothing mapped when the cluster goes
         cluster.down()
         began = time.monotonic()
         with pytest.raises(BackendError, match="rbd prepare of layer") as failed:
@@ -553,7 +551,7 @@ def test_failed_prepare_leaves_nothing(started: Started, ceph: Ceph) -> None:
     committed) leaves no image, snapshot, mapping or mount.
     """
     backend, namespace, layers = started.backend, started.namespace, started.layers
-    parent = layers.create()
+    parent = layers.create(readwrite=False)  # an image layer: not mapped
     for opt, error in (
         ({"size": "lots"}, "invalid storage option size='lots'"),
         ({"size": "64M"}, "smaller than the layer's parent"),
@@ -596,7 +594,7 @@ def test_failed_apply_leaves_nothing(started: Started, ceph: Ceph) -> None:
     assert sorted(os.listdir(root)) == ["inherited"]
     layers.put(layer)
     # A committed layer with children cannot be re-applied.
-    layers.create(layer)
+    layers.create(layer, readwrite=False)
     with pytest.raises(BackendError, match="layers were made from"):
         backend.apply(layers.infos[layer], _tar({"f": b"z"}), IDENTITY)
     assert ceph.snaps(namespace, name) == [SNAP]
@@ -628,8 +626,7 @@ def test_size_option_grows_the_layer(started: Started) -> None:
     layers.write(base, {"kept": b"k"})
     backend.commit(layers.infos[base])
     big = LayerInfo(id=new_id(), parent=base, readwrite=True, storage_opt={"size": "512M"})
-    layers.infos[big.id] = big
-    backend.prepare(big)
+    layers.prepare(big)
     root = layers.get(big.id)
     st = os.statvfs(root)
     assert st.f_blocks * st.f_frsize > 400 * MiB
@@ -640,14 +637,49 @@ def test_size_option_grows_the_layer(started: Started) -> None:
     layers.put(base)
 
 
+def test_read_write_layer_is_mapped_as_it_is_made(
+    started: Started, ceph: Ceph, tmp_path: Path
+) -> None:
+    """
+    With unmap_delay (default 5 s), prepare of a read-write layer maps it
+    too and returns the live read-write mapping, which mounts with its
+    parent's tree without a second map.  An image layer is not mapped,
+    nor is any layer with unmap_delay=0.
+    """
+    backend, layers = started.backend, started.layers
+    assert backend.mapper is not None
+    base = layers.create(readwrite=False)
+    assert layers.infos[base].mapping is None
+    layers.write(base, {"from-base": b"b"})
+    child = layers.create(base)
+    mapping = layers.infos[child].mapping
+    assert mapping is not None and mapping["readonly"] is False
+    assert backend.mapper.alive(mapping)
+    root = layers.get(child)
+    assert layers.infos[child].mapping == mapping
+    assert _read(root, "from-base") == b"b"
+    layers.put(child)
+    assert not backend.mapper.alive(mapping)
+    zero = ceph.backend(str(tmp_path / "zero"), started.namespace, node_id="node-z",
+                        unmap_delay="0")
+    zero.start()
+    try:
+        assert zero.unmap_delay == 0
+        plain = LayerInfo(id=new_id(), parent=None, readwrite=True)
+        assert zero.prepare(plain) is None
+        assert _host_leftovers(zero.state_dir) == []
+        zero.remove(plain)
+    finally:
+        zero.stop()
+
+
 def test_userns_root(started: Started) -> None:
     """
     A layer without a parent is owned by the remapped root (userns-remap).
     """
-    backend, layers = started.backend, started.layers
+    layers = started.layers
     layer = LayerInfo(id=new_id(), parent=None, root_ids=(100000, 100000))
-    layers.infos[layer.id] = layer
-    backend.prepare(layer)
+    layers.prepare(layer)
     st = os.stat(layers.get(layer.id))
     assert (st.st_uid, st.st_gid) == (100000, 100000)
     layers.put(layer.id)
@@ -934,9 +966,7 @@ def test_removed_images_are_purged_children_first(started: Started, ceph: Ceph) 
     assert ceph.trash(namespace) == []
     assert ("Removed Images Not Purged", "0") in backend.status()
     # The name is free at once: the same layer ID can be made again.
-    again = LayerInfo(id=init, parent=None, readwrite=True)
-    backend.prepare(again)
-    layers.infos[init] = again
+    layers.prepare(LayerInfo(id=init, parent=None, readwrite=True))
     assert os.listdir(layers.get(init)) == []
     layers.put(init)
 
@@ -981,7 +1011,7 @@ def test_purge_resumes_at_start(started: Started, ceph: Ceph, tmp_path: Path) ->
     named like this node's but is not its own is left alone.
     """
     backend, namespace, layers = started.backend, started.namespace, started.layers
-    layer = layers.create()
+    layer = layers.create(readwrite=False)  # not mapped: the purge may delete it
     name = backend.image_name(layer)
     impostor = backend.image_name(new_id())
     backend.stop()

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from txgraph.archive import IDMap
@@ -64,9 +65,13 @@ class FakeBackend(Backend):
     def status(self) -> list[tuple[str, str]]:
         return [("Fake", "yes")]
 
-    def prepare(self, layer: LayerInfo) -> None:
+    def prepare(self, layer: LayerInfo) -> dict[str, Any] | None:
         self._call("prepare", layer)
         self.existing.add(layer.id)
+        if layer.readwrite and self.unmap_delay > 0:
+            # Maps a read-write layer too, as the rbd backend does.
+            return {"device": f"/dev/fake-{layer.id[:4]}"}
+        return None
 
     def commit(self, layer: LayerInfo) -> None:
         self._call("commit", layer)
@@ -139,11 +144,15 @@ class Harness:
     A registry over a fake backend and a real (inline) SQLite store.
     """
 
-    def __init__(self, tmp_path: Any, maps: bool = True, commits: bool = True) -> None:
+    def __init__(
+        self, tmp_path: Any, maps: bool = True, commits: bool = True, unmap_delay: float = 0.0
+    ) -> None:
         self.store = Store(str(tmp_path / "state.db"), InlineThread())  # type: ignore[arg-type]
         self.store.open_thd()
         self.fake = FakeBackend(self.store, maps=maps, commits=commits)
-        self.registry = LayerRegistry(self.store, InlineBackend(self.fake))
+        self.fake.unmap_delay = unmap_delay
+        self.clock = Clock()
+        self.registry = LayerRegistry(self.store, InlineBackend(self.fake), self.clock)
 
     def run(self, coro: Any) -> Any:
         d = ensureDeferred(coro)
@@ -184,7 +193,9 @@ def h(tmp_path: Any) -> Harness:
     return Harness(tmp_path)
 
 
-PUBLIC_INPUTS = ("get", "put", "applyDiff", "commit", "remove", "recover", "recoverAfterReboot")
+PUBLIC_INPUTS = (
+    "get", "put", "release", "applyDiff", "commit", "remove", "recover", "recoverAfterReboot"
+)
 
 #: (state, input) -> (final persisted state or None when the row is gone,
 #: whether the call succeeds).  Anything not listed is refused with
@@ -206,6 +217,7 @@ EXPECTED: dict[tuple[str, str], tuple[str | None, bool]] = {
     ("mapping", "recoverAfterReboot"): ("created", True),
     ("mapped", "get"): ("mounted", True),
     ("mapped", "remove"): (None, True),
+    ("mapped", "release"): ("created", True),
     ("mapped", "recover"): ("created", True),
     ("mapped", "recoverAfterReboot"): ("created", True),
     ("mounting", "recover"): ("created", True),
@@ -446,6 +458,165 @@ def test_child_commits_parent(h: Harness) -> None:
     assert row is not None and row.committed
 
 
+@pytest.fixture
+def kept(tmp_path: Any) -> Harness:
+    """
+    A harness whose backend keeps a device 5 s after the last Put.
+    """
+    return Harness(tmp_path, unmap_delay=5.0)
+
+
+def _names(h: Harness) -> list[tuple[str, str]]:
+    return [(n, i) for n, i, _ in h.fake.calls]
+
+
+def test_create_maps_a_read_write_layer(kept: Harness) -> None:
+    """
+    A backend that keeps devices maps a read-write layer when it makes it
+    (dockerd gets it next): the layer rests mapped with the device
+    recorded, and is unmapped when the delay passes without a Get.  An
+    image layer is not mapped.
+    """
+    h = kept
+    h.run(h.registry.create(A, None, True, {}))
+    h.run(h.registry.create(B, None, False, {}))
+    row = h.row(A)
+    assert row is not None
+    assert (row.state, row.mapping) == ("mapped", {"device": f"/dev/fake-{A[:4]}"})
+    row = h.row(B)
+    assert row is not None and (row.state, row.mapping) == ("created", None)
+    assert h.fake.calls[0] == ("prepare", A, "creating")
+    h.clock.advance(5)
+    assert h.fake.calls[-1] == ("unmap", A, "unmapping")
+    row = h.row(A)
+    assert row is not None and (row.state, row.mapping) == ("created", None)
+
+
+def test_last_put_keeps_the_device_until_the_delay(kept: Harness) -> None:
+    """
+    With unmap_delay, the last Put unmounts but leaves the layer mapped
+    (persisted, with its device); the device is unmapped once the delay
+    has passed, through the machine's write-ahead unmapping state.
+    """
+    h = kept
+    h.run(h.registry.create(A, None, True, {}))
+    assert h.run(h.registry.get(A)) == f"/mnt/{A}"
+    assert ("map", A) not in _names(h)  # mapped at Create
+    h.run(h.registry.put(A))
+    row = h.row(A)
+    assert row is not None
+    assert (row.state, row.refcount, row.mountpoint) == ("mapped", 0, None)
+    assert row.mapping == {"device": f"/dev/fake-{A[:4]}"}
+    assert ("unmap", A) not in _names(h)
+    h.clock.advance(4.9)
+    assert ("unmap", A) not in _names(h)
+    h.clock.advance(0.2)
+    assert h.fake.calls[-1] == ("unmap", A, "unmapping")
+    row = h.row(A)
+    assert row is not None and (row.state, row.mapping) == ("created", None)
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_get_within_the_delay_only_mounts(kept: Harness) -> None:
+    """
+    A Get before the delay has passed mounts the kept device (no second
+    map) and cancels the unmap; the next last Put starts a new delay.
+    """
+    h = kept
+    h.run(h.registry.create(A, None, True, {}))
+    h.run(h.registry.get(A))
+    h.run(h.registry.put(A))
+    h.clock.advance(3)
+    before = len(h.fake.calls)
+    assert h.run(h.registry.get(A)) == f"/mnt/{A}"
+    assert _names(h)[before:] == [("mount", A)]
+    assert h.clock.getDelayedCalls() == []
+    h.clock.advance(10)
+    assert ("unmap", A) not in _names(h)
+    h.run(h.registry.put(A))
+    h.clock.advance(4)
+    assert ("unmap", A) not in _names(h)
+    h.clock.advance(1)
+    assert ("map", A) not in _names(h)
+    assert _names(h)[-1] == ("unmap", A)
+
+
+def test_kept_parent_is_unmapped_before_its_commit(kept: Harness) -> None:
+    """
+    A container's -init layer, put and kept mapped, is unmapped before it
+    is committed for its child: a read-write device is never snapshotted.
+    A committed layer's kept (read-only) device stays for its children.
+    """
+    h = kept
+    h.run(h.registry.create(A, None, False, {}))
+    h.run(h.registry.apply(A, io.BytesIO(b"tar")))
+    h.run(h.registry.get(A))
+    h.run(h.registry.put(A))
+    h.run(h.registry.create(B, A, True, {}))
+    h.run(h.registry.get(B))
+    h.run(h.registry.put(B))
+    h.run(h.registry.create(C, B, True, {}))
+    names = _names(h)
+    assert names.index(("unmap", B)) < names.index(("commit", B)) < names.index(("prepare", C))
+    assert ("unmap", A) not in names
+    states = {r.id: r.state for r in h.store.load_layers_thd()}
+    assert states == {A: "mapped", B: "created", C: "mapped"}
+    assert [c.getTime() for c in h.clock.getDelayedCalls()] == [5.0, 5.0]
+
+
+def test_apply_and_remove_of_a_kept_layer(kept: Harness) -> None:
+    """
+    ApplyDiff unmaps a kept device first; Remove of a kept layer removes
+    it (the backend drops the device) and leaves no timer behind.
+    """
+    h = kept
+    h.run(h.registry.create(A, None, False, {}))
+    h.run(h.registry.get(A))
+    h.run(h.registry.put(A))
+    h.run(h.registry.apply(A, io.BytesIO(b"tar")))
+    assert h.fake.calls[-3:] == [
+        ("unmap", A, "unmapping"), ("apply", A, "applying"), ("commit", A, "committing")
+    ]
+    h.run(h.registry.get(A))
+    h.run(h.registry.put(A))
+    h.run(h.registry.remove(A))
+    assert h.fake.calls[-1] == ("remove", A, "removing")
+    assert h.row(A) is None and h.clock.getDelayedCalls() == []
+
+
+def test_release_all_unmaps_every_kept_device(kept: Harness) -> None:
+    """
+    dockerd's Cleanup and the daemon's stop unmap every kept device at
+    once; held (mounted) layers stay.
+    """
+    h = kept
+    h.run(h.registry.create(A, None, True, {}))
+    h.run(h.registry.create(B, None, True, {}))
+    for layer in (A, B):
+        h.run(h.registry.get(layer))
+    h.run(h.registry.put(A))
+    h.run(h.registry.release_all())
+    states = {r.id: r.state for r in h.store.load_layers_thd()}
+    assert states == {A: "created", B: "mounted"}
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_failed_delayed_unmap_is_faulty_and_logged(kept: Harness) -> None:
+    """
+    An unmap that fails when the delay passes leaves the layer faulty with
+    the error, as a failed unmap at Put does; nothing is left unhandled.
+    """
+    h = kept
+    h.run(h.registry.create(A, None, True, {}))
+    h.run(h.registry.get(A))
+    h.run(h.registry.put(A))
+    h.fake.failing.add("unmap")
+    h.clock.advance(5)
+    row = h.row(A)
+    assert row is not None and row.state == "faulty"
+    assert row.error and "unmap" in row.error and "injected" in row.error
+
+
 def test_restore_after_crash(tmp_path: Any) -> None:
     """
     A registry rebuilt from the store recovers what was in flight: a
@@ -459,13 +630,13 @@ def test_restore_after_crash(tmp_path: Any) -> None:
                      mountpoint=f"/mnt/{layer_id}" if refs else None)
         )
         h.fake.existing.add(layer_id)
-    fresh = LayerRegistry(h.store, InlineBackend(h.fake))
+    fresh = LayerRegistry(h.store, InlineBackend(h.fake), Clock())
     summary = h.run(fresh.restore(h.store.load_layers_thd(), rebooted=False))
     assert summary == {"creating": 1, "mounting": 1, "mounted": 1}
     rows = {r.id: (r.state, r.refcount) for r in h.store.load_layers_thd()}
     assert rows == {B: ("created", 0), C: ("mounted", 2)}
     assert A not in fresh
-    fresh2 = LayerRegistry(h.store, InlineBackend(h.fake))
+    fresh2 = LayerRegistry(h.store, InlineBackend(h.fake), Clock())
     h.run(fresh2.restore(h.store.load_layers_thd(), rebooted=True))
     rows = {r.id: (r.state, r.refcount) for r in h.store.load_layers_thd()}
     assert rows == {B: ("created", 0), C: ("created", 0)}

@@ -159,12 +159,17 @@ class Backend(abc.ABC):
         (the layer machine skips the map/unmap steps otherwise).
     @cvar commits: whether C{commit} does anything (the machine skips the
         write-ahead record otherwise).
+    @ivar unmap_delay: seconds a mapping backend keeps a layer's device
+        after its last Put, so that the next Get only mounts (0: it unmaps
+        at once).  The layer registry times it and unmaps through the
+        layer's machine.
     """
 
     name: ClassVar[str]
     options: ClassVar[tuple[BackendOption, ...]] = ()
     maps: ClassVar[bool] = False
     commits: ClassVar[bool] = False
+    unmap_delay: float = 0.0
 
     def __init__(self, state_dir: str, options: dict[str, Any]) -> None:
         self.state_dir = state_dir
@@ -209,10 +214,13 @@ class Backend(abc.ABC):
     # -- life cycle ------------------------------------------------------
 
     @abc.abstractmethod
-    def prepare(self, layer: LayerInfo) -> None:
+    def prepare(self, layer: LayerInfo) -> dict[str, Any] | None:
         """
         Make the storage of a new, empty layer (a child of C{layer.parent},
         which is committed).  Leftovers of an earlier attempt are replaced.
+        A backend that keeps devices (C{unmap_delay}) may map a read-write
+        layer too, since dockerd gets it next: it returns the mapping,
+        which the machine records (the layer rests mapped); else None.
         """
 
     @abc.abstractmethod
@@ -386,6 +394,13 @@ class AsyncBackend:
         Whether C{commit} has work to do.
         """
         return self.sync.commits
+
+    @property
+    def unmap_delay(self) -> float:
+        """
+        Seconds a layer stays mapped after its last Put (0: none).
+        """
+        return self.sync.unmap_delay if self.sync.maps else 0.0
 
     def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """

@@ -223,15 +223,35 @@ class Mapper(abc.ABC):
         """
 
     @abc.abstractmethod
-    def map(self, image: str, *, readonly: bool, tag: str, bulk_write: bool = False) -> Mapping:
+    def map(
+        self,
+        image: str,
+        *,
+        readonly: bool,
+        tag: str,
+        bulk_write: bool = False,
+        started: Mapping | None = None,
+    ) -> Mapping:
         """
         Attach C{image}; wait for its device node; return the mapping.
         C{tag} names the mapping's purpose (a layer ID for a layer's own
         mapping, a unique name for a temporary one) where the mapper can
         record it.  C{bulk_write}: the mapping will mostly be written (an
-        extraction), where a mapper has a faster way for that.  On
+        extraction), where a mapper has a faster way for that.
+        C{started}: what L{start} returned for this image and tag.  On
         failure, nothing of the attempt is left behind.
         """
+
+    def start(self, image: str, *, tag: str) -> Mapping | None:
+        """
+        Begin a mapping of C{image} under C{tag} before the image exists,
+        where the mapper has slow work that does not need it (rbd-fuse's
+        start and connection), so that it overlaps the image's creation.
+        Returns what to pass to L{map} as C{started}, and to L{unmap} if
+        the image is not made after all; None where there is nothing to
+        start early.
+        """
+        return None
 
     @abc.abstractmethod
     def unmap(self, mapping: Mapping) -> None:
@@ -289,7 +309,15 @@ class _RBDDeviceMapper(Mapper):
             self.access.timeout,
         )
 
-    def map(self, image: str, *, readonly: bool, tag: str, bulk_write: bool = False) -> Mapping:
+    def map(
+        self,
+        image: str,
+        *,
+        readonly: bool,
+        tag: str,
+        bulk_write: bool = False,
+        started: Mapping | None = None,
+    ) -> Mapping:
         args = ["map", "--pool", self.access.pool]
         if self.access.namespace:
             args += ["--namespace", self.access.namespace]
@@ -593,7 +621,11 @@ class FuseMapper(Mapper):
             return None
         return pid
 
-    def map(self, image: str, *, readonly: bool, tag: str, bulk_write: bool = False) -> Mapping:
+    def start(self, image: str, *, tag: str) -> Mapping:
+        """
+        Start the mapping's rbd-fuse (it opens its image only when losetup
+        opens the file, so the image need not exist yet).
+        """
         what = f"map {self.access.image_spec(image)} with rbd-fuse"
         directory = self._dir(tag)
         # Leftovers of an earlier attempt with this tag go first.
@@ -603,7 +635,6 @@ class FuseMapper(Mapper):
             self._stop_fuse(directory, None, what)
         os.makedirs(directory, mode=0o700, exist_ok=True)
         os.makedirs(self.log_root, mode=0o700, exist_ok=True)
-        log_path = os.path.join(self.log_root, f"{tag}.log")
         command = [
             "rbd-fuse",
             *self.access.cli_args(),
@@ -627,7 +658,7 @@ class FuseMapper(Mapper):
         # a page each.
         command += ["-o", f"big_writes,max_write={FUSE_MAX_WRITE}"]
         command += ["-r", image, directory, "-f"]
-        with open(log_path, "wb") as log:
+        with open(self._log_path(tag), "wb") as log:
             try:
                 proc = subprocess.Popen(
                     command,
@@ -648,13 +679,40 @@ class FuseMapper(Mapper):
             "mapper": self.name,
             "device": None,
             "image": image,
-            "readonly": readonly,
+            "readonly": False,
             "tag": tag,
             "fuse_dir": directory,
             "pid": proc.pid,
         }
         try:
             self._record_pid(directory, proc.pid)
+        except BaseException:
+            self.unmap(mapping)
+            raise
+        return mapping
+
+    def _log_path(self, tag: str) -> str:
+        return os.path.join(self.log_root, f"{tag}.log")
+
+    def map(
+        self,
+        image: str,
+        *,
+        readonly: bool,
+        tag: str,
+        bulk_write: bool = False,
+        started: Mapping | None = None,
+    ) -> Mapping:
+        mapping = started if started is not None else self.start(image, tag=tag)
+        what = f"map {self.access.image_spec(image)} with rbd-fuse"
+        log_path = self._log_path(tag)
+        with self._lock:
+            proc = self._children.get(mapping["pid"])
+        mapping = {**mapping, "readonly": readonly}
+        try:
+            if proc is None:
+                raise BackendError(f"{what}: rbd-fuse exited: {self._log_tail(log_path)}")
+            directory = mapping["fuse_dir"]
             path = os.path.join(directory, image)
             deadline = time.monotonic() + self.access.timeout
             # Wait for the mount in the mount table, never by looking into
@@ -802,8 +860,15 @@ class FuseMapper(Mapper):
             # Retries while a loop device detached a moment ago still holds
             # the file, then detaches lazily as a last resort.
             mounts.unmount(directory)
+        elif child is not None and child.poll() is None:
+            # Started and not mounted yet (a mapping given up while rbd-fuse
+            # starts): it has not opened its image; stop it.
+            child.terminate()
         for p in pids:
             clean = self._wait_exit(p, deadline, what) and clean
+        if mounts.is_mountpoint(directory):
+            # It mounted meanwhile, and its end left the mount behind.
+            mounts.unmount(directory)
         return clean
 
     def _wait_exit(self, pid: int, deadline: float, what: str) -> bool:

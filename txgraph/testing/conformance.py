@@ -22,6 +22,7 @@ import os
 import stat
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -63,25 +64,34 @@ class Layers:
 
     def create(self, parent: str | None = None, readwrite: bool = True) -> str:
         """
-        Prepare a new layer (committing the parent first).
+        Prepare a new layer (committing the parent first, unmapped: a
+        read-write device is never snapshotted).
         """
         if parent is not None:
+            if self.infos[parent].mapping is not None:
+                self.backend.unmap(self.infos[parent])
+                self.infos[parent] = replace(self.infos[parent], mapping=None)
             self.backend.commit(self.infos[parent])
         layer_id = new_id()
-        info = LayerInfo(id=layer_id, parent=parent, readwrite=readwrite)
-        self.infos[layer_id] = info
-        self.backend.prepare(info)
+        self.prepare(LayerInfo(id=layer_id, parent=parent, readwrite=readwrite))
         return layer_id
+
+    def prepare(self, info: LayerInfo) -> None:
+        """
+        Prepare a layer, recording the mapping a backend may return (one
+        that maps read-write layers as it makes them).
+        """
+        self.infos[info.id] = replace(info, mapping=None)
+        mapping = self.backend.prepare(info)
+        self.infos[info.id] = replace(info, mapping=mapping)
 
     def get(self, layer_id: str) -> str:
         """
-        Map and mount; return the directory.
+        Map (unless mapped already) and mount; return the directory.
         """
         info = self.infos[layer_id]
-        mapping = self.backend.map(info)
-        info = self.infos[layer_id] = LayerInfo(
-            id=info.id, parent=info.parent, readwrite=info.readwrite, mapping=mapping
-        )
+        if info.mapping is None:
+            info = self.infos[layer_id] = replace(info, mapping=self.backend.map(info))
         self.mounted.add(layer_id)
         return self.backend.mount(info, self.chain(layer_id))
 
@@ -92,6 +102,7 @@ class Layers:
         info = self.infos[layer_id]
         self.backend.unmount(info)
         self.backend.unmap(info)
+        self.infos[layer_id] = replace(info, mapping=None)
         self.mounted.discard(layer_id)
 
     def write(self, layer_id: str, files: dict[str, bytes]) -> None:
@@ -361,7 +372,7 @@ def make_backend_tests(factory: Callable[[str], Backend]) -> type:
             """
             layer = layers.create()
             layers.write(layer, {"leftover": b"x"})
-            layers.backend.prepare(layers.infos[layer])
+            layers.prepare(layers.infos[layer])
             assert [n for n in os.listdir(layers.get(layer)) if n != "lost+found"] == []
             layers.put(layer)
 
