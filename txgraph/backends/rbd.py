@@ -1392,8 +1392,9 @@ class RBDBackend(Backend):
     def _view(self, layer_id: str, mapping: Mapping | None = None) -> Iterator[str]:
         """
         The layer's tree, read-only: a bind of its mount if it is mounted,
-        else a read-only mount of its device if it kept one after its last
-        Put (C{mapping}, as recorded), else a temporary read-only mapping.
+        else a read-only mount of its device if it rests mapped (a device
+        kept after its last Put or since its Create: C{mapping}, as
+        recorded), else a temporary read-only mapping.
         """
         name = self.image_name(layer_id)
         mounted = self._mountpoint(layer_id)
