@@ -144,7 +144,13 @@ def _mapped(stack: Stack) -> dict[str, dict[str, Any]]:
 
 
 def _alive(pid: Any) -> bool:
-    return isinstance(pid, int) and Path(f"/proc/{pid}").exists()
+    """
+    Whether a process runs (a zombie does not).
+    """
+    try:
+        return Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, TypeError, ValueError):
+        return False
 
 
 def test_rbd_keeps_a_device_from_create_to_start(stack: Stack) -> None:
@@ -272,6 +278,30 @@ def test_txgraph_sigkill_with_running_container(stack: Stack) -> None:
     docker("rmi", "bb:imported", "debian:local")
     assert stack.status()["Mounts"] == "0"
     assert _stray_mounts(stack) == []
+
+
+def test_stop_unmaps_kept_devices(stack: Stack) -> None:
+    """
+    txgraph's own stop (SIGTERM, without dockerd's Cleanup) unmaps the
+    devices it kept: a read-write layer made over the socket rests mapped,
+    and after the stop no loop device or rbd-fuse of it is left; started
+    again, txgraph has the layer at rest, unmapped.
+    """
+    if stack.backend != "rbd":
+        pytest.skip("only the rbd backend maps devices")
+    layer = hashlib.sha256(b"kept at stop").hexdigest()
+    status, reply = stack.txgraph.call("GraphDriver.CreateReadWrite", {"ID": layer, "Parent": ""})
+    assert status == 200, reply
+    kept = _mapped(stack)[layer]
+    assert _alive(kept["pid"])
+    assert stack.txgraph.stop() == -signal.SIGTERM
+    assert not _alive(kept["pid"])
+    loops = Path("/sys/block").glob("loop*/loop/backing_file")
+    assert [p for p in loops if layer in p.read_text()] == []
+    stack.txgraph.start()
+    assert {r["id"]: r["state"] for r in _ls(stack)}[layer] == "created"
+    status, reply = stack.txgraph.call("GraphDriver.Remove", {"ID": layer})
+    assert status == 200, reply
 
 
 def test_no_reactor_lag(stack: Stack) -> None:
