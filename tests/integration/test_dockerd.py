@@ -34,14 +34,16 @@ def _ls(stack: Stack) -> list[dict[str, Any]]:
 def _stray_mounts(stack: Stack) -> list[str]:
     """
     Mounts under txgraph's state directory but for the rbd-fuse mounts of
-    layers that rest mapped (devices kept after their last Put).
+    layers that rest mapped (devices kept after their last Put), or whose
+    kept device is being unmapped right now.
     """
-    mounts = _mounts_under(stack.txgraph.state_dir)
     if stack.backend != "rbd":
-        return mounts
+        return _mounts_under(stack.txgraph.state_dir)
+    # The states first: a device whose unmap ends meanwhile is gone from
+    # the mount table before its layer reads "created".
     fuse = stack.txgraph.state_dir / "rbd" / "fuse"
-    kept = {str(fuse / r["id"]) for r in _ls(stack) if r["state"] == "mapped"}
-    return [m for m in mounts if m not in kept]
+    kept = {str(fuse / r["id"]) for r in _ls(stack) if r["state"] in ("mapped", "unmapping")}
+    return [m for m in _mounts_under(stack.txgraph.state_dir) if m not in kept]
 
 
 def _mounts_under(path: Path) -> list[str]:

@@ -336,9 +336,9 @@ def _verify_nothing_leaked_or_lost(stack: Stack) -> None:
     out = stack.docker("run", "--rm", "--network", "none", "busybox:local", "echo", "alive").stdout
     assert out.strip() == "alive"
     # Devices kept after a last Put (rbd's unmap_delay, 5 s) go when their
-    # delay passes.
+    # delay passes (mapped, then unmapping while the unmap runs).
     deadline = time.monotonic() + 30
-    while any(r["state"] == "mapped" for r in _layer_rows(daemon)):
+    while any(r["state"] in ("mapped", "unmapping") for r in _layer_rows(daemon)):
         assert time.monotonic() < deadline, "a kept device was never unmapped"
         time.sleep(0.2)
     assert _host_leftovers(daemon.state_dir) == []
