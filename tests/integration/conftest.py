@@ -191,13 +191,19 @@ class Stack:
         self.dockerd = dockerd
         self.backend = "overlay"
 
-    def layer_ids(self) -> set[str]:
+    def layers(self) -> list[dict[str, Any]]:
         """
-        The IDs of txgraph's layers (through its admin socket).
+        txgraph's layer rows (id, state, ...), through its admin socket.
         """
         from txgraph.admin import Daemon
 
-        return {row["id"] for row in Daemon(str(self.txgraph.state_dir)).call("/ls")}
+        return Daemon(str(self.txgraph.state_dir)).call("/ls")  # type: ignore[no-any-return]
+
+    def layer_ids(self) -> set[str]:
+        """
+        The IDs of txgraph's layers.
+        """
+        return {row["id"] for row in self.layers()}
 
     def docker(self, *args: str, **kwargs: Any) -> Any:
         """

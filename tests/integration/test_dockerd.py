@@ -25,12 +25,6 @@ from conftest import Stack
 pytestmark = pytest.mark.dockerd
 
 
-def _ls(stack: Stack) -> list[dict[str, Any]]:
-    from txgraph.admin import Daemon
-
-    return Daemon(str(stack.txgraph.state_dir)).call("/ls")  # type: ignore[no-any-return]
-
-
 def _stray_mounts(stack: Stack) -> list[str]:
     """
     Mounts under txgraph's state directory but for the rbd-fuse mounts of
@@ -42,7 +36,7 @@ def _stray_mounts(stack: Stack) -> list[str]:
     # The states first: a device whose unmap ends meanwhile is gone from
     # the mount table before its layer reads "created".
     fuse = stack.txgraph.state_dir / "rbd" / "fuse"
-    kept = {str(fuse / r["id"]) for r in _ls(stack) if r["state"] in ("mapped", "unmapping")}
+    kept = {str(fuse / r["id"]) for r in stack.layers() if r["state"] in ("mapped", "unmapping")}
     return [m for m in _mounts_under(stack.txgraph.state_dir) if m not in kept]
 
 
@@ -170,7 +164,7 @@ def test_rbd_keeps_a_device_from_create_to_start(stack: Stack) -> None:
     docker("create", "--name", "k1", "--network", "none", "busybox:local",
            "sh", "-c", "echo kept > /kept")
     (layer,) = [i for i in stack.layer_ids() - before if not i.endswith("-init")]
-    rows = {r["id"]: r for r in _ls(stack)}
+    rows = {r["id"]: r for r in stack.layers()}
     assert rows[layer]["state"] == "mapped"
     assert rows[f"{layer}-init"]["state"] == "created"  # committed for its child
     kept = _mapped(stack)[layer]
@@ -182,7 +176,7 @@ def test_rbd_keeps_a_device_from_create_to_start(stack: Stack) -> None:
     while layer in _mapped(stack):
         assert time.monotonic() < deadline, "the kept device was never unmapped"
         time.sleep(0.2)
-    assert {r["id"]: r["state"] for r in _ls(stack)}[layer] == "created"
+    assert {r["id"]: r["state"] for r in stack.layers()}[layer] == "created"
     assert not _alive(kept["pid"])
     assert [line for line in docker("diff", "k1").stdout.split("\n") if line] == ["A /kept"]
     docker("rm", "k1")
@@ -301,7 +295,7 @@ def test_stop_unmaps_kept_devices(stack: Stack) -> None:
     loops = Path("/sys/block").glob("loop*/loop/backing_file")
     assert [p for p in loops if layer in p.read_text()] == []
     stack.txgraph.start()
-    assert {r["id"]: r["state"] for r in _ls(stack)}[layer] == "created"
+    assert {r["id"]: r["state"] for r in stack.layers()}[layer] == "created"
     status, reply = stack.txgraph.call("GraphDriver.Remove", {"ID": layer})
     assert status == 200, reply
 

@@ -338,7 +338,7 @@ def _verify_nothing_leaked_or_lost(stack: Stack) -> None:
     # Devices kept after a last Put (rbd's unmap_delay, 5 s) go when their
     # delay passes (mapped, then unmapping while the unmap runs).
     deadline = time.monotonic() + 30
-    while any(r["state"] in ("mapped", "unmapping") for r in _layer_rows(daemon)):
+    while any(r["state"] in ("mapped", "unmapping") for r in stack.layers()):
         assert time.monotonic() < deadline, "a kept device was never unmapped"
         time.sleep(0.2)
     assert _host_leftovers(daemon.state_dir) == []
@@ -355,12 +355,6 @@ def _verify_nothing_leaked_or_lost(stack: Stack) -> None:
         "--driver", daemon.name, "--min-age", "0",
     )
     assert (code, [(f["kind"], f["id"], f["detail"]) for f in findings]) == (0, [])
-
-
-def _layer_rows(daemon: Txgraphd) -> list[dict[str, Any]]:
-    from txgraph.admin import Daemon
-
-    return Daemon(str(daemon.state_dir)).call("/ls")  # type: ignore[no-any-return]
 
 
 def _crash_during(stack: Stack, point: str, args: list[str]) -> Any:
