@@ -1243,18 +1243,11 @@ class RBDBackend(Backend):
                     self.timeout * 10, ok=(0, 1))
                 run(["resize2fs", device], "grow the filesystem", self.timeout * 10)
             if chown or (grow_to is not None and self.fs == "xfs"):
-                top = tempfile.mkdtemp(prefix="setup-", dir=self._work)
-                try:
-                    self._mount_device(device, top, readonly=False)
-                    try:
-                        if grow_to is not None and self.fs == "xfs":
-                            run(["xfs_growfs", top], "grow the filesystem", self.timeout * 10)
-                        if chown:
-                            os.chown(os.path.join(top, ROOTFS), *layer.root_ids)
-                    finally:
-                        mounts.unmount(top)
-                finally:
-                    os.rmdir(top)
+                with self._device_mounted(device, readonly=False, prefix="setup-") as top:
+                    if grow_to is not None and self.fs == "xfs":
+                        run(["xfs_growfs", top], "grow the filesystem", self.timeout * 10)
+                    if chown:
+                        os.chown(os.path.join(top, ROOTFS), *layer.root_ids)
         finally:
             self._unmap(mapping)
 
@@ -1310,18 +1303,11 @@ class RBDBackend(Backend):
         try:
             device = mapping["device"]
             run([*mkfs, *self.mkfs_args, device], f"mkfs.{self.fs} on {device}", self.timeout * 10)
-            top = tempfile.mkdtemp(prefix="base-", dir=self._work)
-            try:
-                self._mount_device(device, top, readonly=False)
-                try:
-                    rootfs = os.path.join(top, ROOTFS)
-                    os.mkdir(rootfs, 0o755)
-                    os.chmod(rootfs, 0o755)
-                    os.chown(rootfs, 0, 0)
-                finally:
-                    mounts.unmount(top)
-            finally:
-                os.rmdir(top)
+            with self._device_mounted(device, readonly=False, prefix="base-") as top:
+                rootfs = os.path.join(top, ROOTFS)
+                os.mkdir(rootfs, 0o755)
+                os.chmod(rootfs, 0o755)
+                os.chown(rootfs, 0, 0)
         finally:
             self._unmap(mapping)
         self._set_meta(name, {K_FORMATTED: "1"})
@@ -1374,17 +1360,26 @@ class RBDBackend(Backend):
         directory and the device.  Always cleaned up.  C{bulk_write}: for
         an extraction.
         """
-        top = tempfile.mkdtemp(prefix="work-", dir=self._work)
+        mapping = self._map_temporary(name, readonly, bulk_write)
         try:
-            mapping = self._map_temporary(name, readonly, bulk_write)
+            with self._device_mounted(mapping["device"], readonly, prefix="work-") as top:
+                yield top, mapping["device"]
+        finally:
+            self._unmap(mapping)
+
+    @contextlib.contextmanager
+    def _device_mounted(self, device: str, readonly: bool, prefix: str) -> Iterator[str]:
+        """
+        A device mounted on a new directory under C{work/}; yields the
+        directory.  Always unmounted and removed.
+        """
+        top = tempfile.mkdtemp(prefix=prefix, dir=self._work)
+        try:
+            self._mount_device(device, top, readonly)
             try:
-                self._mount_device(mapping["device"], top, readonly)
-                try:
-                    yield top, mapping["device"]
-                finally:
-                    mounts.unmount(top)
+                yield top
             finally:
-                self._unmap(mapping)
+                mounts.unmount(top)
         finally:
             os.rmdir(top)
 
@@ -1417,15 +1412,8 @@ class RBDBackend(Backend):
         ):
             # The layer's own device, unmounted: its data went through its
             # own client, which another client may not see yet.
-            top = tempfile.mkdtemp(prefix="view-", dir=self._work)
-            try:
-                self._mount_device(mapping["device"], top, readonly=True)
-                try:
-                    yield os.path.join(top, ROOTFS)
-                finally:
-                    mounts.unmount(top)
-            finally:
-                os.rmdir(top)
+            with self._device_mounted(mapping["device"], readonly=True, prefix="view-") as top:
+                yield os.path.join(top, ROOTFS)
             return
         if self._inspect(name) is None:
             raise BackendError(f"layer {layer_id} has no image {self.spec(name)}")
