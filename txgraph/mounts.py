@@ -8,12 +8,15 @@ than the mount itself.  All of this blocks and runs in backend threads.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import os
 import select
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from txgraph.errors import BackendError
@@ -27,6 +30,7 @@ _libc.mount.argtypes = [
     ctypes.c_char_p,
 ]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.syncfs.argtypes = [ctypes.c_int]
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -171,6 +175,52 @@ class MountWatch:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def syncfs(fd: int) -> None:
+    """
+    syncfs(2): write the filesystem holding the open file C{fd} back to
+    its device, and wait for it; raises L{OSError} with the errno.
+    """
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@contextlib.contextmanager
+def written_back(path: str, pause: float = 0.02) -> Iterator[None]:
+    """
+    While the body runs, write the filesystem mounted at C{path} back to
+    its device again and again: L{syncfs} in a thread of its own, C{pause}
+    seconds apart.
+
+    For a bulk write onto a device whose writes are slow (an extraction
+    onto an RBD mapping): the kernel starts writeback only when a share of
+    all memory is dirty (gigabytes) or after 30 s, so the whole extraction
+    would otherwise wait in the page cache and be written at the unmount,
+    after the writer is done.  Here the writeback runs alongside the
+    writer without throttling it, and the unmount finds little left.  A
+    failing syncfs only ends the loop: the unmount still writes everything.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    stop = threading.Event()
+
+    def loop() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                syncfs(fd)
+                if stop.wait(pause):
+                    return
+
+    thread = threading.Thread(target=loop, name=f"txgraph writeback {path}", daemon=True)
+    try:
+        thread.start()
+        yield
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join()
+        os.close(fd)
 
 
 def is_mountpoint(path: str) -> bool:

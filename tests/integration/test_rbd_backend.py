@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from txgraph import mounts
 from txgraph.archive import ChangeKind
 from txgraph.backends import LayerInfo, backend_class, parse_options
 from txgraph.backends.rbd import K_OWNER, K_STATE, SNAP, RBDBackend
@@ -613,6 +614,53 @@ def test_apply_to_committed_layer(started: Started, ceph: Ceph) -> None:
     assert backend.apply(layers.infos[layer], _tar({"two": b"22"}), IDENTITY) == 2
     assert ceph.snaps(namespace, backend.image_name(layer)) == []
     assert sorted(os.listdir(layers.get(layer))) == ["two"]
+    layers.put(layer)
+
+
+def _sectors_written(device: str) -> int:
+    """
+    The 512-byte sectors a block device has written since it was attached.
+    """
+    with open(f"/sys/block/{os.path.basename(device)}/stat") as f:
+        return int(f.read().split()[6])
+
+
+def test_extraction_is_written_back_as_it_goes(started: Started) -> None:
+    """
+    An ApplyDiff's data reaches the cluster while the extraction runs, not
+    only at its unmount: halfway through the tar, the device it extracts
+    into has written most of the files extracted so far.  (The kernel alone
+    would keep them in the page cache: it writes back after 30 s, or when
+    gigabytes are dirty.)
+    """
+    backend, layers = started.backend, started.layers
+    files = {f"f{i:02}": os.urandom(1 << 20) for i in range(32)}
+    body = _tar(files).getvalue()
+    # Loop devices count from their creation, not from their attach.
+    baseline: dict[str, int] = {}
+    written: list[int] = []
+
+    class Watching(io.BytesIO):
+        def read(self, n: int | None = -1) -> bytes:
+            devices = [e.source for e in mounts.mount_table()
+                       if e.mountpoint.startswith(backend._work + os.sep)]
+            if devices and not baseline:
+                baseline[devices[0]] = _sectors_written(devices[0])
+            if baseline and not written and self.tell() > len(body) // 2:
+                assert devices == list(baseline), devices
+                deadline = time.monotonic() + 10
+                while (_sectors_written(devices[0]) - baseline[devices[0]]) * 512 < 12 << 20:
+                    assert time.monotonic() < deadline, "nothing written back in 10 s"
+                    time.sleep(0.01)
+                written.append(1)
+            return super().read(n)
+
+    layer = layers.create(readwrite=False)
+    assert backend.apply(layers.infos[layer], Watching(body), IDENTITY) > 0
+    assert written, "the extraction never got halfway"
+    backend.commit(layers.infos[layer])
+    root = layers.get(layer)
+    assert _read(root, "f31") == files["f31"]
     layers.put(layer)
 
 

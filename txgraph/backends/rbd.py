@@ -1358,12 +1358,14 @@ class RBDBackend(Backend):
         """
         A temporary mapping and mount of an image; yields the mount's top
         directory and the device.  Always cleaned up.  C{bulk_write}: for
-        an extraction.
+        an extraction, which is written back to the cluster while it runs
+        (L{mounts.written_back}).
         """
         mapping = self._map_temporary(name, readonly, bulk_write)
         try:
             with self._device_mounted(mapping["device"], readonly, prefix="work-") as top:
-                yield top, mapping["device"]
+                with mounts.written_back(top) if bulk_write else contextlib.nullcontext():
+                    yield top, mapping["device"]
         finally:
             self._unmap(mapping)
 
