@@ -227,24 +227,22 @@ def _mapper(value: str) -> str:
     return value
 
 
-def _timeout(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ValueError("not a number of seconds") from None
-    if not 0 < seconds <= 3600:
-        raise ValueError("the timeout must be more than 0 and at most 3600 seconds")
-    return seconds
+def _seconds(what: str, zero: bool) -> Any:
+    """
+    A parser of a number of seconds, at most an hour, and more than 0
+    unless C{zero} allows 0.
+    """
+    def parse(value: str) -> float:
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise ValueError("not a number of seconds") from None
+        if not ((0 <= seconds) if zero else (0 < seconds)) or not seconds <= 3600:
+            bounds = "from 0 to 3600" if zero else "more than 0 and at most 3600"
+            raise ValueError(f"the {what} must be {bounds} seconds")
+        return seconds
 
-
-def _delay(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ValueError("not a number of seconds") from None
-    if not 0 <= seconds <= 3600:
-        raise ValueError("the delay must be from 0 to 3600 seconds")
-    return seconds
+    return parse
 
 
 def _depth(value: str) -> int:
@@ -433,7 +431,9 @@ class RBDBackend(Backend):
         BackendOption("mount_options", "extra mount options, comma-separated", "", _mount_options),
         BackendOption("mapper", "auto, krbd, nbd or fuse", "auto", _mapper),
         BackendOption("node_id", "this host's id in image names (default: /etc/machine-id)", None, _node_id),
-        BackendOption("timeout", "seconds allowed to each cluster call", "30", _timeout),
+        BackendOption(
+            "timeout", "seconds allowed to each cluster call", "30", _seconds("timeout", zero=False)
+        ),
         BackendOption(
             "flatten_depth",
             "flatten a layer when committed if it is this many clones deep (0: never); "
@@ -448,7 +448,7 @@ class RBDBackend(Backend):
             "container and again when it starts it); read-write layers are also mapped "
             "as they are created; 0: map at every Get, unmap at every last Put",
             "5",
-            _delay,
+            _seconds("delay", zero=True),
         ),
         BackendOption(
             "share",
