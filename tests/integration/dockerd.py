@@ -178,6 +178,49 @@ def mounts_under(*roots: Path | str) -> list[str]:
     return found
 
 
+def loop_devices_under(*roots: Path | str) -> list[str]:
+    """Loop devices whose backing file is at or below any of ``roots``, as
+    ``/dev/loopN on FILE``."""
+    prefixes = [os.path.realpath(root).rstrip("/") + "/" for root in roots]
+    found = []
+    for name in sorted(os.listdir("/sys/block")):
+        try:
+            with open(f"/sys/block/{name}/loop/backing_file") as f:
+                backing = f.read().strip()
+        except OSError:
+            continue
+        if any(backing.startswith(p) for p in prefixes):
+            found.append(f"/dev/{name} on {backing}")
+    return found
+
+
+def rbd_fuse_processes(text: str) -> list[str]:
+    """Live (not zombie) rbd-fuse processes with ``text`` in an argument, as
+    ``PID: COMMAND LINE``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+            with open(f"/proc/{pid}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            continue
+        if not zombie and args[0].endswith("rbd-fuse") and any(text in a for a in args):
+            found.append(f"{pid}: {' '.join(args).strip()}")
+    return found
+
+
+def host_leftovers(root: Path | str) -> list[str]:
+    """Mounts, loop devices and rbd-fuse processes that belong to ``root``
+    (a txgraph state directory, or a test's directory holding one)."""
+    return (
+        [f"mount {p}" for p in mounts_under(root)]
+        + [f"loop device {d}" for d in loop_devices_under(root)]
+        + [f"rbd-fuse process {p}" for p in rbd_fuse_processes(os.path.realpath(root))]
+    )
+
+
 _libc: ctypes.CDLL | None = None
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dockerd import mounts_under
+from dockerd import loop_devices_under, mounts_under
 
 pytestmark = [pytest.mark.dockerd, pytest.mark.slow]
 
@@ -43,16 +43,6 @@ QUICK_ROWS = {
     "socket_applydiff": False,
     "rss": False,
 }
-
-
-def _loop_backing_files() -> list[str]:
-    found = []
-    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
-        try:
-            found.append(backing.read_text().strip())
-        except OSError:
-            pass
-    return found
 
 
 def test_quick_run(tmp_path: Path) -> None:
@@ -87,5 +77,5 @@ def test_quick_run(tmp_path: Path) -> None:
     assert report["command"] and report["machine"]["nproc"] >= 1
     # Nothing left: no mount, no loop device on our sparse files, no files.
     assert mounts_under(work) == []
-    assert not [f for f in _loop_backing_files() if f.startswith(str(work))]
+    assert loop_devices_under(work) == []
     assert list(work.iterdir()) == []

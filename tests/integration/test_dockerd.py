@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from conftest import Stack
+from dockerd import loop_devices_under, mounts_under
 
 pytestmark = pytest.mark.dockerd
 
@@ -32,22 +33,12 @@ def _stray_mounts(stack: Stack) -> list[str]:
     kept device is being unmapped right now.
     """
     if stack.backend != "rbd":
-        return _mounts_under(stack.txgraph.state_dir)
+        return mounts_under(stack.txgraph.state_dir)
     # The states first: a device whose unmap ends meanwhile is gone from
     # the mount table before its layer reads "created".
     fuse = stack.txgraph.state_dir / "rbd" / "fuse"
     kept = {str(fuse / r["id"]) for r in stack.layers() if r["state"] in ("mapped", "unmapping")}
-    return [m for m in _mounts_under(stack.txgraph.state_dir) if m not in kept]
-
-
-def _mounts_under(path: Path) -> list[str]:
-    prefix = str(path)
-    with open("/proc/self/mountinfo") as f:
-        return [
-            line.split()[4]
-            for line in f
-            if line.split()[4] == prefix or line.split()[4].startswith(prefix + "/")
-        ]
+    return [m for m in mounts_under(stack.txgraph.state_dir) if m not in kept]
 
 
 def test_info_shows_txgraph(stack: Stack) -> None:
@@ -292,8 +283,7 @@ def test_stop_unmaps_kept_devices(stack: Stack) -> None:
     assert _alive(kept["pid"])
     assert stack.txgraph.stop() == -signal.SIGTERM
     assert not _alive(kept["pid"])
-    loops = Path("/sys/block").glob("loop*/loop/backing_file")
-    assert [p for p in loops if layer in p.read_text()] == []
+    assert [d for d in loop_devices_under(stack.txgraph.state_dir) if layer in d] == []
     stack.txgraph.start()
     assert {r["id"]: r["state"] for r in stack.layers()}[layer] == "created"
     status, reply = stack.txgraph.call("GraphDriver.Remove", {"ID": layer})
@@ -321,8 +311,6 @@ def test_clean_shutdown(stack: Stack) -> None:
     log = stack.txgraph.log_path.read_text()
     assert "Main loop terminated." in log
     assert "Traceback" not in log
-    assert _mounts_under(stack.txgraph.state_dir) == []
+    assert mounts_under(stack.txgraph.state_dir) == []
     # No device kept after a last Put outlives the daemon either.
-    loops = Path("/sys/block").glob("loop*/loop/backing_file")
-    prefix = str(stack.txgraph.state_dir) + "/"
-    assert [p for p in loops if p.read_text().startswith(prefix)] == []
+    assert loop_devices_under(stack.txgraph.state_dir) == []

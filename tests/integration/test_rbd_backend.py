@@ -30,6 +30,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from dockerd import host_leftovers
 
 from txgraph import mounts
 from txgraph.archive import ChangeKind
@@ -177,37 +178,6 @@ def ceph(ceph_cluster: DevCluster) -> Iterator[Ceph]:
         _ceph = None
 
 
-def _host_leftovers(path: str) -> list[str]:
-    """
-    Loop devices, mounts and rbd-fuse processes that refer to C{path}.
-    """
-    found = []
-    for name in os.listdir("/sys/block"):
-        try:
-            with open(f"/sys/block/{name}/loop/backing_file") as f:
-                backing = f.read().strip()
-        except OSError:
-            continue
-        if backing.startswith(path):
-            found.append(f"loop device /dev/{name} on {backing}")
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = line.split()[4]
-            if point.startswith(path):
-                found.append(f"mount {point}")
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                args = f.read().decode(errors="replace").split("\0")
-            with open(f"/proc/{pid}/stat") as f:
-                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
-        except OSError:
-            continue
-        if not zombie and args and args[0].endswith("rbd-fuse") and any(path in a for a in args):
-            found.append(f"rbd-fuse process {pid}: {' '.join(args)}")
-    return found
-
-
 @pytest.fixture(autouse=True)
 def no_leftovers(ceph: Ceph, tmp_path: Path) -> Iterator[None]:
     """
@@ -215,7 +185,7 @@ def no_leftovers(ceph: Ceph, tmp_path: Path) -> Iterator[None]:
     no loop device, mount or rbd-fuse process behind.
     """
     yield
-    assert _host_leftovers(str(tmp_path)) == []
+    assert host_leftovers(str(tmp_path)) == []
 
 
 def conformance_backend(state_dir: str) -> RBDBackend:
@@ -571,11 +541,11 @@ def test_failed_prepare_leaves_nothing(started: Started, ceph: Ceph) -> None:
     orphan = LayerInfo(id=new_id(), parent=parent)
     with pytest.raises(BackendError, match="is not committed"):
         backend.prepare(orphan)
-    assert _host_leftovers(backend.state_dir) == []
+    assert host_leftovers(backend.state_dir) == []
     backend.remove(orphan)
     _assert_clean_namespace(ceph, namespace, {backend.image_name(parent)})
     assert ceph.snaps(namespace, backend.image_name(parent)) == []
-    assert _host_leftovers(backend.state_dir) == []
+    assert host_leftovers(backend.state_dir) == []
 
 
 def test_failed_apply_leaves_nothing(started: Started, ceph: Ceph) -> None:
@@ -592,7 +562,7 @@ def test_failed_apply_leaves_nothing(started: Started, ceph: Ceph) -> None:
     truncated = io.BytesIO(good.getvalue()[:1024])
     with pytest.raises(ArchiveError, match=f"rbd apply of layer {layer}"):
         backend.apply(layers.infos[layer], truncated, IDENTITY)
-    assert _host_leftovers(backend.state_dir) == []
+    assert host_leftovers(backend.state_dir) == []
     name = backend.image_name(layer)
     assert ceph.snaps(namespace, name) == []
     assert ceph.meta(namespace, name)[K_STATE] == "clean"
@@ -604,7 +574,7 @@ def test_failed_apply_leaves_nothing(started: Started, ceph: Ceph) -> None:
     with pytest.raises(BackendError, match="layers were made from"):
         backend.apply(layers.infos[layer], _tar({"f": b"z"}), IDENTITY)
     assert ceph.snaps(namespace, name) == [SNAP]
-    assert _host_leftovers(backend.state_dir) == []
+    assert host_leftovers(backend.state_dir) == []
 
 
 def test_apply_to_committed_layer(started: Started, ceph: Ceph) -> None:
@@ -720,7 +690,7 @@ def test_read_write_layer_is_mapped_as_it_is_made(
         assert zero.unmap_delay == 0
         plain = LayerInfo(id=new_id(), parent=None, readwrite=True)
         assert zero.prepare(plain) is None
-        assert _host_leftovers(zero.state_dir) == []
+        assert host_leftovers(zero.state_dir) == []
         zero.remove(plain)
     finally:
         zero.stop()
@@ -927,7 +897,7 @@ def test_restart_with_mounted_layer(started: Started) -> None:
         again.unmount(info)
         again.unmap(info)
         layers.mounted.discard(layer)
-        assert _host_leftovers(backend.state_dir) == []
+        assert host_leftovers(backend.state_dir) == []
     finally:
         layers.backend = again
         started.backend = again

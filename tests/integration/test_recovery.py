@@ -28,6 +28,7 @@ from typing import Any
 import images
 import pytest
 from conftest import Components, Stack, rbd_flags, rbd_namespace
+from dockerd import host_leftovers, mounts_under
 from txgraphd import Txgraphd, admin
 
 A = "a" * 64
@@ -52,14 +53,6 @@ def ok(daemon: Txgraphd, method: str, body: object) -> Any:
     status, reply = daemon.call(method, body)
     assert status == 200, (method, body, reply)
     return reply
-
-
-def mounts_under(path: Path) -> list[str]:
-    prefix = str(path)
-    with open("/proc/self/mountinfo") as f:
-        return [
-            p for p in (line.split()[4] for line in f) if p == prefix or p.startswith(prefix + "/")
-        ]
 
 
 def fake_docker_root(root: Path, driver: str, cache_ids: list[str], mount_ids: list[str]) -> Path:
@@ -306,31 +299,6 @@ def _workload(point: str, tmp_path: Path) -> list[str]:
     return ["run", "--rm", "--network", "none", "busybox:local", "true"]
 
 
-def _host_leftovers(state_dir: Path) -> list[str]:
-    """
-    Mounts, loop devices and rbd-fuse processes that belong to this state
-    directory.
-    """
-    prefix = str(state_dir)
-    found = [f"mount {p}" for p in mounts_under(state_dir)]
-    for name in os.listdir("/sys/block"):
-        try:
-            backing = Path(f"/sys/block/{name}/loop/backing_file").read_text().strip()
-        except OSError:
-            continue
-        if backing.startswith(prefix):
-            found.append(f"loop device /dev/{name} on {backing}")
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-            zombie = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-        except OSError:
-            continue
-        if not zombie and args[0].endswith("rbd-fuse") and any(prefix in a for a in args):
-            found.append(f"rbd-fuse process {pid}")
-    return found
-
-
 def _verify_nothing_leaked_or_lost(stack: Stack) -> None:
     daemon = stack.txgraph
     out = stack.docker("run", "--rm", "--network", "none", "busybox:local", "echo", "alive").stdout
@@ -341,7 +309,7 @@ def _verify_nothing_leaked_or_lost(stack: Stack) -> None:
     while any(r["state"] in ("mapped", "unmapping") for r in stack.layers()):
         assert time.monotonic() < deadline, "a kept device was never unmapped"
         time.sleep(0.2)
-    assert _host_leftovers(daemon.state_dir) == []
+    assert host_leftovers(daemon.state_dir) == []
     assert stack.status()["Mounts"] == "0"
     known: set[str] = set()
     layerdb = stack.dockerd.data_root / "image" / daemon.name / "layerdb"

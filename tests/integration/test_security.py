@@ -40,6 +40,7 @@ from typing import Any
 
 import pytest
 from conftest import Components, Stack
+from dockerd import loop_devices_under, mounts_under
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from txgraphd import Txgraphd, UnixHTTPConnection, admin
@@ -1277,20 +1278,6 @@ def _threads(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
 
-def _mounts_under(path: Path) -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if line.split()[4].startswith(str(path) + "/")]
-
-
-def _loop_devices_under(path: Path) -> list[str]:
-    found = []
-    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
-        with contextlib.suppress(OSError):
-            if backing.read_text().strip().startswith(str(path)):
-                found.append(backing.parent.parent.name)
-    return found
-
-
 @pytest.mark.dockerd
 @pytest.mark.slow
 def test_storm(components: Components, busybox_image: Path) -> None:
@@ -1345,8 +1332,8 @@ def test_storm(components: Components, busybox_image: Path) -> None:
     status = stack.status()
     report = json.loads(admin(txgraph.state_dir, "status", "--json").stdout)
     assert (report["layers"], report["mounted"], report["references"]) == (1, 0, 0), report
-    assert _mounts_under(txgraph.state_dir) == []
-    assert _loop_devices_under(txgraph.state_dir) == []
+    assert mounts_under(txgraph.state_dir) == []
+    assert loop_devices_under(txgraph.state_dir) == []
     gc = admin(txgraph.state_dir, "gc", "--docker-root", str(dockerd.data_root), "--driver", txgraph.name,
                "--min-age", "0")
     assert gc.returncode == 0, gc.stdout + gc.stderr
