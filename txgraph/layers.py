@@ -38,7 +38,14 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol, TypeVar
 
 from automat import NoTransition, TypeMachineBuilder
-from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
+from twisted.internet.defer import (
+    Deferred,
+    DeferredLock,
+    ensureDeferred,
+    fail,
+    gatherResults,
+    succeed,
+)
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -1134,17 +1141,23 @@ class LayerRegistry:
     async def release_all(self) -> None:
         """
         Unmap every kept device (dockerd's Cleanup, and the daemon's
-        stop); a failed unmap is logged, and leaves the layer faulty.
+        stop), all at once: with the cluster down, each unmap may wait for
+        the backend's timeout, and one after another they would add up.
+        A failed unmap is logged, and leaves the layer faulty.
         """
-        for layer in list(self._layers.values()):
-            if layer.row.state != "mapped":
-                continue
+
+        async def release(layer: Layer) -> None:
             try:
                 await self._release(layer)
             except Exception as e:
                 log.error(
-                    "could not unmap layer {id}: {error}", id=layer.row.id, error=e
+                    "could not unmap the kept device of layer {id}: {error}",
+                    id=layer.row.id,
+                    error=e,
                 )
+
+        kept = [layer for layer in self._layers.values() if layer.row.state == "mapped"]
+        await gatherResults([ensureDeferred(release(layer)) for layer in kept])
 
     async def apply(self, layer_id: str, stream: BinaryIO) -> int:
         """

@@ -601,6 +601,55 @@ def test_release_all_unmaps_every_kept_device(kept: Harness) -> None:
     assert h.clock.getDelayedCalls() == []
 
 
+class HeldCalls(InlineBackend):
+    """
+    The inline adapter, except that while C{hold} is set each call waits
+    until the test lets it run (L{release_next}).
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        super().__init__(backend)
+        self.hold = False
+        self.held: list[tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...]]] = []
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        if not self.hold:
+            return super().run(fn, *args)
+        d: Deferred[Any] = Deferred()
+        self.held.append((d, fn, args))
+        return d
+
+    def release_next(self) -> None:
+        d, fn, args = self.held.pop(0)
+        super().run(fn, *args).chainDeferred(d)
+
+
+def test_release_all_unmaps_at_once(tmp_path: Any) -> None:
+    """
+    release_all starts every kept device's unmap before any has finished:
+    with the cluster down each may wait for the backend's timeout, and the
+    stop should not wait for them one after another.
+    """
+    h = Harness(tmp_path, unmap_delay=5.0)
+    adapter = HeldCalls(h.fake)
+    h.registry = LayerRegistry(h.store, adapter, h.clock)
+    for layer in (A, B, C):
+        h.run(h.registry.create(layer, None, True, {}))
+    assert {r.state for r in h.store.load_layers_thd()} == {"mapped"}
+    adapter.hold = True
+    done = ensureDeferred(h.registry.release_all())
+    assert [args[0].id for _, _, args in adapter.held] == [A, B, C]
+    assert [c for c in h.fake.calls if c[0] == "unmap"] == []
+    while adapter.held:
+        adapter.release_next()
+    results: list[Any] = []
+    done.addBoth(results.append)
+    assert results == [None]
+    assert {r.id: r.state for r in h.store.load_layers_thd()} == {
+        A: "created", B: "created", C: "created"
+    }
+
+
 def test_failed_delayed_unmap_is_faulty_and_logged(kept: Harness) -> None:
     """
     An unmap that fails when the delay passes leaves the layer faulty with
