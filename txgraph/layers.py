@@ -1115,14 +1115,7 @@ class LayerRegistry:
 
     def _release_later(self, layer: Layer) -> None:
         layer.release_call = None
-        d = Deferred.fromCoroutine(self._release(layer))
-        d.addErrback(
-            lambda f: log.error(
-                "could not unmap the kept device of layer {id}: {error}",
-                id=layer.row.id,
-                error=_describe(f),
-            )
-        )
+        Deferred.fromCoroutine(self._release_logged(layer))
 
     async def _release(self, layer: Layer) -> None:
         """
@@ -1138,26 +1131,29 @@ class LayerRegistry:
 
         await layer.lock.run(locked)
 
+    async def _release_logged(self, layer: Layer) -> None:
+        """
+        L{_release} where no caller waits for the outcome (the delay
+        passed, dockerd's Cleanup, the daemon's stop): a failed unmap is
+        logged, and leaves the layer faulty.
+        """
+        try:
+            await self._release(layer)
+        except Exception:
+            log.error(
+                "could not unmap the kept device of layer {id}: {error}",
+                id=layer.row.id,
+                error=_describe(Failure()),
+            )
+
     async def release_all(self) -> None:
         """
         Unmap every kept device (dockerd's Cleanup, and the daemon's
         stop), all at once: with the cluster down, each unmap may wait for
         the backend's timeout, and one after another they would add up.
-        A failed unmap is logged, and leaves the layer faulty.
         """
-
-        async def release(layer: Layer) -> None:
-            try:
-                await self._release(layer)
-            except Exception as e:
-                log.error(
-                    "could not unmap the kept device of layer {id}: {error}",
-                    id=layer.row.id,
-                    error=e,
-                )
-
         kept = [layer for layer in self._layers.values() if layer.row.state == "mapped"]
-        await gatherResults([ensureDeferred(release(layer)) for layer in kept])
+        await gatherResults([ensureDeferred(self._release_logged(layer)) for layer in kept])
 
     async def apply(self, layer_id: str, stream: BinaryIO) -> int:
         """
