@@ -194,20 +194,22 @@ def loop_devices_under(*roots: Path | str) -> list[str]:
     return found
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists and has not exited (a zombie has)."""
+    stat = _read_stat(pid)
+    return stat is not None and stat.state not in "ZX"
+
+
 def rbd_fuse_processes(text: str) -> list[str]:
     """Live (not zombie) rbd-fuse processes with ``text`` in an argument, as
     ``PID: COMMAND LINE``."""
     found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                args = f.read().decode(errors="replace").split("\0")
-            with open(f"/proc/{pid}/stat") as f:
-                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
-        except OSError:
+    for pid in _all_pids():
+        args = _cmdline(pid)
+        if not args or not args[0].endswith("rbd-fuse"):
             continue
-        if not zombie and args[0].endswith("rbd-fuse") and any(text in a for a in args):
-            found.append(f"{pid}: {' '.join(args).strip()}")
+        if any(text in a for a in args) and pid_alive(pid):
+            found.append(f"{pid}: {' '.join(args)}")
     return found
 
 

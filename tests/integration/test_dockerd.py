@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from conftest import Stack
-from dockerd import loop_devices_under, mounts_under
+from dockerd import loop_devices_under, mounts_under, pid_alive
 
 pytestmark = pytest.mark.dockerd
 
@@ -130,16 +130,6 @@ def _mapped(stack: Stack) -> dict[str, dict[str, Any]]:
     return {m["id"]: m["mapping"] for m in report["mapped"]}
 
 
-def _alive(pid: Any) -> bool:
-    """
-    Whether a process runs (a zombie does not).
-    """
-    try:
-        return Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, TypeError, ValueError):
-        return False
-
-
 def test_rbd_keeps_a_device_from_create_to_start(stack: Stack) -> None:
     """
     dockerd gets and puts a container's layer at create, and gets it again
@@ -159,7 +149,7 @@ def test_rbd_keeps_a_device_from_create_to_start(stack: Stack) -> None:
     assert rows[layer]["state"] == "mapped"
     assert rows[f"{layer}-init"]["state"] == "created"  # committed for its child
     kept = _mapped(stack)[layer]
-    assert _alive(kept["pid"])
+    assert pid_alive(kept["pid"])
     docker("start", "-a", "k1")
     assert _mapped(stack).get(layer) == kept, "start mapped the layer again"
     assert [line for line in docker("diff", "k1").stdout.split("\n") if line] == ["A /kept"]
@@ -168,7 +158,7 @@ def test_rbd_keeps_a_device_from_create_to_start(stack: Stack) -> None:
         assert time.monotonic() < deadline, "the kept device was never unmapped"
         time.sleep(0.2)
     assert {r["id"]: r["state"] for r in stack.layers()}[layer] == "created"
-    assert not _alive(kept["pid"])
+    assert not pid_alive(kept["pid"])
     assert [line for line in docker("diff", "k1").stdout.split("\n") if line] == ["A /kept"]
     docker("rm", "k1")
     assert stack.layer_ids() == before
@@ -280,9 +270,9 @@ def test_stop_unmaps_kept_devices(stack: Stack) -> None:
     status, reply = stack.txgraph.call("GraphDriver.CreateReadWrite", {"ID": layer, "Parent": ""})
     assert status == 200, reply
     kept = _mapped(stack)[layer]
-    assert _alive(kept["pid"])
+    assert pid_alive(kept["pid"])
     assert stack.txgraph.stop() == -signal.SIGTERM
-    assert not _alive(kept["pid"])
+    assert not pid_alive(kept["pid"])
     assert [d for d in loop_devices_under(stack.txgraph.state_dir) if layer in d] == []
     stack.txgraph.start()
     assert {r["id"]: r["state"] for r in stack.layers()}[layer] == "created"
