@@ -30,7 +30,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from dockerd import host_leftovers
+from dockerd import host_leftovers, pid_alive
 
 from txgraph import mounts
 from txgraph.archive import ChangeKind
@@ -783,11 +783,7 @@ def _wait_dead(pid: int, timeout: float = 10) -> None:
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                    return
-        except FileNotFoundError:
+        if not pid_alive(pid):
             return
         time.sleep(0.01)
     raise AssertionError(f"process {pid} did not exit after SIGKILL")
