@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from txgraph import faults
-from txgraph.archive import Change, IDMap
+from txgraph.model import Change, IDMap
 from txgraph.backends import (
     AsyncBackend,
     Backend,

@@ -51,7 +51,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txgraph import faults
-from txgraph.archive import IDMap
+from txgraph.model import IDMap
 from txgraph.backends import AsyncBackend, LayerInfo
 from txgraph.errors import (
     BadRequest,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from txgraph import thin
-from txgraph.archive import IDMap
+from txgraph.model import IDMap
 from txgraph.backends.overlay import OverlayBackend
 from txgraph.thin import ThinDescriptorError
 from txgraph.testing.conformance import Layers, make_backend_tests

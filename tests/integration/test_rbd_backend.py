@@ -33,7 +33,7 @@ import pytest
 from dockerd import host_leftovers, pid_alive
 
 from txgraph import mounts
-from txgraph.archive import ChangeKind
+from txgraph.model import ChangeKind
 from txgraph.backends import LayerInfo, backend_class, parse_options
 from txgraph.backends.rbd import K_OWNER, K_STATE, SNAP, RBDBackend
 from txgraph.errors import ArchiveError, BackendError, ConfigurationError

@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import StringTransport
 
 from txgraph.api import MAX_JSON_BODY, ApplyStream, GraphDriverAPI, PluginSite
-from txgraph.archive import Change, ChangeKind
+from txgraph.model import Change, ChangeKind
 from txgraph.errors import InvalidLayerState, UnknownLayer
 
 A = "a" * 64

@@ -28,9 +28,6 @@ import pytest
 from txgraph.archive import (
     ApplyMode,
     ApplyStats,
-    Change,
-    ChangeKind,
-    IDMap,
     apply_layer,
     changes_dirs,
     changes_size,
@@ -40,6 +37,7 @@ from txgraph.archive import (
     overlay_changes,
 )
 from txgraph.errors import ArchiveError, BadRequest
+from txgraph.model import Change, ChangeKind, IDMap
 
 M, A, D = ChangeKind.MODIFY, ChangeKind.ADD, ChangeKind.DELETE
 

@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from txgraph.archive import IDMap
+from txgraph.model import IDMap
 from txgraph.backends import AsyncBackend, Backend, LayerInfo
 from txgraph.errors import BackendError, InvalidLayerState, LayerExists, UnknownLayer
 from txgraph.layers import STATES, LayerRegistry, transitions

@@ -42,7 +42,7 @@ from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from txgraph.archive import Change, IDMap
+from txgraph.model import Change, IDMap
 from txgraph.errors import BackendError, ConfigurationError
 
 T = TypeVar("T")

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from txgraph import archive, mounts, thin
-from txgraph.archive import ApplyMode, Change, IDMap
+from txgraph.archive import ApplyMode
 from txgraph.backends import (
     Backend,
     BackendOption,
@@ -40,6 +40,7 @@ from txgraph.backends import (
     set_traverse,
 )
 from txgraph.errors import BackendError, BadRequest, ConfigurationError
+from txgraph.model import Change, IDMap
 from txgraph.thin import ThinDescriptorError
 
 _ID = re.compile(r"[0-9a-f]{64}(?:-init)?")

@@ -81,7 +81,7 @@ from typing import IO, Any, BinaryIO, cast
 from twisted.logger import Logger
 
 from txgraph import archive, faults, mounts, thin
-from txgraph.archive import ApplyMode, Change, IDMap
+from txgraph.archive import ApplyMode
 from txgraph.backends import Backend, BackendOption, LayerInfo, LayerView, Orphan, parse_options
 from txgraph.backends.background import BackgroundPasses
 from txgraph.backends.mappers import (
@@ -94,6 +94,7 @@ from txgraph.backends.mappers import (
     run,
 )
 from txgraph.errors import BackendError, ConfigurationError, TxgraphError
+from txgraph.model import Change, IDMap
 from txgraph.thin import ThinDescriptorError
 
 log = Logger()
@@ -2338,7 +2339,7 @@ class RBDBackend(Backend):
                 reader = thin.HashingReader(cast(BinaryIO, f), progress)
                 try:
                     candidate, built, _size = self._build_candidate(
-                        key, parent_chain, reader, reader, archive.IDMap(), None
+                        key, parent_chain, reader, reader, IDMap(), None
                     )
                     if built != chain:
                         raise BackendError(

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from txgraph.archive import Change, ChangeKind, IDMap
+from txgraph.model import Change, ChangeKind, IDMap
 from txgraph.backends import Backend, LayerInfo
 
 IDENTITY = IDMap.from_docker(None, None)
