@@ -49,7 +49,7 @@ BUCKETS = [
     ("HTTP parsing/writing (twisted.web)", r"twisted/web/http\.py|twisted/web/server\.py"),
     ("Klein routing", r"klein/"),
     ("JSON", r"json/(encoder|decoder|__init__)"),
-    ("layer machine (automat, layers.py)", r"automat/|txgraph/layers\.py"),
+    ("layer machine (automat, layers/)", r"automat/|txgraph/layers/"),
     ("logging (twisted.logger)", r"twisted/logger/"),
     ("thread hand-off (callFromThread/deferToThreadPool)", r"callFromThread|deferToThreadPool|callInThreadWithCallback \("),
 ]

@@ -35,7 +35,7 @@ from txgraph.backends import (
     set_traverse,
 )
 from txgraph.errors import BadRequest, ConfigurationError, InvalidLayerState
-from txgraph.layers import LayerRegistry
+from txgraph.layers.registry import LayerRegistry
 from txgraph.store import Store, states_in
 
 log = Logger()

@@ -40,7 +40,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from txgraph.backends import LayerView, Orphan
-from txgraph.layers import REST_STATES
+from txgraph.layers.core import REST_STATES
 
 log = Logger()
 

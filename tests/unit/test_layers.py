@@ -19,7 +19,9 @@ from twisted.python.failure import Failure
 from txgraph.model import IDMap
 from txgraph.backends import AsyncBackend, Backend, LayerInfo
 from txgraph.errors import BackendError, InvalidLayerState, LayerExists, UnknownLayer
-from txgraph.layers import STATES, LayerRegistry, transitions
+from txgraph.layers.machine import transitions
+from txgraph.layers.registry import LayerRegistry
+from txgraph.layers.states import STATES
 from txgraph.store import LAYER_STATES, LayerRow, Store
 
 A = "a" * 64
