@@ -42,7 +42,7 @@ BUCKETS = [
     ("umount2(2) (incl. EBUSY retries)", r"\bunmount \(txgraph/mounts\.py"),
     ("mountinfo parsing", r"mount_table \(txgraph/mounts\.py"),
     ("tar apply (archive.apply_layer)", r"apply_layer \(txgraph/archive\.py"),
-    ("  apply: waiting for body (ApplyStream.read)", r"ApplyStream\.read \(txgraph/api\.py"),
+    ("  apply: waiting for body (ApplyStream.read)", r"ApplyStream\.read \(txgraph/api/streams\.py"),
     ("  apply: directory_size", r"directory_size \(txgraph/archive\.py"),
     ("tar export (Diff)", r"export_overlay|export_changes"),
     ("changes (overlay_changes)", r"overlay_changes \(txgraph/archive\.py"),

@@ -31,7 +31,8 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Site
 
 from txgraph import __version__, faults
-from txgraph.api import GraphDriverAPI, PluginSite, UnixSocketRequest
+from txgraph.api.graphdriver import GraphDriverAPI
+from txgraph.api.site import PluginSite, UnixSocketRequest
 from txgraph.backends import BACKEND_NAMES, backend_class, parse_options
 from txgraph.driver import Driver, parse_storage_opts, watch_reactor_lag
 from txgraph.errors import ConfigurationError, TxgraphError

@@ -15,7 +15,9 @@ import pytest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import StringTransport
 
-from txgraph.api import MAX_JSON_BODY, ApplyStream, GraphDriverAPI, PluginSite
+from txgraph.api.graphdriver import GraphDriverAPI
+from txgraph.api.site import MAX_JSON_BODY, PluginSite
+from txgraph.api.streams import ApplyStream
 from txgraph.model import Change, ChangeKind
 from txgraph.errors import InvalidLayerState, UnknownLayer
 

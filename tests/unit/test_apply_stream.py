@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from txgraph.api import APPLY_HIGH_WATER, ApplyStream
+from txgraph.api.streams import APPLY_HIGH_WATER, ApplyStream
 
 #: Sizes around which a batching hand-over would change behaviour.
 BATCH = 256 << 10

@@ -41,7 +41,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from txgraph import mounts
-from txgraph.api import MAX_JSON_BODY
+from txgraph.api.site import MAX_JSON_BODY
 from txgraph.backends import AsyncBackend, Backend
 from txgraph.backends.overlay import OverlayBackend
 from txgraph.driver import Driver
@@ -733,7 +733,7 @@ def test_diff_output_in_flight_is_bounded() -> None:
     """
     import threading
 
-    from txgraph.api import DIFF_CHUNK, DIFF_IN_FLIGHT, ResponseStream
+    from txgraph.api.streams import DIFF_CHUNK, DIFF_IN_FLIGHT, ResponseStream
 
     class QueueingReactor:
         def __init__(self) -> None:
@@ -783,7 +783,7 @@ def test_diff_producer_released_when_connection_lost() -> None:
     """
     import threading
 
-    from txgraph.api import DIFF_IN_FLIGHT, ResponseStream
+    from txgraph.api.streams import DIFF_IN_FLIGHT, ResponseStream
 
     class Never:
         def callFromThread(self, f: Any, *args: Any) -> None:

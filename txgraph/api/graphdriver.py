@@ -10,12 +10,12 @@ with a non-200 status, which dockerd reports as C{"<Method>: msg"}.
 Two calls stream, and never hold a whole layer in memory or on disk:
 
  - ApplyDiff's body is a chunked tar.  Twisted would normally spool a body
-   to a temporary file before the resource runs; L{PluginRequest} instead
+   to a temporary file before the resource runs; L{txgraph.api.site.PluginRequest} instead
    starts the apply as soon as the headers are in and feeds the body to it
-   through a bounded L{ApplyStream}, pausing the connection when the
+   through a bounded L{txgraph.api.streams.ApplyStream}, pausing the connection when the
    extracting thread falls behind.
  - Diff answers with a tar produced in a backend thread and written to the
-   connection through L{ResponseStream}, which waits while the connection
+   connection through L{txgraph.api.streams.ResponseStream}, which waits while the connection
    is paused.  An error before the first byte is a JSON error; an error
    after it aborts the connection, so that dockerd sees a truncated
    response rather than a short tar.
@@ -24,8 +24,6 @@ Two calls stream, and never hold a whole layer in memory or on disk:
 from __future__ import annotations
 
 import json
-import threading
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -35,373 +33,18 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import Request
-from twisted.web.server import Request as ServerRequest
-from twisted.web.server import Site
 from twisted.web.iweb import IRequest
+from twisted.web.server import Request as ServerRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
-from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
+from txgraph.api.site import MAX_JSON_BODY, OversizedBody
+from txgraph.api.streams import ApplyStream, ResponseStream
 from txgraph.driver import Driver, check_id
 from txgraph.errors import BadRequest, TxgraphError
 
 log = Logger()
 
-#: dockerd's JSON bodies are tiny; anything larger than this is refused.
-MAX_JSON_BODY = 1 << 20
-#: How much of an ApplyDiff body may wait for the extracting thread.
-APPLY_HIGH_WATER = 8 << 20
-APPLY_LOW_WATER = 2 << 20
-#: Diff output is handed to the reactor in chunks of this size.
-DIFF_CHUNK = 256 << 10
-#: At most this much Diff output may be handed to the reactor and not yet
-#: written to the connection: the producing thread waits beyond it.
-DIFF_IN_FLIGHT = 4 * DIFF_CHUNK
-
 CONTENT_TYPE = b"application/vnd.docker.plugins.v1+json"
-
-
-class ApplyStream:
-    """
-    The body of an ApplyDiff as a blocking, file-like stream for the
-    extracting thread, fed by the reactor, with flow control.
-
-    The reactor calls L{write} with each chunk; when more than
-    C{APPLY_HIGH_WATER} bytes wait, the connection is paused until the
-    reader drains below C{APPLY_LOW_WATER}.  L{read} blocks in the worker
-    thread until data, the end of the body, or an abort arrives.
-    """
-
-    def __init__(self, reactor: Any, pause: Callable[[], None], resume: Callable[[], None]) -> None:
-        self._reactor = reactor
-        self._pause = pause
-        self._resume = resume
-        self._chunks: deque[bytes] = deque()
-        self._buffered = 0
-        self._eof = False
-        self._error: BaseException | None = None
-        self._discard = False
-        self._paused = False
-        self._cond = threading.Condition()
-        self.received = 0
-        self.result: Deferred[Any] | None = None
-        #: whether the ApplyDiff route took over L{result} to answer it
-        self.answered = False
-
-    # reactor side
-
-    def write(self, data: bytes) -> None:
-        """
-        A chunk of the body arrived.
-        """
-        self.received += len(data)
-        with self._cond:
-            if self._discard:
-                return
-            self._chunks.append(data)
-            self._buffered += len(data)
-            pause = self._buffered > APPLY_HIGH_WATER and not self._paused
-            if pause:
-                self._paused = True
-            self._cond.notify()
-        if pause:
-            self._pause()
-
-    def seek(self, offset: int, whence: int = 0) -> None:
-        """
-        Twisted rewinds request bodies; this one cannot be, and need not.
-        """
-
-    def tell(self) -> int:
-        """
-        How much of the body has arrived.
-        """
-        return self.received
-
-    def close(self) -> None:
-        """
-        Nothing to release here.
-        """
-
-    def finish(self) -> None:
-        """
-        The whole body has arrived.
-        """
-        with self._cond:
-            self._eof = True
-            self._cond.notify()
-
-    def abort(self, reason: BaseException) -> None:
-        """
-        The connection was lost before the body ended.
-        """
-        with self._cond:
-            self._error = reason
-            self._cond.notify()
-
-    def done(self) -> None:
-        """
-        The reader is finished (or failed): drop whatever else arrives, and
-        let the connection flow again so the body can end.
-        """
-        with self._cond:
-            self._discard = True
-            self._chunks.clear()
-            self._buffered = 0
-            resume = self._paused
-            self._paused = False
-        if resume:
-            self._resume()
-
-    # worker side
-
-    def read(self, n: int = -1) -> bytes:
-        """
-        Up to C{n} bytes of the body (all that is buffered if C{n} < 0);
-        C{b""} at its end.  Blocks until something is there.
-        """
-        with self._cond:
-            while not self._chunks and not self._eof and self._error is None:
-                self._cond.wait()
-            if self._error is not None and not self._chunks:
-                raise BadRequest(
-                    f"the layer tar stream was cut off after {self.received} bytes: "
-                    f"{self._error}"
-                )
-            if not self._chunks:
-                return b""
-            if n < 0 or n >= self._buffered:
-                data = b"".join(self._chunks)
-                self._chunks.clear()
-            else:
-                parts = []
-                need = n
-                while need:
-                    chunk = self._chunks[0]
-                    if len(chunk) <= need:
-                        parts.append(self._chunks.popleft())
-                        need -= len(chunk)
-                    else:
-                        parts.append(chunk[:need])
-                        self._chunks[0] = chunk[need:]
-                        need = 0
-                data = b"".join(parts)
-            self._buffered -= len(data)
-            resume = self._paused and self._buffered < APPLY_LOW_WATER
-            if resume:
-                self._paused = False
-        if resume:
-            self._reactor.callFromThread(self._resume)
-        return data
-
-
-@implementer(IPushProducer)
-class ResponseStream:
-    """
-    A blocking, file-like writer for a backend thread that produces a
-    response body (Diff's tar), delivered to the connection by the reactor
-    in chunks, waiting while the connection is paused, and while more than
-    C{DIFF_IN_FLIGHT} bytes are handed over but not yet written (the
-    pause alone comes too late: a fast producer can queue tens of MB of
-    calls before the reactor runs them and the connection pushes back).
-    """
-
-    def __init__(self, reactor: Any, request: IRequest) -> None:
-        self._reactor = reactor
-        self._request = request
-        self._buffer: list[bytes] = []
-        self._size = 0
-        self._writable = threading.Event()
-        self._writable.set()
-        self._lost = False
-        self._in_flight = 0
-        self._delivered = threading.Condition()
-        self.started = False
-        self.written = 0
-
-    # IPushProducer, called by the reactor
-    def pauseProducing(self) -> None:
-        """
-        The connection's buffer is full.
-        """
-        self._writable.clear()
-
-    def resumeProducing(self) -> None:
-        """
-        The connection can take more.
-        """
-        self._writable.set()
-
-    def stopProducing(self) -> None:
-        """
-        The connection is gone.
-        """
-        self._lost = True
-        self._writable.set()
-        with self._delivered:
-            self._delivered.notify_all()
-
-    def _deliver(self, data: bytes) -> None:
-        """
-        (In the reactor.)  Write a chunk handed over by the worker.
-        """
-        try:
-            if not self._lost:
-                self._request.write(data)
-        finally:
-            with self._delivered:
-                self._in_flight -= len(data)
-                self._delivered.notify_all()
-
-    # worker side
-    def write(self, data: bytes) -> int:
-        """
-        Queue C{data}; send once a chunk's worth is buffered.
-        """
-        if data:
-            self._buffer.append(bytes(data))
-            self._size += len(data)
-            if self._size >= DIFF_CHUNK:
-                self.flush()
-        return len(data)
-
-    def flush(self) -> None:
-        """
-        Send what is buffered, waiting while the connection is paused.
-        """
-        if not self._buffer:
-            return
-        with self._delivered:
-            while self._in_flight >= DIFF_IN_FLIGHT and not self._lost:
-                self._delivered.wait(1.0)
-        self._writable.wait()
-        if self._lost:
-            raise ConnectionError("dockerd closed the connection during Diff")
-        data = b"".join(self._buffer)
-        self._buffer = []
-        self._size = 0
-        self.started = True
-        self.written += len(data)
-        with self._delivered:
-            self._in_flight += len(data)
-        self._reactor.callFromThread(self._deliver, data)
-
-
-class UnixSocketRequest(ServerRequest):
-    """
-    A request served on a UNIX socket (the plugin and admin sockets).
-    """
-
-    def getRequestHostname(self) -> bytes:
-        """
-        Klein asks every request for its host name; a request without a
-        Host header (HTTP/1.0) would take it from the socket's address,
-        which a UNIX socket does not have.
-        """
-        if self.getHeader(b"host") is None:
-            return b"localhost"
-        return super().getRequestHostname()
-
-
-class PluginRequest(UnixSocketRequest):
-    """
-    A request that streams ApplyDiff bodies to the driver instead of
-    spooling them, and refuses oversized JSON bodies early.
-    """
-
-    content: Any
-
-    def gotLength(self, length: int | None) -> None:
-        channel = self.channel
-        path = getattr(channel, "_path", b"")
-        command = getattr(channel, "_command", b"")
-        site = getattr(channel, "site", None)
-        api = getattr(site, "api", None)
-        if (
-            api is not None
-            and command == b"POST"
-            and path.split(b"?", 1)[0] == b"/GraphDriver.ApplyDiff"
-        ):
-            self.content = api.start_apply(self, path)
-            return
-        if length is not None and length > MAX_JSON_BODY:
-            self.content = _Oversized(length)
-            return
-        if length is None:
-            self.content = _Oversized(None)
-            return
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        self.content.write(data)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if isinstance(self.content, ApplyStream):
-            self.content.finish()
-        # dockerd sends no Content-Type, and none is needed; without one,
-        # Twisted never tries to parse a body as a form (which would read a
-        # streaming body from the reactor thread).
-        self.requestHeaders.removeHeader(b"Content-Type")
-        super().requestReceived(command, path, version)
-
-    def connectionLost(self, reason: Failure) -> None:
-        if isinstance(self.content, ApplyStream):
-            self.content.abort(reason.value)
-            result = self.content.result
-            if result is not None and not self.content.answered:
-                # Nobody is left to answer: log the outcome rather than
-                # leave it to the garbage collector as an unhandled error.
-                result.addErrback(
-                    lambda f: log.warn(
-                        "ApplyDiff failed after dockerd closed the connection: {error}",
-                        error=f.getErrorMessage(),
-                    )
-                )
-        super().connectionLost(reason)
-
-
-class _Oversized:
-    """
-    Stands in for a JSON body that is too big (or chunked): counts and
-    drops it, so the handler can answer with an error.
-    """
-
-    def __init__(self, length: int | None) -> None:
-        self.length = length
-        self.received = 0
-
-    def write(self, data: bytes) -> None:
-        self.received += len(data)
-
-    def seek(self, offset: int, whence: int = 0) -> None:
-        pass
-
-    def tell(self) -> int:
-        return self.received
-
-    def read(self, n: int = -1) -> bytes:
-        return b""
-
-    def close(self) -> None:
-        pass
-
-
-class PluginSite(Site):
-    """
-    A Site whose requests stream ApplyDiff bodies to C{api}.
-    """
-
-    requestFactory = PluginRequest
-
-    def __init__(self, api: GraphDriverAPI, **kwargs: Any) -> None:
-        super().__init__(api.app.resource(), **kwargs)
-        self.api = api
-
-    def log(self, request: Any) -> None:
-        """
-        No access log: dockerd makes a dozen calls per container, and
-        failures are logged where they are answered (L{_error}).
-        """
 
 
 # -- JSON handling -------------------------------------------------------------
@@ -460,7 +103,7 @@ def _id_maps(body: dict[str, Any], field: str) -> list[dict[str, int]] | None:
 
 def _decode(request: IRequest) -> dict[str, Any]:
     content = request.content
-    if isinstance(content, _Oversized):
+    if isinstance(content, OversizedBody):
         if content.length is None:
             raise BadRequest(
                 "request body must have a Content-Length (chunked JSON is not accepted)"
