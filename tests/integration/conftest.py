@@ -195,7 +195,7 @@ class Stack:
         """
         txgraph's layer rows (id, state, ...), through its admin socket.
         """
-        from txgraph.admin import Daemon
+        from txgraph.admin.client import Daemon
 
         return Daemon(str(self.txgraph.state_dir)).call("/ls")  # type: ignore[no-any-return]
 

@@ -124,7 +124,7 @@ def test_commit_and_diff(stack: Stack) -> None:
 
 
 def _mapped(stack: Stack) -> dict[str, dict[str, Any]]:
-    from txgraph.admin import Daemon
+    from txgraph.admin.client import Daemon
 
     report = Daemon(str(stack.txgraph.state_dir)).call("/status")
     return {m["id"]: m["mapping"] for m in report["mapped"]}

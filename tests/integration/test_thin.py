@@ -30,7 +30,7 @@ from dockerd import DockerCommandError
 from txgraphd import admin
 
 from txgraph import thin
-from txgraph.admin import _thin_tar
+from txgraph.admin.make_thin import thin_tar
 from txgraph.testing.ceph import DevCluster
 
 pytestmark = [pytest.mark.dockerd, pytest.mark.ceph]
@@ -263,7 +263,7 @@ def test_bad_descriptors_are_refused_at_load_leaving_nothing(
     _, b, namespace = two_nodes
     make, message = BAD[kind]
     descriptor = make(made["report"]["descriptor"])
-    archive, _ = _thin_tar({"architecture": "amd64", "os": "linux", "config": {}}, descriptor,
+    archive, _ = thin_tar({"architecture": "amd64", "os": "linux", "config": {}}, descriptor,
                            f"bad:{kind}", "test")
     layers = b.layer_ids()
     images = pool_images(ceph_cluster, namespace)

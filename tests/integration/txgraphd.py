@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import txgraph
-from txgraph.admin import UnixHTTPConnection
+from txgraph.engine import UnixHTTPConnection
 
 PLUGIN_DIR = Path("/run/docker/plugins")
 REPO = Path(txgraph.__file__).resolve().parent.parent
