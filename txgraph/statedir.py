@@ -15,7 +15,8 @@ from typing import Any
 
 from twisted.python.threadpool import ThreadPool
 
-from txgraph.backends import backend_class, parse_options
+from txgraph.backends import parse_options
+from txgraph.backends.catalog import backend_class
 from txgraph.driver import Driver, parse_storage_opts
 from txgraph.errors import ConfigurationError, TxgraphError
 from txgraph.store import DatabaseThread, Store

@@ -32,7 +32,8 @@ from txgraph import __version__, faults
 from txgraph.admin.service import AdminAPI
 from txgraph.api.graphdriver import GraphDriverAPI
 from txgraph.api.site import PluginSite, UnixSocketRequest
-from txgraph.backends import BACKEND_NAMES, backend_class, parse_options
+from txgraph.backends import parse_options
+from txgraph.backends.catalog import BACKEND_NAMES, backend_class
 from txgraph.driver import Driver, watch_reactor_lag
 from txgraph.errors import ConfigurationError, TxgraphError
 from txgraph.statedir import StateDirLock, open_driver

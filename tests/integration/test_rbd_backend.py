@@ -34,7 +34,8 @@ from dockerd import host_leftovers, pid_alive
 
 from txgraph import mounts
 from txgraph.model import ChangeKind
-from txgraph.backends import LayerInfo, backend_class, parse_options
+from txgraph.backends import LayerInfo, parse_options
+from txgraph.backends.catalog import backend_class
 from txgraph.backends.rbd import K_OWNER, K_STATE, SNAP, RBDBackend
 from txgraph.errors import ArchiveError, BackendError, ConfigurationError
 from txgraph.testing.ceph import DevCluster
@@ -348,7 +349,7 @@ def test_without_bindings(tmp_path: Path) -> None:
 import sys
 sys.modules["rados"] = None
 sys.modules["rbd"] = None
-from txgraph.backends import backend_class
+from txgraph.backends.catalog import backend_class
 from txgraph.errors import BackendError
 cls = backend_class("rbd")
 backend_class("overlay")

@@ -17,7 +17,8 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from txgraph.model import IDMap
-from txgraph.backends import AsyncBackend, Backend, LayerInfo
+from txgraph.backends import Backend, LayerInfo
+from txgraph.backends.threaded import AsyncBackend
 from txgraph.errors import BackendError, InvalidLayerState, LayerExists, UnknownLayer
 from txgraph.layers.machine import transitions
 from txgraph.layers.registry import LayerRegistry

@@ -42,7 +42,8 @@ from twisted.python.failure import Failure
 
 from txgraph import mounts
 from txgraph.api.site import MAX_JSON_BODY
-from txgraph.backends import AsyncBackend, Backend
+from txgraph.backends import Backend
+from txgraph.backends.threaded import AsyncBackend
 from txgraph.backends.overlay import OverlayBackend
 from txgraph.driver import Driver
 from txgraph.store import Store

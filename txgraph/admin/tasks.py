@@ -64,21 +64,19 @@ def layer_list(driver: Any) -> list[dict[str, Any]]:
     ]
 
 
-def _sharing_backend(driver: Any) -> Any:
-    backend = driver.backend.sync
-    if not hasattr(backend, "publish_layer"):
+def _check_shares_layers(driver: Any) -> None:
+    if not driver.backend.shares_layers:
         raise BadRequest(
-            f"thin images need the rbd backend; this txgraph runs the {backend.name} backend"
+            f"thin images need the rbd backend; this txgraph runs the {driver.backend.name} backend"
         )
-    return backend
 
 
 async def thin_info(driver: Any) -> dict[str, str]:
     """
     Where this node's shared layers live (what a thin descriptor records).
     """
-    _sharing_backend(driver)
-    return await driver.backend.run(driver.backend.sync.shared_info)  # type: ignore[no-any-return]
+    _check_shares_layers(driver)
+    return await driver.backend.shared_info()  # type: ignore[no-any-return]
 
 
 async def publish_layers(
@@ -96,7 +94,7 @@ async def publish_layers(
     events (bytes read); C{progress} adapts the byte callback, which is
     called in a backend thread, to the caller's thread.
     """
-    _sharing_backend(driver)
+    _check_shares_layers(driver)
     results: list[dict[str, Any]] = []
     parent = ""
     for index, layer in enumerate(layers):

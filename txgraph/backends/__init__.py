@@ -7,7 +7,9 @@ block device (block backends only), mount it, unmount, unmap, remove; and
 apply or produce layer tars through the shared L{txgraph.archive} code.
 Every method blocks, so nothing calls a backend directly: the layer
 machines go through L{AsyncBackend}, which runs each call in a named thread
-pool and returns a Deferred, keeping the reactor thread free.
+pool and returns a Deferred, keeping the reactor thread free
+(L{txgraph.backends.threaded}).  Start-up finds a backend by its name in
+L{txgraph.backends.catalog}; this module imports no implementation.
 
 The contract every method follows (the conformance suite in
 L{txgraph.testing.conformance} checks it on every backend):
@@ -35,17 +37,10 @@ import abc
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, ClassVar, TypeVar
+from typing import Any, BinaryIO, ClassVar
 
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorThreads
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
-
+from txgraph.errors import BadRequest, ConfigurationError
 from txgraph.model import Change, IDMap
-from txgraph.errors import BackendError, ConfigurationError
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -159,6 +154,9 @@ class Backend(abc.ABC):
         (the layer machine skips the map/unmap steps otherwise).
     @cvar commits: whether C{commit} does anything (the machine skips the
         write-ahead record otherwise).
+    @cvar shares_layers: whether the backend keeps shared layers that
+        several nodes use, and so serves thin images (L{shared_info},
+        L{publish_layer}).
     @ivar unmap_delay: seconds a mapping backend keeps a layer's device
         after its last Put, so that the next Get only mounts (0: it unmaps
         at once).  The layer registry times it and unmaps through the
@@ -169,6 +167,7 @@ class Backend(abc.ABC):
     options: ClassVar[tuple[BackendOption, ...]] = ()
     maps: ClassVar[bool] = False
     commits: ClassVar[bool] = False
+    shares_layers: ClassVar[bool] = False
     unmap_delay: float = 0.0
 
     def __init__(self, state_dir: str, options: dict[str, Any]) -> None:
@@ -358,97 +357,29 @@ class Backend(abc.ABC):
         GetMetadata's answer (shown by C{docker inspect}).
         """
 
+    # -- shared layers (backends that declare C{shares_layers}) -----------
 
-class AsyncBackend:
-    """
-    A backend seen from the reactor: every call runs in the backend thread
-    pool and returns a Deferred.
-
-    @ivar sync: the wrapped synchronous backend.
-    """
-
-    def __init__(
-        self, backend: Backend, reactor: IReactorThreads, pool: ThreadPool
-    ) -> None:
-        self.sync = backend
-        self._reactor = reactor
-        self._pool = pool
-
-    @property
-    def name(self) -> str:
+    def shared_info(self) -> dict[str, str]:
         """
-        The backend's name.
+        Where this node's shared layers live: what a thin descriptor
+        records (C{fsid}, C{pool}, C{namespace}, C{filesystem}).
         """
-        return self.sync.name
+        raise BadRequest(self._no_shared_layers())
 
-    @property
-    def maps(self) -> bool:
+    def publish_layer(
+        self,
+        parent_chain: str,
+        path: str | None,
+        diff_id: str,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:
         """
-        Whether the backend maps layers to block devices.
+        Store a layer tar (a file) as the shared layer of its chain, on the
+        chain C{parent_chain} ("" for the first layer), unless it is there
+        already; with no C{path}, only say whether it is.  For
+        C{txgraph-admin make-thin}.
         """
-        return self.sync.maps
+        raise BadRequest(self._no_shared_layers())
 
-    @property
-    def commits(self) -> bool:
-        """
-        Whether C{commit} has work to do.
-        """
-        return self.sync.commits
-
-    @property
-    def unmap_delay(self) -> float:
-        """
-        Seconds a layer stays mapped after its last Put (0: none).
-        """
-        return self.sync.unmap_delay if self.sync.maps else 0.0
-
-    def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        """
-        Run C{fn(*args)} in the backend thread pool.
-        """
-        return deferToThreadPool(self._reactor, self._pool, fn, *args)
-
-    def __getattr__(self, name: str) -> Callable[..., Deferred[Any]]:
-        method = getattr(self.sync, name)
-        if not callable(method) or name.startswith("_"):
-            raise AttributeError(name)
-
-        def guarded(*args: Any) -> Any:
-            # Host errors (a full disk, an I/O error) become errors that
-            # say which operation of which layer failed.
-            try:
-                return method(*args)
-            except OSError as e:
-                layer = next((a.id for a in args if isinstance(a, LayerInfo)), None)
-                where = f" of layer {layer}" if layer else ""
-                raise BackendError(
-                    f"{self.sync.name} backend: {name}{where} failed: {e}"
-                ) from e
-
-        def threaded(*args: Any) -> Deferred[Any]:
-            return self.run(guarded, *args)
-
-        threaded.__name__ = name
-        return threaded
-
-
-def backend_class(name: str) -> type[Backend]:
-    """
-    The backend called C{name}; a L{ConfigurationError} listing the known
-    ones otherwise.  Backends are imported only when asked for, so that a
-    missing optional dependency (Ceph's bindings) affects only its backend.
-    """
-    if name == "overlay":
-        from txgraph.backends.overlay import OverlayBackend
-
-        return OverlayBackend
-    if name == "rbd":
-        try:
-            from txgraph.backends.rbd import RBDBackend  # type: ignore[import-not-found]
-        except ImportError as e:
-            raise ConfigurationError(f"the rbd backend is not available: {e}") from None
-        return RBDBackend  # type: ignore[no-any-return]
-    raise ConfigurationError(f"unknown backend {name!r} (known: overlay, rbd)")
-
-
-BACKEND_NAMES = ("overlay", "rbd")
+    def _no_shared_layers(self) -> str:
+        return f"thin images need the rbd backend; this txgraph runs the {self.name} backend"

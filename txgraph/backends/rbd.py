@@ -410,6 +410,7 @@ class RBDBackend(Backend):
     name = "rbd"
     maps = True
     commits = True
+    shares_layers = True
     options = (
         BackendOption("conf", "path of ceph.conf", "/etc/ceph/ceph.conf", _path),
         BackendOption("client", "Ceph client id (without 'client.')", "admin", _client),

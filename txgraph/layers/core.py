@@ -19,7 +19,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txgraph import faults
-from txgraph.backends import AsyncBackend, LayerInfo
+from txgraph.backends import LayerInfo
+from txgraph.backends.threaded import AsyncBackend
 from txgraph.errors import TxgraphError
 from txgraph.model import IDMap
 from txgraph.store import LAYER_STATES, LayerRow, Store

@@ -24,7 +24,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txgraph.backends import AsyncBackend, LayerInfo
+from txgraph.backends import LayerInfo
+from txgraph.backends.threaded import AsyncBackend
 from txgraph.errors import BadRequest, InvalidLayerState, LayerExists, UnknownLayer
 from txgraph.layers.core import REST_STATES, LayerCore, LayerInputs, describe_failure
 from txgraph.layers.machine import LayerMachine
