@@ -483,7 +483,7 @@ class Bench:
     def load(self, row: str, image: Path, tag: str) -> None:
         self.log(f"{row}: docker load {image.name} x{self.args.reps}")
         with self.profiler.row(row):
-            for rep, system in self.alternating(self.args.reps):
+            for _rep, system in self.alternating(self.args.reps):
                 if system.docker("images", "-q", tag).strip():
                     system.docker("rmi", tag)  # a repetition or a later pass
                 with self.cpu(row, system):
@@ -610,7 +610,7 @@ class Bench:
                 continue
             self.log(f"socket: {system.key}: {self.args.calls} calls each")
 
-            def call(method: str, body: dict[str, Any]) -> float:
+            def call(method: str, body: dict[str, Any], t: Any = t) -> float:
                 start = time.perf_counter()
                 status, reply = t.call(f"GraphDriver.{method}", body)
                 elapsed = (time.perf_counter() - start) * 1000
@@ -681,9 +681,9 @@ class Bench:
         own rbd-fuse mapper with C{bulk_write}: rbd-fuse, and a direct-I/O
         loop device), in MB/s.
         """
-        from txgraph.backends.mappers import ClusterAccess, FuseMapper
-
         import mmap
+
+        from txgraph.backends.mappers import ClusterAccess, FuseMapper
 
         cluster = system.cluster
         assert cluster is not None
@@ -796,7 +796,7 @@ def table(rows: list[Row], results: list[dict[str, Any]], systems: list[System])
     ratio_keys = [k for k in keys if k != "builtin"]
     headers += [f"{k}/builtin" for k in ratio_keys] + ["target", "met"]
     lines = [headers]
-    for row, result in zip(rows, results):
+    for row, result in zip(rows, results, strict=False):
         values = []
         for k in keys:
             v = result["values"].get(k)
@@ -826,7 +826,7 @@ def _text_table(lines: list[list[str]]) -> str:
     out = []
     for n, line in enumerate(lines):
         out.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                             for i, (cell, w) in enumerate(zip(line, widths))))
+                             for i, (cell, w) in enumerate(zip(line, widths, strict=False))))
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)

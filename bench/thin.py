@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nimage {full_image}: {image_bytes / 2**20:.1f} MiB in {result['layers']} layer(s); "
           f"median of {reps}; object size {args.object_size or 'default'}")
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0

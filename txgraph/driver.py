@@ -26,11 +26,11 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from txgraph import faults
-from txgraph.model import Change, IDMap
 from txgraph.backends import Backend, LayerInfo, parse_options, set_traverse
 from txgraph.backends.threaded import AsyncBackend
 from txgraph.errors import BadRequest, ConfigurationError, InvalidLayerState
 from txgraph.layers.registry import LayerRegistry
+from txgraph.model import Change, IDMap
 from txgraph.store import Store, states_in
 
 log = Logger()

@@ -661,7 +661,7 @@ class _Group:
         """
         (Reactor.)  Tell each writer how its write went.
         """
-        for waiting, outcome in zip(self.waiting, outcomes):
+        for waiting, outcome in zip(self.waiting, outcomes, strict=True):
             if outcome is None:
                 waiting.callback(None)
             else:

@@ -153,8 +153,8 @@ def render(
         "cluster": {"fsid": fsid, "pool": pool, "namespace": namespace},
         "filesystem": filesystem,
         "layers": [
-            {"snapshot": l.snapshot, "chain_id": l.chain_id, "diff_id": l.diff_id, "size": l.size}
-            for l in layers
+            {"snapshot": t.snapshot, "chain_id": t.chain_id, "diff_id": t.diff_id, "size": t.size}
+            for t in layers
         ],
         "image": {"id": image_id, "config": config},
         "created": created,

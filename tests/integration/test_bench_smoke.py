@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from dockerd import loop_devices_under, mounts_under
 
 pytestmark = [pytest.mark.dockerd, pytest.mark.slow]

@@ -15,10 +15,10 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 import images
+import pytest
 from dockerd import Dockerd, DockerdError, ProcessHandle, mounts_under
+
 
 @pytest.fixture
 def overlay2(tmp_path: Path) -> Iterator[Dockerd]:

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from txgraph import thin
-from txgraph.model import IDMap
 from txgraph.backends.overlay import OverlayBackend
-from txgraph.thin import ThinDescriptorError
+from txgraph.model import IDMap
 from txgraph.testing.conformance import Layers, make_backend_tests
+from txgraph.thin import ThinDescriptorError
 
 
 class OverlayBackendConformanceTests(

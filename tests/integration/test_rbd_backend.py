@@ -33,11 +33,11 @@ import pytest
 from dockerd import host_leftovers, pid_alive
 
 from txgraph import mounts
-from txgraph.model import ChangeKind
 from txgraph.backends import LayerInfo, parse_options
 from txgraph.backends.catalog import backend_class
 from txgraph.backends.rbd import K_OWNER, K_STATE, SNAP, RBDBackend
 from txgraph.errors import ArchiveError, BackendError, ConfigurationError
+from txgraph.model import ChangeKind
 from txgraph.testing.ceph import DevCluster
 from txgraph.testing.conformance import IDENTITY, Layers, make_backend_tests, new_id
 

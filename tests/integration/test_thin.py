@@ -98,12 +98,12 @@ def test_make_thin_describes_the_layers(
     report = made["report"]
     descriptor = report["descriptor"]
     full = json.loads(a.docker("image", "inspect", FULL).stdout)[0]
-    assert [l["diff_id"] for l in descriptor["layers"]] == full["RootFS"]["Layers"]
+    assert [layer["diff_id"] for layer in descriptor["layers"]] == full["RootFS"]["Layers"]
     assert descriptor["cluster"] == {
         "fsid": ceph_cluster.fsid, "pool": ceph_cluster.pool, "namespace": namespace,
     }
     assert descriptor["version"] == thin.VERSION and descriptor["image"]["id"] == full["Id"]
-    assert all(l["existed"] for l in report["layers"]), report["layers"]
+    assert all(layer["existed"] for layer in report["layers"]), report["layers"]
     images = pool_images(ceph_cluster, namespace)
     for layer in descriptor["layers"]:
         image = layer["snapshot"].split("@")[0]
@@ -151,7 +151,7 @@ def test_a_thin_container_reads_a_small_fraction_of_the_image(
     shows it per mounted layer.
     """
     _, b, _ = two_nodes
-    image_bytes = sum(l["size"] for l in made["report"]["descriptor"]["layers"])
+    image_bytes = sum(layer["size"] for layer in made["report"]["descriptor"]["layers"])
     assert image_bytes > 50 << 20
     name = "thin-reader"
     b.docker("run", "-d", "--name", name, "--network", "none", THIN, "sleep", "600")

@@ -18,8 +18,8 @@ from twisted.internet.testing import StringTransport
 from txgraph.api.graphdriver import GraphDriverAPI
 from txgraph.api.site import MAX_JSON_BODY, PluginSite
 from txgraph.api.streams import ApplyStream
-from txgraph.model import Change, ChangeKind
 from txgraph.errors import InvalidLayerState, UnknownLayer
+from txgraph.model import Change, ChangeKind
 
 A = "a" * 64
 B = "b" * 64
@@ -407,8 +407,8 @@ def test_apply_diff_connection_lost(client: Client, driver: FakeDriver) -> None:
     """
     A body cut off by a lost connection fails the read with a clear error.
     """
-    from twisted.python.failure import Failure
     from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
 
     protocol, transport = client.connect()
     _chunked_apply(protocol, f"id={A}&parent=", [b"a" * 10], finish=False)

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from txgraph.api.streams import APPLY_HIGH_WATER, ApplyStream
+from txgraph.errors import BadRequest
 
 #: Sizes around which a batching hand-over would change behaviour.
 BATCH = 256 << 10
-from txgraph.errors import BadRequest
 
 
 class ImmediateReactor:

@@ -16,13 +16,13 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from txgraph.model import IDMap
 from txgraph.backends import Backend, LayerInfo
 from txgraph.backends.threaded import AsyncBackend
 from txgraph.errors import BackendError, InvalidLayerState, LayerExists, UnknownLayer
 from txgraph.layers.machine import transitions
 from txgraph.layers.registry import LayerRegistry
 from txgraph.layers.states import STATES
+from txgraph.model import IDMap
 from txgraph.store import LAYER_STATES, LayerRow, Store
 
 A = "a" * 64
@@ -245,7 +245,8 @@ def _call(h: Harness, layer_id: str, name: str) -> Any:
     layer = h.registry.lookup(layer_id)
     machine = layer.machine
     if name == "applyDiff":
-        op: Callable[[], Deferred[Any]] = lambda: machine.applyDiff(io.BytesIO(b"tar"))
+        def op() -> Deferred[Any]:
+            return machine.applyDiff(io.BytesIO(b"tar"))
     else:
         op = getattr(machine, name)
 

@@ -25,7 +25,7 @@ def _layers() -> list[thin.ThinLayer]:
     chains = thin.chain_ids([D1, D2])
     return [
         thin.ThinLayer(f"txgraph.shared.ext4.{c[7:]}@txgraph", c, d, 100 * (i + 1))
-        for i, (c, d) in enumerate(zip(chains, [D1, D2]))
+        for i, (c, d) in enumerate(zip(chains, [D1, D2], strict=True))
     ]
 
 

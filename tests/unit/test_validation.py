@@ -34,8 +34,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from test_api import Client, ImmediateReactor, parse
 from test_layers import InlineThread
-from twisted.internet.defer import ensureDeferred
 from twisted.internet.address import UNIXAddress
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -43,8 +43,8 @@ from twisted.python.failure import Failure
 from txgraph import mounts
 from txgraph.api.site import MAX_JSON_BODY
 from txgraph.backends import Backend
-from txgraph.backends.threaded import AsyncBackend
 from txgraph.backends.overlay import OverlayBackend
+from txgraph.backends.threaded import AsyncBackend
 from txgraph.driver import Driver
 from txgraph.store import Store
 from txgraph.testing.queued import QueuedCalls

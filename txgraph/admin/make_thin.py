@@ -190,20 +190,20 @@ def cmd_make_thin(args: argparse.Namespace) -> int:
             )
         if missing:
             results = publish(
-                [{"diff_id": d, "path": p} for d, p in zip(diff_ids, saved["paths"])]
+                [{"diff_id": d, "path": p} for d, p in zip(diff_ids, saved["paths"], strict=True)]
             )
         else:
             results = present
             for r in results:
                 handle({"event": "layer", **r})
     sizes = saved["sizes"]
-    results = [{**r, "size": size} for r, size in zip(results, sizes)]
+    results = [{**r, "size": size} for r, size in zip(results, sizes, strict=True)]
     descriptor = thin.render(
         info["fsid"],
         info["pool"],
         info["namespace"],
         info["filesystem"],
-        [thin.ThinLayer(r["snapshot"], r["chain_id"], r["diff_id"], s) for r, s in zip(results, sizes)],
+        [thin.ThinLayer(r["snapshot"], r["chain_id"], r["diff_id"], s) for r, s in zip(results, sizes, strict=True)],
         image["Id"],
         saved["config"],
         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
-from txgraph.model import Change, ChangeKind, IDMap
 from txgraph.backends import Backend, LayerInfo
+from txgraph.model import Change, ChangeKind, IDMap
 
 IDENTITY = IDMap.from_docker(None, None)
 
