@@ -1,0 +1,134 @@
+"""Regenerate the Python modules of :mod:`txgraph.containerd_proto` from ``proto/``.
+
+``python -m txgraph.containerd_proto.generate`` rewrites the checked-in
+``*_pb2.py``, ``*_pb2.pyi`` and ``*_pb2_grpc.py`` next to this file;
+``generate(DIR)`` writes them into ``DIR`` (the unit test compares the two).
+The output depends only on the ``.proto`` files and on the grpcio-tools
+release, which is pinned (:data:`GRPCIO_TOOLS_VERSION`): another release
+writes other code, so it is refused rather than silently used.
+
+protoc names generated modules after the ``.proto`` paths
+(``containerd/types/mount.proto`` -> ``containerd.types.mount_pb2``) and
+imports them absolutely; the modules are laid flat in this package instead
+and those imports rewritten to relative ones (``from . import mount_pb2``),
+so that the package can move without any edit.  The ``.proto`` file names
+(``containerd/types/mount.proto``...) stay as protoc saw them: they are the
+names registered in protobuf's descriptor pool.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.resources
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Final
+
+#: The grpcio-tools release the checked-in code was generated with.
+GRPCIO_TOOLS_VERSION: Final = "1.85.1"
+
+PACKAGE_DIR: Final = Path(__file__).resolve().parent
+PROTO_DIR: Final = PACKAGE_DIR / "proto"
+#: The sources, relative to :data:`PROTO_DIR` (their names in the descriptor pool).
+PROTO_FILES: Final = (
+    "containerd/types/mount.proto",
+    "containerd/services/snapshots/v1/snapshots.proto",
+)
+#: The generated files' suffixes, per ``.proto`` file.
+SUFFIXES: Final = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+
+
+class GenerateError(RuntimeError):
+    """The generation could not run or protoc failed."""
+
+
+def _check_tools_version() -> None:
+    try:
+        found = importlib.metadata.version("grpcio-tools")
+    except importlib.metadata.PackageNotFoundError:
+        raise GenerateError(
+            f"grpcio-tools is not installed: pip install grpcio-tools=={GRPCIO_TOOLS_VERSION}"
+        ) from None
+    if found != GRPCIO_TOOLS_VERSION:
+        raise GenerateError(
+            f"grpcio-tools {found} is installed, but the generated code is pinned to "
+            f"{GRPCIO_TOOLS_VERSION}: pip install grpcio-tools=={GRPCIO_TOOLS_VERSION} "
+            "(or change GRPCIO_TOOLS_VERSION and the requirements in setup.cfg together)"
+        )
+
+
+def generated_names() -> list[str]:
+    """The file names :func:`generate` writes, in a stable order."""
+    return [Path(p).stem + suffix for p in PROTO_FILES for suffix in SUFFIXES]
+
+
+def _relative_imports(text: str, modules: set[str]) -> str:
+    """Rewrite protoc's absolute imports of the generated ``modules`` to relative ones."""
+
+    def repl(match: re.Match[str]) -> str:
+        module = match.group("module")
+        if module not in modules:
+            return match.group(0)
+        return f"from . import {module}"
+
+    return re.sub(
+        r"^from (?:[A-Za-z_][\w]*\.)*?(?:[A-Za-z_]\w*) import (?P<module>\w+_pb2(?:_grpc)?)\b",
+        repl,
+        text,
+        flags=re.MULTILINE,
+    )
+
+
+def generate(output_dir: Path) -> list[Path]:
+    """Run protoc on :data:`PROTO_FILES` and write the modules flat into ``output_dir``.
+
+    Returns the files written (:func:`generated_names`, in that order).
+    """
+    _check_tools_version()
+    from grpc_tools import protoc  # the pinned tool, imported only here
+
+    include = importlib.resources.files("grpc_tools") / "_proto"
+    with tempfile.TemporaryDirectory(prefix="txgraph-protoc-") as tmp:
+        argv = [
+            "protoc",
+            f"--proto_path={PROTO_DIR}",
+            f"--proto_path={include}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            *PROTO_FILES,
+        ]
+        status = protoc.main(argv)
+        if status != 0:
+            raise GenerateError(f"protoc exited {status}: {' '.join(argv)}")
+        modules = {Path(p).stem + s.removesuffix(".py").removesuffix(".pyi")
+                   for p in PROTO_FILES for s in SUFFIXES}
+        output_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for proto in PROTO_FILES:
+            stem = proto.removesuffix(".proto")
+            for suffix in SUFFIXES:
+                source = Path(tmp) / (stem + suffix)
+                if not source.exists():
+                    raise GenerateError(f"protoc did not write {source.name} for {proto}")
+                target = output_dir / (Path(stem).name + suffix)
+                target.write_text(_relative_imports(source.read_text(), modules))
+                written.append(target)
+    return written
+
+
+def main() -> int:
+    """Regenerate the checked-in modules in this package; print what was written."""
+    try:
+        for path in generate(PACKAGE_DIR):
+            print(path.relative_to(PACKAGE_DIR.parent.parent))
+    except GenerateError as error:
+        print(f"txgraph.containerd_proto.generate: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
