@@ -81,6 +81,38 @@ def _log_tail(path: Path, offset: int, size: int) -> str:
         return ""
 
 
+def _spawn(
+    argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], ProcessHandle, int]:
+    """Start a daemon in its own session, logging to ``log_path``; (process,
+    handle, the log offset its output starts at)."""
+    with open(log_path, "ab") as log:
+        offset = log.tell()
+        log.write(f"=== {time.strftime('%H:%M:%S')} {' '.join(argv)}\n".encode())
+        log.flush()
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            env=env, start_new_session=True, close_fds=True,
+        )
+    return process, ProcessHandle.of(process.pid) or ProcessHandle(process.pid, -1), offset
+
+
+def _terminate(
+    handle: ProcessHandle | None, process: subprocess.Popen[bytes] | None, timeout: float
+) -> None:
+    """SIGTERM the daemon (SIGKILL after ``timeout`` s) and reap it."""
+    if handle is not None and handle.alive():
+        handle.signal(signal.SIGTERM)
+        if _wait_gone([handle], timeout):
+            handle.signal(signal.SIGKILL)
+            _wait_gone([handle], 10)
+    if process is not None and process.poll() is None:
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 class Containerd:
     """One isolated containerd for a test session, driven by PID.
 
@@ -214,17 +246,10 @@ class Containerd:
         self._require_run_dir()
         self.root.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.config_toml())
-        env = {**os.environ, "PATH": DAEMON_PATH}
-        argv = [CONTAINERD, "--config", str(self.config_path)]
-        with open(self.log_path, "ab") as log:
-            self._log_offset = log.tell()
-            log.write(f"=== {time.strftime('%H:%M:%S')} {' '.join(argv)}\n".encode())
-            log.flush()
-            self._process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=env, start_new_session=True, close_fds=True,
-            )
-        self._handle = ProcessHandle.of(self._process.pid) or ProcessHandle(self._process.pid, -1)
+        self._process, self._handle, self._log_offset = _spawn(
+            [CONTAINERD, "--config", str(self.config_path)], self.log_path,
+            {**os.environ, "PATH": DAEMON_PATH},
+        )
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -260,16 +285,7 @@ class Containerd:
         Does not unmount or remove anything: see :meth:`cleanup`.
         """
         shims = self.shims()
-        if self._handle is not None and self._handle.alive():
-            self._handle.signal(signal.SIGTERM)
-            if _wait_gone([self._handle], timeout):
-                self._handle.signal(signal.SIGKILL)
-                _wait_gone([self._handle], 10)
-        if self._process is not None and self._process.poll() is None:
-            try:
-                self._process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+        _terminate(self._handle, self._process, timeout)
         self._handle = None
         self._kill_shims([*dict.fromkeys([*shims, *self.shims()])])
 
@@ -440,16 +456,9 @@ class Registry:
             self.port = free_port()
         self.storage.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.config_yml())
-        argv = [REGISTRY, "serve", str(self.config_path)]
-        with open(self.log_path, "ab") as log:
-            self._log_offset = log.tell()
-            log.write(f"=== {time.strftime('%H:%M:%S')} {' '.join(argv)}\n".encode())
-            log.flush()
-            self._process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, close_fds=True,
-            )
-        self._handle = ProcessHandle.of(self._process.pid) or ProcessHandle(self._process.pid, -1)
+        self._process, self._handle, self._log_offset = _spawn(
+            [REGISTRY, "serve", str(self.config_path)], self.log_path
+        )
         deadline = time.monotonic() + timeout
         while not self._ping():
             if self._process.poll() is not None or time.monotonic() > deadline:
@@ -462,16 +471,7 @@ class Registry:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the registry (SIGKILL after ``timeout`` s) and reap it."""
-        if self._handle is not None and self._handle.alive():
-            self._handle.signal(signal.SIGTERM)
-            if _wait_gone([self._handle], timeout):
-                self._handle.signal(signal.SIGKILL)
-                _wait_gone([self._handle], 5)
-        if self._process is not None:
-            try:
-                self._process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+        _terminate(self._handle, self._process, timeout)
         self._handle = None
 
     def cleanup(self) -> None:
