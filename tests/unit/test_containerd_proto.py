@@ -1,26 +1,30 @@
 """The containerd snapshotter protocol in txgraph/containerd_proto/.
 
-The checked-in generated modules must be exactly what the pinned
-grpcio-tools makes of the checked-in ``.proto`` files, and the messages must
-have containerd's wire format (the gogoproto options dropped from
-containerd's file must not have changed it).
+The checked-in generated modules (of this package and of
+txgraph/testing/cri_proto/, which the same generator writes) must be exactly
+what the pinned grpcio-tools makes of the checked-in ``.proto`` files, and
+the messages must have containerd's wire format (the gogoproto options
+dropped from containerd's file must not have changed it).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import pytest
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from txgraph.containerd_proto import generate, mount_pb2, snapshots_pb2, snapshots_pb2_grpc
 
 
-def test_generated_code_matches_proto(tmp_path: Path) -> None:
-    """Regenerating into a temporary directory gives byte-identical files."""
-    written = generate.generate(tmp_path)
-    assert [p.name for p in written] == generate.generated_names()
+@pytest.mark.parametrize("package", generate.PACKAGES, ids=lambda p: p.name)
+def test_generated_code_matches_proto(tmp_path: Path, package: generate.ProtoPackage) -> None:
+    """Regenerating each package into a temporary directory gives byte-identical files."""
+    written = generate.generate(tmp_path, package)
+    assert [p.name for p in written] == package.generated_names()
     for path in written:
-        checked_in = generate.PACKAGE_DIR / path.name
+        checked_in = package.directory / path.name
         assert checked_in.exists(), f"{checked_in.name} is not checked in"
         assert checked_in.read_bytes() == path.read_bytes(), (
             f"{checked_in.name} differs from the .proto's generated code: "
@@ -28,12 +32,26 @@ def test_generated_code_matches_proto(tmp_path: Path) -> None:
         )
 
 
-def test_generated_imports_are_relative() -> None:
+@pytest.mark.parametrize("package", generate.PACKAGES, ids=lambda p: p.name)
+def test_generated_imports_are_relative(package: generate.ProtoPackage) -> None:
     """No generated module imports a sibling by an absolute path (a move needs only
     a regeneration)."""
-    for name in generate.generated_names():
-        text = (generate.PACKAGE_DIR / name).read_text()
-        assert "from containerd" not in text and "import containerd" not in text, name
+    roots = {Path(f).parts[0] for f in package.files}
+    for name in package.generated_names():
+        text = (package.directory / name).read_text()
+        for root in roots:
+            absolute = re.compile(rf"^\s*(from|import) {re.escape(root)}[. ]", re.MULTILINE)
+            assert not absolute.search(text), (name, root)
+
+
+def test_packages_are_shipped() -> None:
+    """setup.cfg lists every generated package and ships its stubs and sources."""
+    text = (generate.PACKAGE_DIR.parent.parent / "setup.cfg").read_text()
+    for package in generate.PACKAGES:
+        assert f"\n    {package.name}\n" in text, package.name
+        assert f"\n{package.name} =\n    *.pyi\n" in text, package.name
+        for proto in package.files:
+            assert f"    proto/{Path(proto).parent}/*.proto\n" in text, proto
 
 
 def test_relative_import_rewrite() -> None:

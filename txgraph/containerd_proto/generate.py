@@ -1,11 +1,18 @@
-"""Regenerate the Python modules of :mod:`txgraph.containerd_proto` from ``proto/``.
+"""Regenerate txgraph's gRPC modules from its own ``.proto`` files.
+
+Two packages are generated (:data:`PACKAGES`): :mod:`txgraph.containerd_proto`
+(containerd's snapshotter service, from this package's ``proto/``) and
+:mod:`txgraph.testing.cri_proto` (the part of Kubernetes' CRI image service
+the tests use to pull through containerd's CRI plugin, from that package's
+``proto/``).
 
 ``python -m txgraph.containerd_proto.generate`` rewrites the checked-in
-``*_pb2.py``, ``*_pb2.pyi`` and ``*_pb2_grpc.py`` next to this file;
-``generate(DIR)`` writes them into ``DIR`` (the unit test compares the two).
-The output depends only on the ``.proto`` files and on the grpcio-tools
-release, which is pinned (:data:`GRPCIO_TOOLS_VERSION`): another release
-writes other code, so it is refused rather than silently used.
+``*_pb2.py``, ``*_pb2.pyi`` and ``*_pb2_grpc.py`` of both packages;
+``generate(DIR, package)`` writes one package's files into ``DIR`` (the unit
+test compares the two).  The output depends only on the ``.proto`` files and
+on the grpcio-tools release, which is pinned (:data:`GRPCIO_TOOLS_VERSION`):
+another release writes other code, so it is refused rather than silently
+used.
 
 protoc names generated modules after the ``.proto`` paths
 (``containerd/types/mount.proto`` -> ``containerd.types.mount_pb2``) and
@@ -23,6 +30,7 @@ import importlib.resources
 import re
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -38,6 +46,38 @@ PROTO_FILES: Final = (
 )
 #: The generated files' suffixes, per ``.proto`` file.
 SUFFIXES: Final = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+
+
+@dataclass(frozen=True)
+class ProtoPackage:
+    """One generated Python package: its directory, whose ``proto/`` holds the
+    sources, and those sources' paths relative to ``proto/`` (their names in
+    protobuf's descriptor pool)."""
+
+    name: str
+    directory: Path
+    files: tuple[str, ...]
+
+    @property
+    def proto_dir(self) -> Path:
+        """The directory protoc reads the sources from."""
+        return self.directory / "proto"
+
+    def generated_names(self) -> list[str]:
+        """The file names :func:`generate` writes for this package, in a stable order."""
+        return [Path(p).stem + suffix for p in self.files for suffix in SUFFIXES]
+
+
+#: containerd's snapshotter service: this package.
+CONTAINERD: Final = ProtoPackage("txgraph.containerd_proto", PACKAGE_DIR, PROTO_FILES)
+#: The CRI image service the tests pull images with (txgraph.testing.cri_proto).
+CRI: Final = ProtoPackage(
+    "txgraph.testing.cri_proto",
+    PACKAGE_DIR.parent / "testing" / "cri_proto",
+    ("runtime/v1/api.proto",),
+)
+#: Every package :func:`main` regenerates.
+PACKAGES: Final = (CONTAINERD, CRI)
 
 
 class GenerateError(RuntimeError):
@@ -59,9 +99,9 @@ def _check_tools_version() -> None:
         )
 
 
-def generated_names() -> list[str]:
-    """The file names :func:`generate` writes, in a stable order."""
-    return [Path(p).stem + suffix for p in PROTO_FILES for suffix in SUFFIXES]
+def generated_names(package: ProtoPackage = CONTAINERD) -> list[str]:
+    """The file names :func:`generate` writes for ``package``, in a stable order."""
+    return package.generated_names()
 
 
 def _relative_imports(text: str, modules: set[str]) -> str:
@@ -81,8 +121,9 @@ def _relative_imports(text: str, modules: set[str]) -> str:
     )
 
 
-def generate(output_dir: Path) -> list[Path]:
-    """Run protoc on :data:`PROTO_FILES` and write the modules flat into ``output_dir``.
+def generate(output_dir: Path, package: ProtoPackage = CONTAINERD) -> list[Path]:
+    """Run protoc on ``package``'s ``.proto`` files and write the modules flat
+    into ``output_dir``.
 
     Returns the files written (:func:`generated_names`, in that order).
     """
@@ -93,21 +134,21 @@ def generate(output_dir: Path) -> list[Path]:
     with tempfile.TemporaryDirectory(prefix="txgraph-protoc-") as tmp:
         argv = [
             "protoc",
-            f"--proto_path={PROTO_DIR}",
+            f"--proto_path={package.proto_dir}",
             f"--proto_path={include}",
             f"--python_out={tmp}",
             f"--pyi_out={tmp}",
             f"--grpc_python_out={tmp}",
-            *PROTO_FILES,
+            *package.files,
         ]
         status = protoc.main(argv)
         if status != 0:
             raise GenerateError(f"protoc exited {status}: {' '.join(argv)}")
         modules = {Path(p).stem + s.removesuffix(".py").removesuffix(".pyi")
-                   for p in PROTO_FILES for s in SUFFIXES}
+                   for p in package.files for s in SUFFIXES}
         output_dir.mkdir(parents=True, exist_ok=True)
         written = []
-        for proto in PROTO_FILES:
+        for proto in package.files:
             stem = proto.removesuffix(".proto")
             for suffix in SUFFIXES:
                 source = Path(tmp) / (stem + suffix)
@@ -120,10 +161,12 @@ def generate(output_dir: Path) -> list[Path]:
 
 
 def main() -> int:
-    """Regenerate the checked-in modules in this package; print what was written."""
+    """Regenerate the checked-in modules of every package in :data:`PACKAGES`;
+    print what was written."""
     try:
-        for path in generate(PACKAGE_DIR):
-            print(path.relative_to(PACKAGE_DIR.parent.parent))
+        for package in PACKAGES:
+            for path in generate(package.directory, package):
+                print(path.relative_to(PACKAGE_DIR.parent.parent))
     except GenerateError as error:
         print(f"txgraph.containerd_proto.generate: {error}", file=sys.stderr)
         return 1
