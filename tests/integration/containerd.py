@@ -3,9 +3,19 @@
 :class:`Containerd` starts Debian's containerd 1.6 (the one docker.io brings)
 with a ``config.toml`` (version 2) it writes itself: its own root, state,
 gRPC and ttrpc sockets, no debug or metrics listener, the CRI plugin
-disabled (nothing here needs Kubernetes' API, and it would start a CNI
-watcher), and optional ``[proxy_plugins.NAME]`` sections for external
-snapshotters such as txgraph.  It never touches the host's /run/containerd
+disabled unless asked for, and optional ``[proxy_plugins.NAME]`` sections
+for external snapshotters such as txgraph.
+
+With ``cri_snapshotter=NAME`` the CRI plugin runs, unpacking what
+Kubernetes' ``PullImage`` pulls with snapshotter ``NAME`` (in containerd
+namespace ``k8s.io``).  That is the pull path on which containerd's
+unpacker labels layer snapshots ``containerd.io/snapshot.ref`` (``ctr
+images pull/import`` do not), and Debian 12 has no nerdctl or crictl to
+take it: :meth:`Containerd.cri_pull` calls ``PullImage`` itself, over
+containerd's socket, with :mod:`txgraph.testing.cri_proto`.  The CRI plugin
+gets its own (empty) CNI directories, so it never reads the host's
+``/etc/cni``, and a ``hosts.toml`` per plain-HTTP registry
+(``plain_http_registries``) in its own ``config_path``.  It never touches the host's /run/containerd
 socket or /var/lib/containerd; the one shared place is containerd 1.6's
 shim socket directory ``/run/containerd/s``, where every shim socket's name
 is a hash of our own socket path (so nothing collides), and the sockets a
@@ -37,6 +47,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
+import grpc
 from dockerd import (
     DAEMON_PATH,
     SHIM_SOCKET_DIR,
@@ -50,12 +61,16 @@ from dockerd import (
     unmount_under,
 )
 
+from txgraph.testing.cri_proto import api_pb2, api_pb2_grpc
+
 CONTAINERD: Final = "/usr/bin/containerd"
 CTR: Final = "/usr/bin/ctr"
 REGISTRY: Final = "/usr/bin/docker-registry"
 
 #: The plugin ``disabled_plugins`` turns off: Kubernetes' CRI service.
 CRI_PLUGIN: Final = "io.containerd.grpc.v1.cri"
+#: The containerd namespace the CRI plugin keeps its images, snapshots and containers in.
+CRI_NAMESPACE: Final = "k8s.io"
 
 
 class ContainerdError(RuntimeError):
@@ -126,6 +141,14 @@ class Containerd:
     snapshotter; each becomes ``[proxy_plugins.NAME] type = "snapshot"``, so
     ``ctr --snapshotter NAME`` and the Snapshots service with
     ``snapshotter = NAME`` reach it.
+
+    ``cri_snapshotter`` enables the CRI plugin with that snapshotter (its
+    ``[plugins."io.containerd.grpc.v1.cri".containerd] snapshotter``);
+    ``plain_http_registries`` (``HOST:PORT``) are then reached over plain
+    HTTP, through ``hosts.toml`` files under ``base_dir/certs.d`` (the CRI
+    registry ``config_path``).  CNI's ``bin_dir`` and ``conf_dir`` are empty
+    directories under ``base_dir/cni``: image pulls need no network, and
+    the host's CNI configuration is never read.
     """
 
     def __init__(
@@ -136,12 +159,23 @@ class Containerd:
         namespace: str = "txgraph-test",
         debug: bool = False,
         run_parent: Path | str = "/run",
+        cri_snapshotter: str | None = None,
+        plain_http_registries: Sequence[str] = (),
     ) -> None:
+        if plain_http_registries and cri_snapshotter is None:
+            raise ValueError("plain_http_registries configure the CRI plugin: give cri_snapshotter")
+        for host in plain_http_registries:
+            if not host or "/" in host or host.startswith("."):
+                raise ValueError(f"plain_http_registries: {host!r} is not a HOST:PORT")
         self.base_dir = Path(base_dir).resolve()
         self.root = self.base_dir / "root"
         self.config_path = self.base_dir / "config.toml"
         self.log_path = self.base_dir / "containerd.log"
         self.proxy_plugins = {name: Path(path) for name, path in (proxy_plugins or {}).items()}
+        self.cri_snapshotter = cri_snapshotter
+        self.plain_http_registries = tuple(plain_http_registries)
+        self.cni_dir = self.base_dir / "cni"
+        self.registry_config_path = self.base_dir / "certs.d"
         self.namespace = namespace
         self.debug = debug
         self._run_parent = Path(run_parent)
@@ -189,7 +223,11 @@ class Containerd:
             "version = 2",
             f"root = {_toml_string(str(self.root))}",
             f"state = {_toml_string(str(self.state))}",
-            f"disabled_plugins = [{_toml_string(CRI_PLUGIN)}]",
+            (
+                "disabled_plugins = []"
+                if self.cri_snapshotter is not None
+                else f"disabled_plugins = [{_toml_string(CRI_PLUGIN)}]"
+            ),
             "",
             "[grpc]",
             f"  address = {_toml_string(str(self.address))}",
@@ -207,6 +245,26 @@ class Containerd:
             '[plugins."io.containerd.internal.v1.opt"]',
             f"  path = {_toml_string(str(self.root / 'opt'))}",
         ]
+        if self.cri_snapshotter is not None:
+            cri = f"[plugins.{_toml_string(CRI_PLUGIN)}"
+            lines += [
+                "",
+                f"{cri}]",
+                '  stream_server_address = "127.0.0.1"',
+                '  stream_server_port = "0"',
+                "  enable_selinux = false",
+                "  netns_mounts_under_state_dir = true",
+                "",
+                f"{cri}.containerd]",
+                f"  snapshotter = {_toml_string(self.cri_snapshotter)}",
+                "",
+                f"{cri}.cni]",
+                f"  bin_dir = {_toml_string(str(self.cni_dir / 'bin'))}",
+                f"  conf_dir = {_toml_string(str(self.cni_dir / 'net.d'))}",
+                "",
+                f"{cri}.registry]",
+                f"  config_path = {_toml_string(str(self.registry_config_path))}",
+            ]
         for name, path in sorted(self.proxy_plugins.items()):
             lines += [
                 "",
@@ -215,6 +273,23 @@ class Containerd:
                 f"  address = {_toml_string(str(path))}",
             ]
         return "\n".join(lines) + "\n"
+
+    def hosts_toml(self, host: str) -> str:
+        """The ``hosts.toml`` that sends pulls of ``host``'s images to it over plain HTTP."""
+        server = _toml_string(f"http://{host}")
+        return (
+            "# written by txgraph's test harness (tests/integration/containerd.py)\n"
+            f"server = {server}\n\n"
+            f"[host.{server}]\n"
+            '  capabilities = ["pull", "resolve"]\n'
+        )
+
+    def _write_cri_files(self) -> None:
+        for directory in (self.cni_dir / "bin", self.cni_dir / "net.d", self.registry_config_path):
+            directory.mkdir(parents=True, exist_ok=True)
+        for host in self.plain_http_registries:
+            (self.registry_config_path / host).mkdir(exist_ok=True)
+            (self.registry_config_path / host / "hosts.toml").write_text(self.hosts_toml(host))
 
     # -- processes -------------------------------------------------------------
 
@@ -245,6 +320,8 @@ class Containerd:
             raise ContainerdError(f"containerd already running as PID {self.pid}")
         self._require_run_dir()
         self.root.mkdir(parents=True, exist_ok=True)
+        if self.cri_snapshotter is not None:
+            self._write_cri_files()
         self.config_path.write_text(self.config_toml())
         self._process, self._handle, self._log_offset = _spawn(
             [CONTAINERD, "--config", str(self.config_path)], self.log_path,
@@ -259,7 +336,9 @@ class Containerd:
                     )
                 if self.address.exists():
                     result = self.ctr("version", check=False, timeout=10)
-                    if result.returncode == 0:
+                    if result.returncode == 0 and (
+                        self.cri_snapshotter is None or self._cri_ready()
+                    ):
                         return
                 if time.monotonic() > deadline:
                     raise ContainerdError(f"containerd did not answer within {timeout:.0f} s")
@@ -379,6 +458,51 @@ class Containerd:
             namespace=namespace, timeout=timeout,
         )
         return sorted(set(self.image_names(namespace=namespace)) - before) or sorted(before)
+
+    # -- Kubernetes' CRI --------------------------------------------------------
+
+    def _cri_call(self, method: str, request: object, timeout: float) -> object:
+        """Call the CRI ImageService's ``method`` on containerd's socket."""
+        if self.cri_snapshotter is None:
+            raise ContainerdError("the CRI plugin is disabled: give Containerd(cri_snapshotter=...)")
+        with grpc.insecure_channel(f"unix://{self.address}") as channel:
+            stub = api_pb2_grpc.ImageServiceStub(channel)
+            result: object = getattr(stub, method)(request, timeout=timeout)
+            return result
+
+    def _cri_ready(self) -> bool:
+        """Whether the CRI plugin answers (it serves "server is not initialized
+        yet" until its start-up is done)."""
+        try:
+            self._cri_call("ListImages", api_pb2.ListImagesRequest(), 5)
+        except grpc.RpcError:
+            return False
+        return True
+
+    def cri_pull(self, image: str, *, timeout: float = 120.0) -> str:
+        """Pull ``image`` as the kubelet does (CRI ``PullImage`` on containerd's
+        socket): fetched and unpacked by containerd's pull-time unpacker with
+        the ``cri_snapshotter``, in namespace ``k8s.io``.  Returns the image
+        reference CRI answers (the image ID, ``sha256:<config digest>``)."""
+        reply = self._cri_call(
+            "PullImage", api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image)), timeout
+        )
+        assert isinstance(reply, api_pb2.PullImageResponse)
+        return reply.image_ref
+
+    def cri_image_status(self, image: str) -> api_pb2.Image | None:
+        """CRI ``ImageStatus`` of ``image``: its Image, or None if containerd has none."""
+        reply = self._cri_call(
+            "ImageStatus", api_pb2.ImageStatusRequest(image=api_pb2.ImageSpec(image=image)), 30
+        )
+        assert isinstance(reply, api_pb2.ImageStatusResponse)
+        return reply.image if reply.HasField("image") else None
+
+    def cri_remove_image(self, image: str) -> None:
+        """CRI ``RemoveImage`` (idempotent: an absent image is no error)."""
+        self._cri_call(
+            "RemoveImage", api_pb2.RemoveImageRequest(image=api_pb2.ImageSpec(image=image)), 60
+        )
 
     def image_names(self, *, namespace: str | None = None) -> list[str]:
         """The image names in ``namespace`` (``ctr images ls -q``)."""
