@@ -6,9 +6,12 @@ Every backend shares this code, so that a layer has the same content, the
 same Changes and the same sizes whether it lives in an overlay upper
 directory or as a full tree on an RBD block device.  The semantics are
 moby's (C{pkg/archive}: C{Untar} with the overlay whiteout converter,
-C{UnpackLayer}, C{TarWithOptions}, C{ExportChanges}, C{OverlayChanges},
-C{ChangesDirs}, C{ChangesSize}, and C{pkg/directory.Size}), because dockerd
-computes layer digests, C{docker diff} output and sizes from what we return.
+C{UnpackLayer}, C{TarWithOptions}, C{ExportChanges}, C{ChangesDirs},
+C{ChangesSize}, and C{pkg/directory.Size}), because dockerd computes layer
+digests, C{docker diff} output and sizes from what we return.  Tar headers
+are written byte for byte as Go's C{archive/tar} writes moby's (owner
+names from the host's user and group databases included), so that the same
+content gets the same layer digest as on moby's own overlay2.
 
 Everything here is blocking and runs in worker threads, never in the
 reactor.
@@ -48,15 +51,15 @@ created whatever their target (moby refuses targets that lexically leave the
 root; C{RESOLVE_IN_ROOT} makes them harmless); C{trusted.overlay.*}
 attributes, overlayfs's private namespace, are never taken from a tar nor
 put into one; export carries every extended attribute except those and
-C{security.selinux} (moby carries only C{security.capability}); a whiteout
+C{security.selinux} (moby carries only C{security.capability}, so a file
+with C{user.*} attributes gives a different digest than moby's); sparse
+files are extracted sparse (moby writes every zero); a whiteout
 naming C{""}, C{"."} or C{".."} is an error (moby would delete the
 directory itself); a name with C{".."} climbing above the root is an error
 even when it starts with C{"/"}; a hard link entry re-applies owner and
 mode to the shared inode only when they differ (a C{chown} drops its file
 capabilities); overlay whiteouts get the time of their C{.wh.} entry, so
-that exporting a layer again gives the same tar; in Changes, a lower layer
-where a parent of the path is not a directory simply lacks the path (moby
-fails the whole call).
+that exporting a layer again gives the same tar.
 """
 
 from __future__ import annotations
@@ -94,7 +97,6 @@ __all__ = [
     "directory_size",
     "export_changes",
     "export_overlay",
-    "overlay_changes",
 ]
 
 
@@ -1773,139 +1775,6 @@ def _lgetxattr(path: str | bytes, name: str) -> bytes | None:
         if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.ENOENT):
             return None
         raise
-
-
-def overlay_changes(upper: str, lowers: list[str]) -> list[Change]:
-    """
-    moby's C{archive.OverlayChanges}: what the overlay upper directory
-    C{upper} changes over its lower directories C{lowers} (nearest parent
-    first), sorted by path.
-
-    A 0:0 character device is a deletion, an opaque directory is reported
-    deleted (its content then as added or modified), anything else is
-    added unless some lower has it, and a directory identical in size,
-    mode and time to the lower one is not reported unless something in it
-    was added or deleted.
-    """
-    try:
-        os.lstat(upper)
-    except FileNotFoundError:
-        return []
-    changes: list[Change] = []
-    changed_dirs: set[str] = set()
-    # The upper directory is walked by descriptor, one per level: a path
-    # up to PATH_MAX inside the layer works, and a directory swapped for a
-    # symlink is never entered (O_NOFOLLOW).
-    root = os.open(upper, _WALK_FLAGS)
-    lower_fds: list[int | None] = []
-    stack: list[tuple[str, int, Iterator[str]]] = []
-    try:
-        try:
-            listing = _sorted_listing(root)
-        except BaseException:
-            os.close(root)
-            raise
-        stack.append(("", root, iter(listing)))
-        for lower in lowers:
-            try:
-                lower_fds.append(os.open(lower, _DIR_FLAGS))
-            except (FileNotFoundError, NotADirectoryError):
-                lower_fds.append(None)
-        while stack:
-            rel_dir, dirfd, names = stack[-1]
-            name = next(names, None)
-            if name is None:
-                stack.pop()
-                os.close(dirfd)
-                continue
-            rel = rel_dir + "/" + name
-            try:
-                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            is_dir = stat.S_ISDIR(st.st_mode)
-            if is_dir:
-                child = _open_child(dirfd, name)
-                if child is not None:
-                    try:
-                        listing = _sorted_listing(child)
-                    except BaseException:
-                        os.close(child)
-                        raise
-                    stack.append((rel, child, iter(listing)))
-            kind: ChangeKind | None
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                kind = ChangeKind.DELETE
-            elif (
-                is_dir
-                and _lgetxattr(_proc_path(dirfd, os.fsencode(name)), _OPAQUE_XATTR) == b"y"
-            ):
-                kind = ChangeKind.DELETE
-            else:
-                kind = _overlay_kind(rel, st, lower_fds)
-                if kind is None:
-                    continue
-            if is_dir:
-                changed_dirs.add(rel)
-            if kind != ChangeKind.MODIFY:
-                parent = os.path.dirname(rel)
-                if parent != "/" and parent not in changed_dirs:
-                    changes.append(Change(parent, ChangeKind.MODIFY))
-                    changed_dirs.add(parent)
-            changes.append(Change(rel, kind))
-    finally:
-        for _, fd, _ in stack:
-            os.close(fd)
-        for lfd in lower_fds:
-            if lfd is not None:
-                os.close(lfd)
-    return _sorted_changes(changes)
-
-
-def _open_child(dirfd: int, name: str) -> int | None:
-    """
-    A descriptor of the subdirectory C{name} of the directory open as
-    C{dirfd}, never following a symlink; None if it vanished or is no
-    longer a directory.
-    """
-    flags = _WALK_FLAGS | os.O_NOFOLLOW
-    try:
-        return os.open(name, flags, dir_fd=dirfd)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return None
-        raise
-
-
-def _sorted_listing(fd: int) -> list[str]:
-    return sorted(os.listdir(fd), key=os.fsencode)
-
-
-def _overlay_kind(rel: str, st: os.stat_result, lowers: list[int | None]) -> ChangeKind | None:
-    """
-    ADD unless a lower layer (open as a descriptor, None if missing) has
-    C{rel}; MODIFY if one has; None for a directory that looks unchanged.
-    """
-    for lower in lowers:
-        if lower is None:
-            continue
-        try:
-            # As moby's os.Stat: a symlink in the lower layer is followed.
-            lst = os.stat(rel.lstrip("/"), dir_fd=lower)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        if (
-            stat.S_ISDIR(lst.st_mode)
-            and stat.S_ISDIR(st.st_mode)
-            and st.st_size == lst.st_size
-            and st.st_mode == lst.st_mode
-            and _same_fs_time(st.st_mtime_ns, lst.st_mtime_ns)
-        ):
-            return None
-        return ChangeKind.MODIFY
-    return ChangeKind.ADD
 
 
 class _Node:

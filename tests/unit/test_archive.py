@@ -37,7 +37,6 @@ from txgraph.archive import (
     directory_size,
     export_changes,
     export_overlay,
-    overlay_changes,
 )
 from txgraph.errors import ArchiveError, BadRequest
 
@@ -779,43 +778,6 @@ TRACE_CHANGES = [
 ]
 
 
-def test_overlay_changes_trace(tmp_path: Path) -> None:
-    """The container of the trace (wrote /newfile and /etc/x/y, deleted /bin/ls) gives dockerd's exact list."""
-    lower, upper = tmp_path / "lower", tmp_path / "upper"
-    build_parent(lower)
-    (upper / "bin").mkdir(parents=True)
-    os.mknod(upper / "bin" / "ls", stat.S_IFCHR, 0)
-    (upper / "etc" / "x").mkdir(parents=True)
-    (upper / "etc" / "x" / "y").write_bytes(b"y")
-    (upper / "newfile").write_bytes(b"new")
-    # Copied-up directories identical to the lower ones: only the
-    # parent-of-a-change rule reports them.
-    for path in ("bin", "etc"):
-        os.utime(upper / path, ns=(T0 * 10**9, T0 * 10**9))
-    assert overlay_changes(str(upper), [str(lower)]) == TRACE_CHANGES
-
-
-def test_overlay_changes_modify_and_opaque(tmp_path: Path) -> None:
-    """Files present in a lower are modified, and an opaque directory is reported deleted as moby does."""
-    upper, near, far = tmp_path / "upper", tmp_path / "near", tmp_path / "far"
-    build_parent(far)
-    (near / "opt").mkdir(parents=True)
-    (near / "opt" / "o").write_bytes(b"o")
-    (upper / "etc").mkdir(parents=True)
-    (upper / "etc" / "passwd").write_bytes(b"changed")
-    (upper / "opt").mkdir()
-    os.setxattr(upper / "opt", "trusted.overlay.opaque", b"y")
-    (upper / "opt" / "n").write_bytes(b"n")
-    got = overlay_changes(str(upper), [str(near), str(far)])
-    assert got == [
-        Change("/etc", M),
-        Change("/etc/passwd", M),
-        Change("/opt", D),
-        Change("/opt/n", A),
-    ]
-    assert overlay_changes(str(tmp_path / "missing"), []) == []
-
-
 def make_child(parent: Path, child: Path) -> None:
     shutil.copytree(parent, child, symlinks=True)
     os.unlink(child / "bin" / "ls")
@@ -908,9 +870,6 @@ def test_walks_handle_paths_near_path_max(tmp_path: Path) -> None:
     apply(tar, full, ApplyMode.INPLACE)
     expected = [Change("/" + d, A) for d in dirs] + [Change("/" + name, A)]
     assert directory_size(str(upper)) == 1234
-    modified = [Change(c.path, M) for c in expected]
-    assert overlay_changes(str(upper), [str(tmp_path / "missing"), str(full)]) == modified
-    assert overlay_changes(str(upper), []) == expected
     changes = changes_dirs(str(full), None)
     assert changes == expected
     assert changes_size(str(full), changes) == 1234
@@ -928,7 +887,6 @@ def test_walks_never_follow_a_symlinked_directory(tmp_path: Path) -> None:
     assert directory_size(str(root)) == len(str(outside))
     assert changes_size(str(root), [Change("/link/d/big", A)]) == 0
     assert changes_dirs(str(root), None) == [Change("/link", A)]
-    assert overlay_changes(str(root), []) == [Change("/link", A)]
 
 
 def test_diff_size_rules_agree(tmp_path: Path) -> None:
