@@ -78,7 +78,7 @@ import time
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterator, Mapping, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Mapping, Sequence
 
 from twisted.logger import Logger
 
@@ -2249,26 +2249,23 @@ class OwnerNames:
         """
         The name of host user C{uid}, or C{b""}.
         """
-        name = self._users.get(uid)
-        if name is None:
-            try:
-                name = os.fsencode(pwd.getpwuid(uid).pw_name)
-            except (KeyError, OverflowError):
-                name = b""
-            self._users[uid] = name
-        return name
+        return self._name(self._users, uid, lambda: pwd.getpwuid(uid).pw_name)
 
     def group(self, gid: int) -> bytes:
         """
         The name of host group C{gid}, or C{b""}.
         """
-        name = self._groups.get(gid)
+        return self._name(self._groups, gid, lambda: grp.getgrgid(gid).gr_name)
+
+    @staticmethod
+    def _name(cache: dict[int, bytes], number: int, lookup: Callable[[], str]) -> bytes:
+        name = cache.get(number)
         if name is None:
             try:
-                name = os.fsencode(grp.getgrgid(gid).gr_name)
+                name = os.fsencode(lookup())
             except (KeyError, OverflowError):
                 name = b""
-            self._groups[gid] = name
+            cache[number] = name
         return name
 
     def of(self, st: os.stat_result) -> tuple[bytes, bytes]:
