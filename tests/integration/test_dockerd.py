@@ -348,12 +348,12 @@ def test_concurrent_save_never_writes_image_layers(stack: Stack, tmp_path: Path)
         outputs = [tmp_path / f"save-{i}.tar" for i in range(2)]
         commands = [("save", "-o", str(out), "diffbase:1") for out in outputs]
         commands.append(("run", "--rm", "--network", "none", "diffbase:1", "true"))
-        errors: list[BaseException] = []
+        errors: list[Exception] = []
 
         def run(args: tuple[str, ...]) -> None:
             try:
                 docker(*args)
-            except BaseException as e:
+            except Exception as e:  # noqa: BLE001 - asserted in the test's own thread
                 errors.append(e)
 
         jobs = [threading.Thread(target=run, args=(args,)) for args in commands]

@@ -31,6 +31,8 @@ from txgraph.archive import (
     Change,
     ChangeKind,
     IDMap,
+    _pax_record,
+    _tar_header,
     apply_layer,
     changes_dirs,
     changes_size,
@@ -38,7 +40,6 @@ from txgraph.archive import (
     export_changes,
     export_overlay,
 )
-from txgraph.archive import _pax_record, _tar_header
 from txgraph.errors import ArchiveError, BadRequest
 
 M, A, D = ChangeKind.MODIFY, ChangeKind.ADD, ChangeKind.DELETE
