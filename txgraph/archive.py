@@ -6,9 +6,12 @@ Every backend shares this code, so that a layer has the same content, the
 same Changes and the same sizes whether it lives in an overlay upper
 directory or as a full tree on an RBD block device.  The semantics are
 moby's (C{pkg/archive}: C{Untar} with the overlay whiteout converter,
-C{UnpackLayer}, C{TarWithOptions}, C{ExportChanges}, C{OverlayChanges},
-C{ChangesDirs}, C{ChangesSize}, and C{pkg/directory.Size}), because dockerd
-computes layer digests, C{docker diff} output and sizes from what we return.
+C{UnpackLayer}, C{TarWithOptions}, C{ExportChanges}, C{ChangesDirs},
+C{ChangesSize}, and C{pkg/directory.Size}), because dockerd computes layer
+digests, C{docker diff} output and sizes from what we return.  Tar headers
+are written byte for byte as Go's C{archive/tar} writes moby's (owner
+names from the host's user and group databases included), so that the same
+content gets the same layer digest as on moby's own overlay2.
 
 Everything here is blocking and runs in worker threads, never in the
 reactor.
@@ -48,15 +51,15 @@ created whatever their target (moby refuses targets that lexically leave the
 root; C{RESOLVE_IN_ROOT} makes them harmless); C{trusted.overlay.*}
 attributes, overlayfs's private namespace, are never taken from a tar nor
 put into one; export carries every extended attribute except those and
-C{security.selinux} (moby carries only C{security.capability}); a whiteout
+C{security.selinux} (moby carries only C{security.capability}, so a file
+with C{user.*} attributes gives a different digest than moby's); sparse
+files are extracted sparse (moby writes every zero); a whiteout
 naming C{""}, C{"."} or C{".."} is an error (moby would delete the
 directory itself); a name with C{".."} climbing above the root is an error
 even when it starts with C{"/"}; a hard link entry re-applies owner and
 mode to the shared inode only when they differ (a C{chown} drops its file
 capabilities); overlay whiteouts get the time of their C{.wh.} entry, so
-that exporting a layer again gives the same tar; in Changes, a lower layer
-where a parent of the path is not a directory simply lacks the path (moby
-fails the whole call).
+that exporting a layer again gives the same tar.
 """
 
 from __future__ import annotations
@@ -64,7 +67,9 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno
+import grp
 import os
+import pwd
 import shutil
 import stat
 import struct
@@ -73,7 +78,7 @@ import time
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, Mapping, Sequence
+from typing import BinaryIO, Callable, Iterator, Mapping, Sequence
 
 from twisted.logger import Logger
 
@@ -91,7 +96,6 @@ __all__ = [
     "directory_size",
     "export_changes",
     "export_overlay",
-    "overlay_changes",
 ]
 
 
@@ -1656,139 +1660,6 @@ def _lgetxattr(path: str | bytes, name: str) -> bytes | None:
         raise
 
 
-def overlay_changes(upper: str, lowers: list[str]) -> list[Change]:
-    """
-    moby's C{archive.OverlayChanges}: what the overlay upper directory
-    C{upper} changes over its lower directories C{lowers} (nearest parent
-    first), sorted by path.
-
-    A 0:0 character device is a deletion, an opaque directory is reported
-    deleted (its content then as added or modified), anything else is
-    added unless some lower has it, and a directory identical in size,
-    mode and time to the lower one is not reported unless something in it
-    was added or deleted.
-    """
-    try:
-        os.lstat(upper)
-    except FileNotFoundError:
-        return []
-    changes: list[Change] = []
-    changed_dirs: set[str] = set()
-    # The upper directory is walked by descriptor, one per level: a path
-    # up to PATH_MAX inside the layer works, and a directory swapped for a
-    # symlink is never entered (O_NOFOLLOW).
-    root = os.open(upper, _WALK_FLAGS)
-    lower_fds: list[int | None] = []
-    stack: list[tuple[str, int, Iterator[str]]] = []
-    try:
-        try:
-            listing = _sorted_listing(root)
-        except BaseException:
-            os.close(root)
-            raise
-        stack.append(("", root, iter(listing)))
-        for lower in lowers:
-            try:
-                lower_fds.append(os.open(lower, _DIR_FLAGS))
-            except (FileNotFoundError, NotADirectoryError):
-                lower_fds.append(None)
-        while stack:
-            rel_dir, dirfd, names = stack[-1]
-            name = next(names, None)
-            if name is None:
-                stack.pop()
-                os.close(dirfd)
-                continue
-            rel = rel_dir + "/" + name
-            try:
-                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            is_dir = stat.S_ISDIR(st.st_mode)
-            if is_dir:
-                child = _open_child(dirfd, name)
-                if child is not None:
-                    try:
-                        listing = _sorted_listing(child)
-                    except BaseException:
-                        os.close(child)
-                        raise
-                    stack.append((rel, child, iter(listing)))
-            kind: ChangeKind | None
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                kind = ChangeKind.DELETE
-            elif (
-                is_dir
-                and _lgetxattr(_proc_path(dirfd, os.fsencode(name)), _OPAQUE_XATTR) == b"y"
-            ):
-                kind = ChangeKind.DELETE
-            else:
-                kind = _overlay_kind(rel, st, lower_fds)
-                if kind is None:
-                    continue
-            if is_dir:
-                changed_dirs.add(rel)
-            if kind != ChangeKind.MODIFY:
-                parent = os.path.dirname(rel)
-                if parent != "/" and parent not in changed_dirs:
-                    changes.append(Change(parent, ChangeKind.MODIFY))
-                    changed_dirs.add(parent)
-            changes.append(Change(rel, kind))
-    finally:
-        for _, fd, _ in stack:
-            os.close(fd)
-        for lfd in lower_fds:
-            if lfd is not None:
-                os.close(lfd)
-    return _sorted_changes(changes)
-
-
-def _open_child(dirfd: int, name: str) -> int | None:
-    """
-    A descriptor of the subdirectory C{name} of the directory open as
-    C{dirfd}, never following a symlink; None if it vanished or is no
-    longer a directory.
-    """
-    flags = _WALK_FLAGS | os.O_NOFOLLOW
-    try:
-        return os.open(name, flags, dir_fd=dirfd)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return None
-        raise
-
-
-def _sorted_listing(fd: int) -> list[str]:
-    return sorted(os.listdir(fd), key=os.fsencode)
-
-
-def _overlay_kind(rel: str, st: os.stat_result, lowers: list[int | None]) -> ChangeKind | None:
-    """
-    ADD unless a lower layer (open as a descriptor, None if missing) has
-    C{rel}; MODIFY if one has; None for a directory that looks unchanged.
-    """
-    for lower in lowers:
-        if lower is None:
-            continue
-        try:
-            # As moby's os.Stat: a symlink in the lower layer is followed.
-            lst = os.stat(rel.lstrip("/"), dir_fd=lower)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        if (
-            stat.S_ISDIR(lst.st_mode)
-            and stat.S_ISDIR(st.st_mode)
-            and st.st_size == lst.st_size
-            and st.st_mode == lst.st_mode
-            and _same_fs_time(st.st_mtime_ns, lst.st_mtime_ns)
-        ):
-            return None
-        return ChangeKind.MODIFY
-    return ChangeKind.ADD
-
-
 class _Node:
     """
     A file of a tree being compared (moby's C{FileInfo}).
@@ -1963,21 +1834,43 @@ def _octal(value: int, width: int) -> bytes:
     return b"\x80" + value.to_bytes(width - 1, "big")
 
 
+def _to_ascii(value: bytes) -> bytes:
+    """
+    Go's C{toASCII}: what a PAX writer puts in a header field whose real
+    value is in a PAX record (non-ASCII bytes and NULs dropped).
+    """
+    if value.isascii():
+        return value
+    return bytes(c for c in value if 0 < c < 0x80)
+
+
+def _fit(value: bytes, size: int) -> bytes:
+    """
+    Go's C{formatString}: C{value} cut to the field; a cut that leaves the
+    field ending in slashes ends at the first of them instead.
+    """
+    if len(value) > size and value[size - 1 : size] == b"/":
+        return value[: size - 1].rstrip(b"/")
+    return value[:size]
+
+
 def _ustar_split(name: bytes) -> tuple[bytes, bytes] | None:
     """
-    C{(name, prefix)} fields for a ustar header, or None if a PAX record is
-    needed (Go's splitUSTARPath).
+    C{(prefix, name)} fields for a ustar header whose name does not fit the
+    name field, or None if it cannot be split (Go's C{splitUSTARPath}).
     """
-    if not name.isascii():
+    length = len(name)
+    if length <= 100 or not name.isascii():
         return None
-    if len(name) <= 100:
-        return name, b""
-    if len(name) > 256:
+    if length > 156:
+        length = 156
+    elif name[length - 1 : length] == b"/":
+        length -= 1
+    i = name.rfind(b"/", 0, length)
+    suffix = len(name) - i - 1
+    if i <= 0 or suffix > 100 or suffix == 0 or i > 155:
         return None
-    i = name.rfind(b"/", 0, min(len(name) - 1, 155) + 1)
-    if i <= 0 or len(name) - i - 1 > 100 or i > 155:
-        return None
-    return name[i + 1 :], name[:i]
+    return name[:i], name[i + 1 :]
 
 
 def _ustar_block(
@@ -1992,9 +1885,12 @@ def _ustar_block(
     linkname: bytes = b"",
     devmajor: int = 0,
     devminor: int = 0,
+    uname: bytes = b"",
+    gname: bytes = b"",
+    devices: bool = True,
 ) -> bytes:
     block = _HEADER.pack(
-        name[:100],
+        _fit(name, 100),
         _octal(mode, 8),
         _octal(uid, 8),
         _octal(gid, 8),
@@ -2002,12 +1898,12 @@ def _ustar_block(
         _octal(mtime, 12),
         b" " * 8,
         typeflag,
-        linkname[:100],
+        _fit(linkname, 100),
         b"ustar\x0000",
-        b"",
-        b"",
-        _octal(devmajor, 8),
-        _octal(devminor, 8),
+        uname,
+        gname,
+        _octal(devmajor, 8) if devices else b"",
+        _octal(devminor, 8) if devices else b"",
         prefix,
     )
     view = memoryview(block)
@@ -2023,6 +1919,17 @@ def _pax_record(key: bytes, value: bytes) -> bytes:
     return b"%d" % size + body
 
 
+def _pax_header_name(name: bytes) -> bytes:
+    """
+    The name of an entry's PAX extended header, as Go writes it:
+    C{path.Join(dir, "PaxHeaders.0", file)}, ASCII, one field, no
+    trailing slash.
+    """
+    directory, _, base = name.rpartition(b"/")
+    parts = [p for p in (directory, b"PaxHeaders.0", base) if p]
+    return _to_ascii(b"/".join(parts))[:100].rstrip(b"/")
+
+
 def _tar_header(
     name: bytes,
     mode: int,
@@ -2035,18 +1942,30 @@ def _tar_header(
     devmajor: int = 0,
     devminor: int = 0,
     xattrs: Mapping[bytes, bytes] | None = None,
+    uname: bytes = b"",
+    gname: bytes = b"",
 ) -> bytes:
     """
-    The header blocks of one entry: ustar when it can say everything, else
-    a PAX extended header first (as Go's tar writer does for moby).
+    The header blocks of one entry, byte for byte as Go's C{archive/tar}
+    writes moby's headers (C{Format: FormatPAX}, whole-second times, no
+    access or change time): a ustar header when it can say everything
+    (a long name split into prefix and name), else a PAX extended header
+    (records sorted by key) followed by a header whose fields hold what
+    fits of the values (ASCII only, no prefix).
     """
     pax: dict[bytes, bytes] = {}
-    split = _ustar_split(name)
-    if split is None:
+    ustar = True
+    if len(name) > 100 or not name.isascii():
         pax[b"path"] = name
-        split = (name[:100], b"")
-    if len(linkname) > 100 or not linkname.isascii():
-        pax[b"linkpath"] = linkname
+        ustar = _ustar_split(name) is not None
+    for key, text, limit in (
+        (b"linkpath", linkname, 100),
+        (b"uname", uname, 32),
+        (b"gname", gname, 32),
+    ):
+        if len(text) > limit or not text.isascii():
+            pax[key] = text
+            ustar = False
     for key, value, limit in (
         (b"uid", uid, 0o7777777),
         (b"gid", gid, 0o7777777),
@@ -2055,33 +1974,43 @@ def _tar_header(
     ):
         if not 0 <= value <= limit:
             pax[key] = b"%d" % value
+            ustar = False
     if xattrs:
         for attribute, content in xattrs.items():
             pax[b"SCHILY.xattr." + attribute] = content
+        ustar = False
 
     def field(value: int, limit: int) -> int:
         return value if 0 <= value <= limit else 0
 
-    header = _ustar_block(
-        split[0],
-        split[1],
+    numbers = (
         mode,
         field(uid, 0o7777777),
         field(gid, 0o7777777),
         field(size, 0o77777777777),
         field(mtime, 0o77777777777),
         typeflag,
-        linkname,
+    )
+    if ustar:
+        prefix, base = _ustar_split(name) or (b"", name)
+        return _ustar_block(
+            base, prefix, *numbers, linkname, devmajor, devminor, uname, gname
+        )
+    records = b"".join(_pax_record(k, v) for k, v in sorted(pax.items()))
+    header = _ustar_block(
+        _to_ascii(name),
+        b"",
+        *numbers,
+        _to_ascii(linkname),
         devmajor,
         devminor,
+        _fit(_to_ascii(uname), 32),
+        _fit(_to_ascii(gname), 32),
     )
-    if not pax:
-        return header
-    records = b"".join(_pax_record(k, v) for k, v in sorted(pax.items()))
-    directory, _, base = name.rstrip(b"/").rpartition(b"/")
-    pax_name = (directory + b"/" if directory else b"") + b"PaxHeaders.0/" + base
     return (
-        _ustar_block(pax_name[:100], b"", 0, 0, 0, len(records), 0, b"x")
+        _ustar_block(
+            _pax_header_name(name), b"", 0, 0, 0, len(records), 0, b"x", devices=False
+        )
         + records
         + bytes(-len(records) % _BLOCK)
         + header
@@ -2182,6 +2111,51 @@ def _xattr_value(target: int | bytes, key: str) -> bytes | None:
         raise
 
 
+class OwnerNames:
+    """
+    The user and group names a layer tar gives each file, as moby's does:
+    Go's C{tar.FileInfoHeader} names the file's owner on the host (its
+    uid and gid on disk, before any user namespace remapping) from the
+    host's user and group databases, and leaves a name empty when there is
+    none.  Lookups (NSS, possibly remote) are cached for one tar, where
+    thousands of files share a few owners; they block, like the rest of
+    tar production, in a backend thread.
+    """
+
+    def __init__(self) -> None:
+        self._users: dict[int, bytes] = {}
+        self._groups: dict[int, bytes] = {}
+
+    def user(self, uid: int) -> bytes:
+        """
+        The name of host user C{uid}, or C{b""}.
+        """
+        return self._name(self._users, uid, lambda: pwd.getpwuid(uid).pw_name)
+
+    def group(self, gid: int) -> bytes:
+        """
+        The name of host group C{gid}, or C{b""}.
+        """
+        return self._name(self._groups, gid, lambda: grp.getgrgid(gid).gr_name)
+
+    @staticmethod
+    def _name(cache: dict[int, bytes], number: int, lookup: Callable[[], str]) -> bytes:
+        name = cache.get(number)
+        if name is None:
+            try:
+                name = os.fsencode(lookup())
+            except (KeyError, OverflowError):
+                name = b""
+            cache[number] = name
+        return name
+
+    def of(self, st: os.stat_result) -> tuple[bytes, bytes]:
+        """
+        C{(uname, gname)} for a file's header, from its C{lstat}.
+        """
+        return self.user(st.st_uid), self.group(st.st_gid)
+
+
 class _Exporter:
     """
     Adds files to a tar the way moby's C{tarAppender} does.
@@ -2192,6 +2166,7 @@ class _Exporter:
         self.ids = ids
         self.overlay = overlay
         self.seen: dict[int, bytes] = {}
+        self.names = OwnerNames()
 
     def container_ids(self, st: os.stat_result, tarname: bytes) -> tuple[int, int]:
         """
@@ -2211,12 +2186,16 @@ class _Exporter:
         """
         mode = st.st_mode
         fmt = stat.S_IFMT(mode)
+        uname, gname = self.names.of(st)
         if self.overlay and fmt == stat.S_IFCHR and st.st_rdev == 0:
             directory, _, base = tarname.rpartition(b"/")
             wh = (directory + b"/" if directory else b"") + _WH_PREFIX + base
             # Whiteouts keep the owner the kernel gave them: no remapping.
             self.writer.write(
-                _tar_header(wh, 0o600, st.st_uid, st.st_gid, 0, st.st_mtime_ns // _NS, _REG)
+                _tar_header(
+                    wh, 0o600, st.st_uid, st.st_gid, 0, st.st_mtime_ns // _NS, _REG,
+                    uname=uname, gname=gname,
+                )
             )
             return
         if fmt == stat.S_IFSOCK:
@@ -2251,7 +2230,8 @@ class _Exporter:
                 xattrs, _ = _export_xattrs(xattr_target)
                 self.writer.write(
                     _tar_header(
-                        tarname, header_mode, uid, gid, 0, mtime, _LINK, first, xattrs=xattrs
+                        tarname, header_mode, uid, gid, 0, mtime, _LINK, first,
+                        devmajor, devminor, xattrs, uname=uname, gname=gname,
                     )
                 )
                 return
@@ -2282,6 +2262,7 @@ class _Exporter:
                     devmajor,
                     devminor,
                     xattrs,
+                    uname=uname, gname=gname,
                 )
             )
             if fd is not None:
@@ -2289,7 +2270,10 @@ class _Exporter:
             if opaque and self.overlay:
                 marker = tarname + _WH_OPAQUE
                 self.writer.write(
-                    _tar_header(marker, stat.S_IMODE(mode) & 0o777, uid, gid, 0, 0, _REG)
+                    _tar_header(
+                        marker, stat.S_IMODE(mode) & 0o777, uid, gid, 0, 0, _REG,
+                        uname=uname, gname=gname,
+                    )
                 )
         finally:
             if fd is not None:

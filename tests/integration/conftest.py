@@ -16,6 +16,7 @@ from typing import Any
 
 import images
 import pytest
+from containerd import Containerd, Registry
 from dockerd import Dockerd
 from txgraphd import Txgraphd
 
@@ -345,3 +346,35 @@ def node_gc(stack: Stack, *args: str) -> tuple[int, list[dict[str, Any]]]:
     )
     assert result.returncode in (0, 1), result.stdout + result.stderr
     return result.returncode, json.loads(result.stdout)["findings"]
+
+
+@pytest.fixture(scope="session")
+def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
+    """
+    One isolated containerd 1.6 for the whole session (its own config.toml,
+    root, state and sockets; no CRI).  Tests isolate themselves with
+    containerd namespaces.
+    """
+    if not os.access("/usr/bin/containerd", os.X_OK):
+        pytest.skip("containerd is not installed")
+    daemon = Containerd(tmp_path_factory.mktemp("containerd"))
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.cleanup()
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """
+    One local registry (Debian's docker-registry) on 127.0.0.1 for the session.
+    """
+    if not Registry.available():
+        pytest.skip("docker-registry is not installed")
+    server = Registry(tmp_path_factory.mktemp("registry"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()

@@ -10,11 +10,16 @@ with a running container.  Each test leaves the stack usable for the next.
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import io
 import json
+import os
+import pwd
 import signal
+import subprocess
 import tarfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -209,6 +214,185 @@ def test_save_is_byte_identical(stack: Stack, busybox_rootfs: Path, tmp_path: Pa
         data = tf.extractfile(layer).read()  # type: ignore[union-attr]
     expected = hashlib.sha256(busybox_rootfs.read_bytes()).hexdigest()
     assert hashlib.sha256(data).hexdigest() == expected
+
+
+#: The kernel's warning when a directory is both a lower directory of one
+#: overlay mount and the upper or work directory of another.
+IN_USE = "is in-use as upperdir/workdir of another mount"
+
+
+def _kernel_in_use_lines() -> int:
+    """
+    How many overlayfs "in-use" warnings the kernel log holds.
+    """
+    log = subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout
+    return sum(IN_USE in line for line in log.splitlines())
+
+
+def _stat_tree(stack: Stack, container: str, top: str) -> dict[str, tuple[str, ...]]:
+    """
+    What moby's differ compares for each path under C{top} in a running
+    container: raw mode, uid, gid, device numbers, mtime (s) and size.
+    """
+    out = stack.docker(
+        "exec", container, "find", top, "-exec", "stat", "-c", "%n|%f|%u|%g|%t:%T|%Y|%s", "{}", "+"
+    ).stdout
+    result = {}
+    for line in out.splitlines():
+        path, *fields = line.split("|")
+        result[path] = tuple(fields)
+    return result
+
+
+def _moby_diff(before: dict[str, tuple[str, ...]], after: dict[str, tuple[str, ...]]) -> list[str]:
+    """
+    The docker diff lines moby's overlay2 gives (its naive differ,
+    archive.ChangesDirs): a path is added or deleted, or changed when its
+    mode, owner or device differs, or for a non-directory its mtime or size
+    (never its link count or ctime); every directory above a change is
+    changed too.  Sorted by path.
+    """
+    kinds: dict[str, str] = {}
+    for path, new in after.items():
+        old = before.get(path)
+        is_dir = int(new[0], 16) & 0o170000 == 0o040000
+        if old is None:
+            kinds[path] = "A"
+        elif old[:4] != new[:4] or (not is_dir and old[4:] != new[4:]):
+            kinds[path] = "C"
+    for path in before:
+        if path not in after and os.path.dirname(path) in after:
+            kinds[path] = "D"
+    for path in list(kinds):
+        parent = os.path.dirname(path)
+        while parent != "/":
+            kinds.setdefault(parent, "C")
+            parent = os.path.dirname(parent)
+    return [f"{kind} {path}" for path, kind in sorted(kinds.items())]
+
+
+def test_docker_diff_as_moby_overlay2(stack: Stack, tmp_path: Path) -> None:
+    """
+    docker diff answers as moby's overlay2 does (naive ChangesDirs) in the
+    three cases where a reading of the overlay upper directory differs: a
+    hard link (its target is copied up, unchanged), a chmod deep down (the
+    directories above it are changed), a docker cp into a directory of a
+    running container (the directory is changed).  The expected lines are
+    derived from stats before and after by moby's rules.  Reading a
+    running container's layer makes the kernel warn about nothing.
+    """
+    docker = stack.docker
+    docker(
+        "run", "--name", "diffbase", "--network", "none", "busybox:local", "sh", "-c",
+        "mkdir -p /t/dir1 && echo h > /t/hard1 && echo b > /t/dir1/b && chown 1:2 /t/dir1/b",
+    )
+    docker("commit", "diffbase", "diffbase:1")
+    docker("rm", "diffbase")
+    source = tmp_path / "copied"
+    source.write_text("copied in\n")
+    cases = {
+        "ln": (lambda c: docker("exec", c, "ln", "/t/hard1", "/t/hard3"), "C /t/hard1", False),
+        "chmod": (lambda c: docker("exec", c, "chmod", "600", "/t/dir1/b"), "C /t/dir1", True),
+        "cp": (lambda c: docker("cp", str(source), f"{c}:/t/copied"), "C /t", True),
+    }
+    warnings = _kernel_in_use_lines()
+    for name, (change, line, reported) in cases.items():
+        container = f"diff-{name}"
+        docker("run", "-d", "--name", container, "--network", "none", "diffbase:1", "sleep", "300")
+        try:
+            before = _stat_tree(stack, container, "/t")
+            change(container)
+            after = _stat_tree(stack, container, "/t")
+            got = sorted((x for x in docker("diff", container).stdout.split("\n") if x), key=lambda x: x[2:])
+            assert got == _moby_diff(before, after), name
+            assert (line in got) == reported, (name, got)
+        finally:
+            docker("rm", "-f", container)
+    # Changes of a running container read it through its own mount.
+    assert _kernel_in_use_lines() == warnings
+
+
+def _image_layer_dirs(stack: Stack) -> list[Path]:
+    """
+    The diff directories of txgraph's image layers (overlay backend).
+    """
+    root = stack.txgraph.state_dir / "overlay"
+    return [root / r["id"] / "diff" for r in stack.layers() if r["kind"] == "ro"]
+
+
+def _overlay_xattrs(directory: Path) -> list[str]:
+    """
+    Every trusted.overlay.* attribute on anything below C{directory}.
+    """
+    found = []
+    for path in [directory, *directory.rglob("*")]:
+        for key in os.listxattr(path, follow_symlinks=False):
+            if key.startswith("trusted.overlay."):
+                found.append(f"{path}: {key}")
+    return found
+
+
+def test_concurrent_save_never_writes_image_layers(stack: Stack, tmp_path: Path) -> None:
+    """
+    Two concurrent docker save of an image while containers run from it
+    (and one more starts) mount its layers read-only: no trusted.overlay.*
+    attribute appears in any image layer, the kernel logs no overlayfs
+    "in-use" warning, both saves are identical, and nothing stays mounted.
+    """
+    docker = stack.docker
+    running = [f"saver-{i}" for i in range(2)]
+    for name in running:
+        docker("run", "-d", "--name", name, "--network", "none", "diffbase:1", "sleep", "300")
+    warnings = _kernel_in_use_lines()
+    try:
+        outputs = [tmp_path / f"save-{i}.tar" for i in range(2)]
+        commands = [("save", "-o", str(out), "diffbase:1") for out in outputs]
+        commands.append(("run", "--rm", "--network", "none", "diffbase:1", "true"))
+        errors: list[Exception] = []
+
+        def run(args: tuple[str, ...]) -> None:
+            try:
+                docker(*args)
+            except Exception as e:  # noqa: BLE001 - asserted in the test's own thread
+                errors.append(e)
+
+        jobs = [threading.Thread(target=run, args=(args,)) for args in commands]
+        for job in jobs:
+            job.start()
+        for job in jobs:
+            job.join()
+        assert errors == []
+        digests = {hashlib.sha256(out.read_bytes()).hexdigest() for out in outputs}
+        assert len(digests) == 1
+        if stack.backend == "overlay":
+            layers = _image_layer_dirs(stack)
+            assert len(layers) >= 2
+            assert [x for d in layers for x in _overlay_xattrs(d)] == []
+        assert _kernel_in_use_lines() == warnings
+    finally:
+        docker("rm", "-f", *running)
+    assert _stray_mounts(stack) == []
+
+
+def test_layer_tar_names_owners_from_the_host(stack: Stack, tmp_path: Path) -> None:
+    """
+    A committed layer's tar (its bytes are txgraph's Diff) names each
+    file's owner and group from the host's user and group databases, as
+    moby's archive package does: root's files root:root, /t/dir1/b (1:2)
+    the host's names for uid 1 and gid 2.
+    """
+    saved = tmp_path / "diffbase.tar"
+    stack.docker("save", "-o", str(saved), "diffbase:1")
+    with tarfile.open(saved) as tf:
+        manifest = json.load(tf.extractfile("manifest.json"))  # type: ignore[arg-type]
+        top = tf.extractfile(manifest[0]["Layers"][-1]).read()  # type: ignore[union-attr]
+    with tarfile.open(fileobj=io.BytesIO(top)) as layer:
+        owners = {m.name: (m.uid, m.gid, m.uname, m.gname) for m in layer.getmembers()}
+    assert owners["t/dir1/b"][:2] == (1, 2)
+    for uid, gid, uname, gname in owners.values():
+        assert (uname, gname) == (pwd.getpwuid(uid).pw_name, grp.getgrgid(gid).gr_name)
+    assert owners["t/hard1"][2:] == ("root", "root")
+    stack.docker("rmi", "diffbase:1")
 
 
 def test_rm_and_rmi(stack: Stack) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from txgraph import thin
+from txgraph import mounts, thin
 from txgraph.backends.overlay import OverlayBackend
 from txgraph.model import IDMap
 from txgraph.testing.conformance import Layers, make_backend_tests
@@ -75,5 +75,67 @@ def test_thin_image_layers_are_refused(tmp_path: Path) -> None:
         ordinary.seek(0)
         backend.apply(layers.infos[layer], ordinary, IDMap())
         assert sorted(os.listdir(backend.diff_dir(layer))) == [thin.DESCRIPTOR_PATH, "bin"]
+    finally:
+        layers.cleanup()
+
+
+def _layer_tar(files: dict[str, bytes]) -> io.BytesIO:
+    """
+    A layer tar holding C{files} (and their directories).
+    """
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(os.path.dirname(name))
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o755
+            tar.addfile(info)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out.seek(0)
+    return out
+
+
+def test_image_layers_are_never_an_upper_directory(tmp_path: Path) -> None:
+    """
+    With a container layer mounted read-write over an image, Gets of the
+    image's committed layers (docker save) and Changes of the container
+    leave no trusted.overlay.* attribute in the image layers, and mount
+    nothing with an image layer, or the container's diff, as an upper or
+    a lower directory of a second writable mount.
+    """
+    backend = OverlayBackend(str(tmp_path), {"mountopt": ""})
+    backend.start()
+    layers = Layers(backend)
+    try:
+        # Image layers are made as dockerd makes them: Create, ApplyDiff.
+        base = layers.create(readwrite=False)
+        backend.apply(layers.infos[base], _layer_tar({"etc/base": b"base"}), IDMap())
+        top = layers.create(base, readwrite=False)
+        backend.apply(layers.infos[top], _layer_tar({"etc/top": b"top"}), IDMap())
+        layers.commit(top)
+        container = layers.create(top)
+        root = layers.get(container)
+        with open(os.path.join(root, "etc", "base"), "ab") as f:
+            f.write(b" changed")
+        seen = [layers.get(base), layers.get(top)]
+        assert sorted(os.listdir(os.path.join(seen[1], "etc"))) == ["base", "top"]
+        changes = backend.changes(layers.infos[container], layers.chain(container), top)
+        assert [(c.path, c.kind.name) for c in changes] == [
+            ("/etc", "MODIFY"), ("/etc/base", "MODIFY"),
+        ]
+        options = [
+            e.options for e in mounts.mount_table()
+            if e.fstype == "overlay" and e.mountpoint.startswith(str(tmp_path))
+        ]
+        assert len(options) == 2 and sum("upperdir=" in o for o in options) == 1, options
+        for layer in (top, base):
+            layers.put(layer)
+        for layer in (base, top):
+            diff = Path(backend.diff_dir(layer))
+            for path in [diff, *diff.rglob("*")]:
+                assert [k for k in os.listxattr(path) if k.startswith("trusted.")] == []
+        layers.put(container)
     finally:
         layers.cleanup()

@@ -28,13 +28,14 @@ import pytest
 from txgraph.archive import (
     ApplyMode,
     ApplyStats,
+    _pax_record,
+    _tar_header,
     apply_layer,
     changes_dirs,
     changes_size,
     directory_size,
     export_changes,
     export_overlay,
-    overlay_changes,
 )
 from txgraph.errors import ArchiveError, BadRequest
 from txgraph.model import Change, ChangeKind, IDMap
@@ -777,43 +778,6 @@ TRACE_CHANGES = [
 ]
 
 
-def test_overlay_changes_trace(tmp_path: Path) -> None:
-    """The container of the trace (wrote /newfile and /etc/x/y, deleted /bin/ls) gives dockerd's exact list."""
-    lower, upper = tmp_path / "lower", tmp_path / "upper"
-    build_parent(lower)
-    (upper / "bin").mkdir(parents=True)
-    os.mknod(upper / "bin" / "ls", stat.S_IFCHR, 0)
-    (upper / "etc" / "x").mkdir(parents=True)
-    (upper / "etc" / "x" / "y").write_bytes(b"y")
-    (upper / "newfile").write_bytes(b"new")
-    # Copied-up directories identical to the lower ones: only the
-    # parent-of-a-change rule reports them.
-    for path in ("bin", "etc"):
-        os.utime(upper / path, ns=(T0 * 10**9, T0 * 10**9))
-    assert overlay_changes(str(upper), [str(lower)]) == TRACE_CHANGES
-
-
-def test_overlay_changes_modify_and_opaque(tmp_path: Path) -> None:
-    """Files present in a lower are modified, and an opaque directory is reported deleted as moby does."""
-    upper, near, far = tmp_path / "upper", tmp_path / "near", tmp_path / "far"
-    build_parent(far)
-    (near / "opt").mkdir(parents=True)
-    (near / "opt" / "o").write_bytes(b"o")
-    (upper / "etc").mkdir(parents=True)
-    (upper / "etc" / "passwd").write_bytes(b"changed")
-    (upper / "opt").mkdir()
-    os.setxattr(upper / "opt", "trusted.overlay.opaque", b"y")
-    (upper / "opt" / "n").write_bytes(b"n")
-    got = overlay_changes(str(upper), [str(near), str(far)])
-    assert got == [
-        Change("/etc", M),
-        Change("/etc/passwd", M),
-        Change("/opt", D),
-        Change("/opt/n", A),
-    ]
-    assert overlay_changes(str(tmp_path / "missing"), []) == []
-
-
 def make_child(parent: Path, child: Path) -> None:
     shutil.copytree(parent, child, symlinks=True)
     os.unlink(child / "bin" / "ls")
@@ -906,9 +870,6 @@ def test_walks_handle_paths_near_path_max(tmp_path: Path) -> None:
     apply(tar, full, ApplyMode.INPLACE)
     expected = [Change("/" + d, A) for d in dirs] + [Change("/" + name, A)]
     assert directory_size(str(upper)) == 1234
-    modified = [Change(c.path, M) for c in expected]
-    assert overlay_changes(str(upper), [str(tmp_path / "missing"), str(full)]) == modified
-    assert overlay_changes(str(upper), []) == expected
     changes = changes_dirs(str(full), None)
     assert changes == expected
     assert changes_size(str(full), changes) == 1234
@@ -926,7 +887,6 @@ def test_walks_never_follow_a_symlinked_directory(tmp_path: Path) -> None:
     assert directory_size(str(root)) == len(str(outside))
     assert changes_size(str(root), [Change("/link/d/big", A)]) == 0
     assert changes_dirs(str(root), None) == [Change("/link", A)]
-    assert overlay_changes(str(root), []) == [Change("/link", A)]
 
 
 def test_diff_size_rules_agree(tmp_path: Path) -> None:
@@ -1050,6 +1010,147 @@ def test_export_walk_order_and_hardlinks(tmp_path: Path) -> None:
     tar = members(export(export_overlay, str(root)))
     assert [m.name for m in tar] == ["a", "a/c", "a-b", "b"]
     assert tar[3].type == tarfile.LNKTYPE and tar[3].linkname == "a-b" and tar[3].size == 0
+
+
+# -- tar headers as Go writes moby's ----------------------------------------------------------
+
+
+def go_block(fields: dict[str, bytes]) -> bytes:
+    """
+    A 512-byte header laid out by hand from the ustar spec, the way Go's
+    writer fills it (numbers in octal with a NUL, strings NUL-padded), with
+    its checksum: the reference the writer's bytes are compared with.
+    """
+    layout = [("name", 100), ("mode", 8), ("uid", 8), ("gid", 8), ("size", 12), ("mtime", 12),
+              ("chksum", 8), ("type", 1), ("linkname", 100), ("magic", 8), ("uname", 32),
+              ("gname", 32), ("devmajor", 8), ("devminor", 8), ("prefix", 155), ("pad", 12)]
+    block = bytearray()
+    for key, size in layout:
+        value = b" " * 8 if key == "chksum" else fields.get(key, b"")
+        assert len(value) <= size
+        block += value + bytes(size - len(value))
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def go_octal(value: int, size: int) -> bytes:
+    return b"%0*o\0" % (size - 1, value)
+
+
+def test_header_ustar_bytes() -> None:
+    """A plain file's header is Go's ustar block: type bits in the mode, owner names, devices in octal."""
+    got = _tar_header(b"t/dir1/b", 0o104755, 1, 2, 5, T0, b"0", uname=b"daemon", gname=b"bin")
+    assert got == go_block({
+        "name": b"t/dir1/b", "mode": go_octal(0o104755, 8), "uid": go_octal(1, 8),
+        "gid": go_octal(2, 8), "size": go_octal(5, 12), "mtime": go_octal(T0, 12),
+        "type": b"0", "magic": b"ustar\x0000", "uname": b"daemon", "gname": b"bin",
+        "devmajor": go_octal(0, 8), "devminor": go_octal(0, 8),
+    })
+
+
+def test_header_long_names() -> None:
+    """A long name splits into prefix and name (a directory's trailing slash stays with its last component); an unsplittable one takes a PAX path record."""
+    directory = b"p" * 120 + b"/" + b"q" * 30 + b"/"
+    got = _tar_header(directory, 0o40755, 0, 0, 0, T0, b"5", uname=b"root", gname=b"root")
+    assert got[345:345 + 155].rstrip(b"\0") == b"p" * 120
+    assert got[:100].rstrip(b"\0") == b"q" * 30 + b"/"
+    assert len(got) == 512
+    long = b"t/" + b"p" * 150 + b"/" + b"q" * 150
+    got = _tar_header(long, 0o40755, 0, 0, 0, T0, b"5")
+    [member] = members(got + bytes(1024))
+    assert member.name == long.decode() and len(got) == 3 * 512
+
+
+def test_header_pax_as_go_writes_it() -> None:
+    """With PAX records the extended header is Go's: named dir/PaxHeaders.0/file (a directory's own name for one), zero fields and no device numbers; the main header holds the ASCII of each value, no prefix."""
+    directory = b"a" * 120 + b"/"
+    xattrs = {b"user.k": b"v"}
+    got = _tar_header(directory, 0o40755, 0, 0, 0, T0, b"5", xattrs=xattrs, uname=b"r\xc3\xb6ot", gname=b"root")
+    records = b"".join(_pax_record(k, v) for k, v in [
+        (b"SCHILY.xattr.user.k", b"v"), (b"path", directory), (b"uname", b"r\xc3\xb6ot"),
+    ])
+    assert got[:512] == go_block({
+        "name": (b"a" * 120 + b"/PaxHeaders.0")[:100], "mode": go_octal(0, 8),
+        "uid": go_octal(0, 8), "gid": go_octal(0, 8), "size": go_octal(len(records), 12),
+        "mtime": go_octal(0, 12), "type": b"x", "magic": b"ustar\x0000",
+    })
+    assert got[512:512 + len(records)] == records
+    main = got[-512:]
+    assert main == go_block({
+        "name": b"a" * 100, "mode": go_octal(0o40755, 8), "uid": go_octal(0, 8),
+        "gid": go_octal(0, 8), "size": go_octal(0, 12), "mtime": go_octal(T0, 12),
+        "type": b"5", "magic": b"ustar\x0000", "uname": b"rot", "gname": b"root",
+        "devmajor": go_octal(0, 8), "devminor": go_octal(0, 8),
+    })
+    [member] = members(got + bytes(1024))
+    assert member.name == directory.decode().rstrip("/") and member.uname == "r\u00f6ot"
+
+
+def test_export_owner_names_from_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exported entries carry the host's names for their owners (empty for an unknown id), whiteouts and opaque markers too; each id is looked up once per tar."""
+    import grp
+    import pwd
+
+    root = tmp_path / "upper"
+    (root / "opaque").mkdir(parents=True)
+    os.setxattr(root / "opaque", "trusted.overlay.opaque", b"y")
+    for i in range(50):
+        (root / f"f{i}").write_bytes(b"x")
+        os.chown(root / f"f{i}", 1, 2)
+    (root / "nobody-known").write_bytes(b"")
+    os.chown(root / "nobody-known", 4_000_000, 4_000_001)
+    os.mknod(root / "gone", stat.S_IFCHR, 0)
+    calls: list[int] = []
+    real = pwd.getpwuid
+
+    def counting(uid: int) -> Any:
+        calls.append(uid)
+        return real(uid)
+
+    monkeypatch.setattr(pwd, "getpwuid", counting)
+    got = {m.name: (m.uname, m.gname) for m in members(export(export_overlay, str(root)))}
+
+    def names(uid: int, gid: int) -> tuple[str, str]:
+        try:
+            user = real(uid).pw_name
+        except KeyError:
+            user = ""
+        try:
+            group = grp.getgrgid(gid).gr_name
+        except KeyError:
+            group = ""
+        return user, group
+
+    assert got["f7"] == names(1, 2) and got["f7"][0]
+    assert got["opaque"] == got["opaque/.wh..wh..opq"] == got[".wh.gone"] == names(0, 0)
+    assert got["nobody-known"] == names(4_000_000, 4_000_001) == ("", "")
+    assert sorted(calls) == [0, 1, 4_000_000]
+
+
+def test_changes_a_hard_link_does_not_change_its_target(tmp_path: Path) -> None:
+    """After ln hard1 hard3 only the new name is added (nlink and ctime are not compared): moby's naive differ."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    (old / "t").mkdir(parents=True)
+    (old / "t" / "hard1").write_bytes(b"h")
+    shutil.copytree(old, new, symlinks=True)
+    os.link(new / "t" / "hard1", new / "t" / "hard3")
+    assert changes_dirs(str(new), str(old)) == [Change("/t", M), Change("/t/hard3", A)]
+
+
+def test_changes_report_every_directory_above_a_change(tmp_path: Path) -> None:
+    """A chmod deep down reports each directory above it modified, and a file added to a directory reports the directory."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    (old / "t" / "dir1").mkdir(parents=True)
+    (old / "t" / "dir1" / "b").write_bytes(b"b")
+    shutil.copytree(old, new, symlinks=True)
+    os.chmod(new / "t" / "dir1" / "b", 0o600)
+    assert changes_dirs(str(new), str(old)) == [
+        Change("/t", M), Change("/t/dir1", M), Change("/t/dir1/b", M),
+    ]
+    shutil.rmtree(new)
+    shutil.copytree(old, new, symlinks=True)
+    (new / "t" / "copied").write_bytes(b"c")
+    assert changes_dirs(str(new), str(old)) == [Change("/t", M), Change("/t/copied", A)]
 
 
 # -- attacks ---------------------------------------------------------------------------------

@@ -52,6 +52,10 @@ class LayerInfo:
     @ivar storage_opt: CreateReadWrite's StorageOpt (e.g. C{size}).
     @ivar root_ids: the host uid and gid of the container's root
         (userns-remap), to own the layer's root directory.
+    @ivar committed: whether the layer is immutable (it has been through
+        ApplyDiff, or a child was made from it).  C{mount} then mounts it
+        read-only: an image layer is never written through a Get, and its
+        directory is never an overlay upper directory.
     """
 
     id: str
@@ -60,6 +64,7 @@ class LayerInfo:
     mapping: dict[str, Any] | None = None
     storage_opt: dict[str, str] = field(default_factory=dict)
     root_ids: tuple[int, int] = (0, 0)
+    committed: bool = False
 
 
 @dataclass(frozen=True)
@@ -262,7 +267,8 @@ class Backend(abc.ABC):
     def mount(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
         """
         Mount the layer (over its ancestors C{chain}, nearest first) and
-        return the directory dockerd will use.
+        return the directory dockerd will use: read-write while the layer
+        is not committed, read-only once it is (C{layer.committed}).
         """
 
     @abc.abstractmethod

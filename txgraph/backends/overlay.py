@@ -9,10 +9,13 @@ Layout, under C{<state-dir>/overlay/}::
   <id>/merged   where the layer is mounted over its ancestors' diff dirs
   .tmp/         layers being made or removed, and temporary views
 
-A layer without a parent needs no mount: Get returns its diff directory.
-Diff, Changes and DiffSize against the layer's own parent read the diff
-directory directly (moby overlay2's native diff); against any other parent
-they compare two read-only views (moby's naive diff).
+A layer without a parent needs no mount while it is written: Get returns
+its diff directory.  A committed layer is mounted read-only (an overlay of
+lower directories only, or a read-only bind of a lone layer), so an image
+layer's directory is never an overlay upper directory.  Diff and DiffSize
+against the layer's own parent read the diff directory directly (moby
+overlay2's native diff); against any other parent, and Changes always,
+compare two read-only trees (moby's naive diff).
 
 Chains up to 128 layers deep fit mount(2)'s one-page option limit: when the
 absolute lower paths are too long, they are passed as short
@@ -246,8 +249,11 @@ class OverlayBackend(Backend):
     def mount(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
         """
         Mount the layer's diff over its ancestors'; a layer without a parent
-        is its own diff directory.
+        is its own diff directory.  A committed layer is mounted read-only
+        (L{_mount_readonly}).
         """
+        if layer.committed:
+            return self._mount_readonly(layer, chain)
         if not chain:
             return self.diff_dir(layer.id)
         merged = self._merged(layer.id)
@@ -259,11 +265,45 @@ class OverlayBackend(Backend):
         )
         return merged
 
+    def _mount_readonly(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
+        """
+        Mount a committed layer at its merged directory without ever making
+        its diff directory an overlay upper directory (which would write
+        C{trusted.overlay.*} attributes into an image layer, and make the
+        kernel warn that a lower directory of every container running from
+        the image is in use as an upper one): an overlay of lower
+        directories only, the layer's own diff first, as moby's overlay2
+        mounts a committed layer.  overlayfs needs two lower directories
+        when it has no upper one, so a layer without a parent is a
+        read-only bind mount of its diff directory instead.
+        """
+        merged = self._merged(layer.id)
+        diff = self.diff_dir(layer.id)
+        if chain:
+            self._mount_overlay(
+                [diff] + [self.diff_dir(a.id) for a in chain], merged, upper=None, work=None
+            )
+            return merged
+        try:
+            mounts.mount(diff, merged, "none", mounts.MS_BIND)
+        except OSError as e:
+            raise BackendError(f"bind mount of {diff} at {merged} failed: {e.strerror}") from None
+        try:
+            mounts.mount(
+                "none", merged, "none", mounts.MS_BIND | mounts.MS_REMOUNT | mounts.MS_RDONLY
+            )
+        except OSError as e:
+            mounts.unmount(merged)
+            raise BackendError(f"read-only remount of {merged} failed: {e.strerror}") from None
+        return merged
+
     def _mount_overlay(
         self, lowers: list[str], target: str, upper: str | None, work: str | None
     ) -> None:
         extra = self.config.get("mountopt") or ""
         tail = f",upperdir={upper},workdir={work}" if upper else ""
+        # Without an upper directory overlayfs is read-only anyway; say so.
+        flags = 0 if upper else mounts.MS_RDONLY
         if extra:
             tail += "," + extra
         data = f"lowerdir={':'.join(lowers)}{tail}"
@@ -281,7 +321,7 @@ class OverlayBackend(Backend):
                         f"({len(lowers)} layers)"
                     )
             try:
-                mounts.mount("overlay", target, "overlay", 0, data)
+                mounts.mount("overlay", target, "overlay", flags, data)
             except OSError as e:
                 raise BackendError(
                     f"mount overlay for layer at {target} failed: {e.strerror}"
@@ -292,17 +332,16 @@ class OverlayBackend(Backend):
 
     def unmount(self, layer: LayerInfo) -> None:
         """
-        Unmount the layer's merged directory (if it has one).
+        Unmount the layer's merged directory if something is mounted there
+        (a layer without a parent has a mount only if it was committed when
+        it was mounted).
         """
-        if layer.parent is not None:
-            mounts.unmount(self._merged(layer.id))
+        mounts.unmount(self._merged(layer.id))
 
     def ensure_mounted(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
         """
         Mount the layer again if its mount is gone.
         """
-        if not chain:
-            return self.diff_dir(layer.id)
         merged = self._merged(layer.id)
         if mounts.is_mountpoint(merged):
             return merged
@@ -344,10 +383,19 @@ class OverlayBackend(Backend):
         """
         Read-only views of the layer and of C{parent}'s whole tree, for
         naive diffs (they do not disturb a mount of the layer itself).
+        A layer that is mounted (a running container's) is read through
+        that mount, as moby's naive differ reads it through Get: its diff
+        directory is then an overlay upper directory, and the kernel warns
+        about any other mount that has it as a lower one.  The read holds
+        the layer's lock, so no Put unmounts it meanwhile.
         """
         with contextlib.ExitStack() as stack:
-            lowers = [self.diff_dir(layer.id)] + [self.diff_dir(a.id) for a in chain]
-            new = stack.enter_context(self._view(lowers))
+            merged = self._merged(layer.id)
+            if mounts.is_mountpoint(merged):
+                new = merged
+            else:
+                lowers = [self.diff_dir(layer.id)] + [self.diff_dir(a.id) for a in chain]
+                new = stack.enter_context(self._view(lowers))
             old = None
             if parent is not None:
                 ids = [a.id for a in chain]
@@ -398,12 +446,13 @@ class OverlayBackend(Backend):
         self, layer: LayerInfo, chain: list[LayerInfo], parent: str | None
     ) -> list[Change]:
         """
-        Changes as moby's overlay2 (native) or naive differ compute them.
+        Changes as moby's overlay2 computes them: with its naive differ
+        (C{ChangesDirs} of the two mounted trees), whatever the kernel and
+        the parent, since moby 18.06 (moby PR 37313); only Diff and
+        DiffSize read the diff directory itself.  A file copied up without
+        a change (by C{ln}, say) is thus not reported, and a directory with
+        a change inside it is.
         """
-        if self._native(layer, parent):
-            return archive.overlay_changes(
-                self.diff_dir(layer.id), [self.diff_dir(a.id) for a in chain]
-            )
         with self._views(layer, chain, parent) as (new, old):
             return archive.changes_dirs(new, old)
 

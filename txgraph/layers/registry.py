@@ -134,6 +134,7 @@ class LayerRegistry:
             mapping=row.mapping,
             storage_opt=dict(row.storage_opt),
             root_ids=self.id_map.to_host(0, 0),
+            committed=row.committed,
         )
 
     def forget(self, layer_id: str) -> None:

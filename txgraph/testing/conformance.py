@@ -17,6 +17,7 @@ calls are idempotent, as crash recovery needs.  They need root (mounts).
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import stat
@@ -68,13 +69,23 @@ class Layers:
         read-write device is never snapshotted).
         """
         if parent is not None:
-            if self.infos[parent].mapping is not None:
-                self.backend.unmap(self.infos[parent])
-                self.infos[parent] = replace(self.infos[parent], mapping=None)
-            self.backend.commit(self.infos[parent])
+            self.commit(parent)
         layer_id = new_id()
         self.prepare(LayerInfo(id=layer_id, parent=parent, readwrite=readwrite))
         return layer_id
+
+    def commit(self, layer_id: str) -> None:
+        """
+        Commit a layer (unmapped first: a read-write device is never
+        snapshotted), as the machine does before its first child or after
+        an ApplyDiff; its later mounts are read-only.
+        """
+        info = self.infos[layer_id]
+        if info.mapping is not None:
+            self.backend.unmap(info)
+            info = replace(info, mapping=None)
+        self.backend.commit(info)
+        self.infos[layer_id] = replace(info, committed=True)
 
     def prepare(self, info: LayerInfo) -> None:
         """
@@ -297,6 +308,7 @@ def make_backend_tests(factory: Callable[[str], Backend]) -> type:
             copy = layers.create(base, readwrite=False)
             out.seek(0)
             applied = layers.backend.apply(layers.infos[copy], out, IDENTITY)
+            layers.commit(copy)
             assert applied == size
             assert applied == layers.backend.diff_size(
                 layers.infos[copy], layers.chain(copy), base
@@ -309,6 +321,33 @@ def make_backend_tests(factory: Callable[[str], Backend]) -> type:
             assert {k: v[3] for k, v in actual.items()} == {
                 k: v[3] for k, v in expected.items()
             }
+
+        def test_committed_layer_mounts_read_only(self, layers: Layers) -> None:
+            """
+            A committed layer (an image layer: dockerd Gets it for docker
+            save) mounts read-only, with or without a parent, and shows its
+            whole tree; before it is committed, a layer made with Create
+            (not CreateReadWrite) is written through its mount, as moby's
+            graphtest and BuildKit do.
+            """
+            base = layers.create(readwrite=False)
+            layers.write(base, {"base-file": b"from the base"})
+            child = layers.create(base, readwrite=False)
+            layers.write(child, {"child-file": b"from the child"})
+            layers.commit(child)
+            for layer, names in ((base, ["base-file"]), (child, ["base-file", "child-file"])):
+                root = layers.get(layer)
+                try:
+                    assert sorted(n for n in os.listdir(root) if n != "lost+found") == names
+                    with pytest.raises(OSError) as raised:
+                        open(os.path.join(root, "new-file"), "wb").close()
+                    assert raised.value.errno == errno.EROFS
+                    with pytest.raises(OSError) as raised:
+                        os.chmod(os.path.join(root, "base-file"), 0o600)
+                    assert raised.value.errno == errno.EROFS
+                finally:
+                    layers.put(layer)
+            assert layers.backend.unmount(layers.infos[child]) is None
 
         def test_apply_is_idempotent(self, layers: Layers) -> None:
             """
