@@ -4,10 +4,16 @@ embedded default that needs nothing else installed or running.
 
 Layout, under C{<state-dir>/overlay/}::
 
-  <id>/diff     the layer's own files (an overlay upper directory)
-  <id>/work     overlayfs's work directory
-  <id>/merged   where the layer is mounted over its ancestors' diff dirs
-  .tmp/         layers being made or removed, and temporary views
+  <key>/diff     the layer's own files (an overlay upper directory)
+  <key>/work     overlayfs's work directory
+  <key>/merged   where the layer is mounted over its ancestors' diff dirs
+  <key>/layer-id the layer's ID, when the key is hashed
+  .tmp/          layers being made or removed, and temporary views
+
+A layer's key (L{txgraph.backends.layer_key}) is its ID when that is
+plain (every ID dockerd and BuildKit make), else C{x.} and the ID's
+SHA-256: so no ID, whatever it holds (C{:} and C{,} split overlayfs's
+options), reaches a mount option, and none can be C{.tmp}.
 
 A layer without a parent needs no mount: Get returns its diff directory.
 Diff, Changes and DiffSize against the layer's own parent read the diff
@@ -23,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -32,20 +37,32 @@ from typing import Any, BinaryIO
 from txgraph import archive, mounts, thin
 from txgraph.archive import ApplyMode, Change, IDMap
 from txgraph.backends import (
+    HASHED_KEY,
     Backend,
     BackendOption,
     LayerInfo,
     LayerView,
     Orphan,
+    is_plain_key,
+    layer_key,
     set_traverse,
 )
 from txgraph.errors import BackendError, BadRequest, ConfigurationError
 from txgraph.thin import ThinDescriptorError
 
-_ID = re.compile(r"[0-9a-f]{64}(?:-init)?")
+#: The file of a hashed layer directory that holds the layer's ID.
+ID_FILE = "layer-id"
 
 #: Options that name layer directories: txgraph sets those itself.
 _DIRECTORY_OPTIONS = ("lowerdir", "lowerdir+", "upperdir", "workdir", "datadir+")
+
+
+def _option_path(path: str) -> str:
+    """
+    A path as an overlayfs option value: overlayfs splits its options on
+    C{,} and C{lowerdir} on C{:}, and takes a backslash as an escape.
+    """
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
 
 
 def _mount_options(value: str) -> str:
@@ -79,16 +96,31 @@ class OverlayBackend(Backend):
     # -- paths -----------------------------------------------------------
 
     def _dir(self, layer_id: str) -> str:
-        return os.path.join(self.root, layer_id)
+        return os.path.join(self.root, layer_key(layer_id))
 
     def diff_dir(self, layer_id: str) -> str:
         """
         The layer's own files.
         """
-        return os.path.join(self.root, layer_id, "diff")
+        return os.path.join(self._dir(layer_id), "diff")
 
     def _merged(self, layer_id: str) -> str:
-        return os.path.join(self.root, layer_id, "merged")
+        return os.path.join(self._dir(layer_id), "merged")
+
+    def _layer_of(self, name: str) -> str | None:
+        """
+        The ID of the layer whose directory is C{name}, or None if C{name}
+        is no layer's directory.
+        """
+        if is_plain_key(name):
+            return name
+        if name.startswith(HASHED_KEY):
+            try:
+                with open(os.path.join(self.root, name, ID_FILE), encoding="utf-8") as f:
+                    return f.read()
+            except (OSError, UnicodeDecodeError):
+                return None
+        return None
 
     # -- set-up ------------------------------------------------------------
 
@@ -142,9 +174,12 @@ class OverlayBackend(Backend):
         target = self._dir(layer.id)
         if os.path.lexists(target):
             self._destroy(layer.id)
-        staging = tempfile.mkdtemp(prefix=f"{layer.id}-", dir=self._tmp)
+        staging = tempfile.mkdtemp(prefix=f"{layer_key(layer.id)}-", dir=self._tmp)
         try:
             os.chmod(staging, 0o700)
+            if not is_plain_key(os.path.basename(target)):
+                with open(os.path.join(staging, ID_FILE), "w", encoding="utf-8") as f:
+                    f.write(layer.id)
             os.mkdir(os.path.join(staging, "diff"), 0o755)
             os.chmod(os.path.join(staging, "diff"), 0o755)
             os.chown(os.path.join(staging, "diff"), *layer.root_ids)
@@ -174,7 +209,7 @@ class OverlayBackend(Backend):
             mounts.unmount(point)
         if not os.path.lexists(target):
             return
-        doomed = tempfile.mkdtemp(prefix=f"{layer_id}-removing-", dir=self._tmp)
+        doomed = tempfile.mkdtemp(prefix=f"{layer_key(layer_id)}-removing-", dir=self._tmp)
         os.rename(target, os.path.join(doomed, "layer"))
         shutil.rmtree(doomed)
 
@@ -202,7 +237,8 @@ class OverlayBackend(Backend):
         """
         Every layer directory.
         """
-        return sorted(n for n in os.listdir(self.root) if _ID.fullmatch(n))
+        found = (self._layer_of(n) for n in os.listdir(self.root))
+        return sorted(i for i in found if i is not None)
 
     def orphans(self, layers: dict[str, LayerView]) -> list[Orphan]:
         """
@@ -216,8 +252,15 @@ class OverlayBackend(Backend):
             if point not in held
         ]
         for name in sorted(os.listdir(self.root)):
-            if _ID.fullmatch(name) and name not in layers:
-                found.append(Orphan("object", name, f"layer directory {self._dir(name)} has no layer row"))
+            layer_id = self._layer_of(name)
+            if layer_id is not None and layer_id not in layers:
+                found.append(
+                    Orphan(
+                        "object",
+                        layer_id,
+                        f"layer directory {os.path.join(self.root, name)} has no layer row",
+                    )
+                )
         for name in sorted(os.listdir(self._tmp)):
             found.append(
                 Orphan("object", f".tmp/{name}", f"leftover {os.path.join(self._tmp, name)}")
@@ -235,7 +278,7 @@ class OverlayBackend(Backend):
             for point in mounts.mounted_under(path):
                 mounts.unmount(point)
             shutil.rmtree(path, ignore_errors=True)
-        elif orphan.kind == "object" and _ID.fullmatch(orphan.id):
+        elif orphan.kind == "object":
             self._destroy(orphan.id)
         else:
             super().repair(orphan)
@@ -262,18 +305,27 @@ class OverlayBackend(Backend):
         self, lowers: list[str], target: str, upper: str | None, work: str | None
     ) -> None:
         extra = self.config.get("mountopt") or ""
-        tail = f",upperdir={upper},workdir={work}" if upper else ""
-        if extra:
-            tail += "," + extra
-        data = f"lowerdir={':'.join(lowers)}{tail}"
         fds: list[int] = []
+
+        def options(lower_paths: list[str], upper: str | None, work: str | None) -> str:
+            data = "lowerdir=" + ":".join(_option_path(p) for p in lower_paths)
+            if upper is not None and work is not None:
+                data += f",upperdir={_option_path(upper)},workdir={_option_path(work)}"
+            return data + ("," + extra if extra else "")
+
+        def by_fd(path: str) -> str:
+            fds.append(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+            return f"/proc/self/fd/{fds[-1]}"
+
         try:
+            data = options(lowers, upper, work)
             if len(data) >= mounts.PAGE_SIZE - 1:
-                # Too long for one page: name each lower by a short fd path.
-                for lower in lowers:
-                    fds.append(os.open(lower, os.O_PATH | os.O_DIRECTORY))
-                short = ":".join(f"/proc/self/fd/{fd}" for fd in fds)
-                data = f"lowerdir={short}{tail}"
+                # Too long for one page: name each lower by a short fd path
+                # (128 of them fit), then the upper and work directories too.
+                short = [by_fd(lower) for lower in lowers]
+                data = options(short, upper, work)
+                if len(data) >= mounts.PAGE_SIZE - 1 and upper is not None and work is not None:
+                    data = options(short, by_fd(upper), by_fd(work))
                 if len(data) >= mounts.PAGE_SIZE - 1:
                     raise BackendError(
                         f"overlay mount options for {target} do not fit one page "
