@@ -10,6 +10,17 @@ Layout, under C{<state-dir>/overlay/}::
   <key>/layer-id the layer's ID, when the key is hashed
   .tmp/          layers being made or removed, and temporary views
 
+A read-write layer created with the C{size} storage option (C{docker run
+--storage-opt size=...}) keeps its upper and work directories on an ext4
+filesystem of that size of its own, in the sparse file C{<key>/quota.img}:
+C{<key>/fs/diff} and C{<key>/fs/work}, with the filesystem loop-mounted at
+C{<key>/fs} while the layer is mounted (from its first Get to its last
+Put) or read (Diff, Changes, DiffSize, ApplyDiff, or as a child's lower,
+while the child is mounted: overlayfs holds its own reference, so the
+mount point goes when the mount is made).  A write past the size fails
+with ENOSPC, on any kernel with loop devices and ext4, without disk
+quotas.
+
 A layer's key (L{txgraph.backends.layer_key}) is its ID when that is
 plain (every ID dockerd and BuildKit make), else C{x.} and the ID's
 SHA-256: so no ID, whatever it holds (C{:} and C{,} split overlayfs's
@@ -28,11 +39,16 @@ C{/proc/self/fd/N} paths of directories opened for the mount.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
+import subprocess
 import tempfile
-from collections.abc import Iterator
-from typing import Any, BinaryIO
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, BinaryIO, TypeVar, cast
+
+from twisted.logger import Logger
 
 from txgraph import archive, mounts, thin
 from txgraph.archive import ApplyMode, Change, IDMap
@@ -45,6 +61,7 @@ from txgraph.backends import (
     Orphan,
     is_plain_key,
     layer_key,
+    parse_size,
     set_traverse,
 )
 from txgraph.errors import BackendError, BadRequest, ConfigurationError
@@ -52,6 +69,17 @@ from txgraph.thin import ThinDescriptorError
 
 #: The file of a hashed layer directory that holds the layer's ID.
 ID_FILE = "layer-id"
+#: A sized layer's filesystem image, and where it is mounted.
+QUOTA_IMAGE = "quota.img"
+QUOTA_FS = "fs"
+QUOTA_FSTYPE = "ext4"
+#: moby's quota.ErrQuotaNotSupported, word for word: what a size that
+#: cannot be honoured is answered with (graphtest and dockerd know it).
+QUOTA_NOT_SUPPORTED = "Filesystem does not support, or has not enabled quotas"
+#: moby overlay2's answer to a size on an image layer, word for word.
+SIZE_ON_IMAGE_LAYER = "--storage-opt size is only supported for ReadWrite Layers"
+
+log = Logger()
 
 #: Options that name layer directories: txgraph sets those itself.
 _DIRECTORY_OPTIONS = ("lowerdir", "lowerdir+", "upperdir", "workdir", "datadir+")
@@ -73,6 +101,37 @@ def _mount_options(value: str) -> str:
     return value
 
 
+def _make_upper(root: str, owner: tuple[int, int]) -> None:
+    """
+    A layer's empty C{diff} (0755, owned by the container's root) and
+    C{work} directories in C{root}.
+    """
+    diff = os.path.join(root, "diff")
+    os.makedirs(diff, 0o755, exist_ok=True)
+    os.chmod(diff, 0o755)
+    os.chown(diff, *owner)
+    os.makedirs(os.path.join(root, "work"), 0o700, exist_ok=True)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _with_filesystems(method: F) -> F:
+    """
+    A method of (layer, chain, ...), or of (layer, ...), that reads or
+    writes diff directories: the sized layers among them have their
+    filesystems mounted while it runs.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: OverlayBackend, layer: LayerInfo, *args: Any) -> Any:
+        chain = args[0] if args and isinstance(args[0], list) else []
+        with self._using([layer.id, *(a.id for a in chain)]):
+            return method(self, layer, *args)
+
+    return cast(F, wrapper)
+
+
 class OverlayBackend(Backend):
     """
     Layers as overlayfs directories.
@@ -92,17 +151,35 @@ class OverlayBackend(Backend):
         super().__init__(state_dir, options)
         self.root = os.path.join(state_dir, "overlay")
         self._tmp = os.path.join(self.root, ".tmp")
+        # Sized layers' filesystems: the users of each mount (by key), and
+        # the layers whose own mount holds theirs.
+        self._fs_lock = threading.Lock()
+        self._fs_users: dict[str, int] = {}
+        self._fs_held: set[str] = set()
 
     # -- paths -----------------------------------------------------------
 
     def _dir(self, layer_id: str) -> str:
         return os.path.join(self.root, layer_key(layer_id))
 
+    def _sized(self, layer_id: str) -> bool:
+        """
+        Whether the layer has a filesystem of its own (the C{size} option).
+        """
+        return os.path.exists(os.path.join(self._dir(layer_id), QUOTA_IMAGE))
+
+    def _upper_root(self, layer_id: str) -> str:
+        """
+        Where the layer's diff and work directories are.
+        """
+        base = self._dir(layer_id)
+        return os.path.join(base, QUOTA_FS) if self._sized(layer_id) else base
+
     def diff_dir(self, layer_id: str) -> str:
         """
         The layer's own files.
         """
-        return os.path.join(self._dir(layer_id), "diff")
+        return os.path.join(self._upper_root(layer_id), "diff")
 
     def _merged(self, layer_id: str) -> str:
         return os.path.join(self._dir(layer_id), "merged")
@@ -164,13 +241,11 @@ class OverlayBackend(Backend):
 
     def prepare(self, layer: LayerInfo) -> None:
         """
-        Make C{<id>/{diff,work,merged}} atomically (made in .tmp, renamed).
+        Make C{<key>/{diff,work,merged}} atomically (made in .tmp, renamed);
+        with a C{size}, the diff and work directories are made in a new
+        filesystem of that size (C{quota.img}).
         """
-        if layer.storage_opt:
-            raise ConfigurationError(
-                f"storage option(s) {', '.join(sorted(layer.storage_opt))} are not "
-                "supported by the overlay backend"
-            )
+        size = self._requested_size(layer)
         target = self._dir(layer.id)
         if os.path.lexists(target):
             self._destroy(layer.id)
@@ -180,16 +255,120 @@ class OverlayBackend(Backend):
             if not is_plain_key(os.path.basename(target)):
                 with open(os.path.join(staging, ID_FILE), "w", encoding="utf-8") as f:
                     f.write(layer.id)
-            os.mkdir(os.path.join(staging, "diff"), 0o755)
-            os.chmod(os.path.join(staging, "diff"), 0o755)
-            os.chown(os.path.join(staging, "diff"), *layer.root_ids)
-            os.mkdir(os.path.join(staging, "work"), 0o700)
             os.mkdir(os.path.join(staging, "merged"), 0o700)
+            if size is None:
+                _make_upper(staging, layer.root_ids)
+            else:
+                self._make_sized(staging, size, layer)
             set_traverse(staging, self.traverse_gid)
             os.rename(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+    def _requested_size(self, layer: LayerInfo) -> int | None:
+        """
+        The C{size} storage option in bytes, or None; refuses other options
+        and a size on an image layer, as moby's overlay2 does.
+        """
+        unknown = sorted(k for k in layer.storage_opt if k != "size")
+        if unknown:
+            raise ConfigurationError(
+                f"storage option(s) {', '.join(unknown)} are not supported by the overlay "
+                "backend (supported: size, for read-write layers)"
+            )
+        raw = layer.storage_opt.get("size")
+        if raw is None:
+            return None
+        if not layer.readwrite:
+            raise ConfigurationError(SIZE_ON_IMAGE_LAYER)
+        try:
+            return parse_size(raw)
+        except ValueError as e:
+            raise ConfigurationError(f"invalid storage option size={raw!r}: {e}") from None
+
+    def _make_sized(self, staging: str, size: int, layer: LayerInfo) -> None:
+        """
+        Make the sparse filesystem image of a sized layer in C{staging},
+        and its diff and work directories in it.  Anything that keeps the
+        size from being honoured (no mkfs.ext4, no loop devices, a size too
+        small for a filesystem) is answered with moby's own words, and
+        logged with the reason.
+        """
+        image = os.path.join(staging, QUOTA_IMAGE)
+        fs = os.path.join(staging, QUOTA_FS)
+        try:
+            with open(image, "wb") as f:
+                f.truncate(size)
+            os.mkdir(fs, 0o700)
+            result = subprocess.run(
+                ["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "nodiscard", image],
+                capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+            )
+            if result.returncode != 0:
+                raise OSError(0, f"mkfs.ext4 failed: {result.stderr.strip() or result.stdout.strip()}")
+            mounts.mount_loop(image, fs, QUOTA_FSTYPE)
+        except (OSError, subprocess.SubprocessError) as e:
+            log.error(
+                "layer {id}: cannot honour storage option size={size}: {error}",
+                id=layer.id, size=size, error=e,
+            )
+            raise ConfigurationError(QUOTA_NOT_SUPPORTED) from None
+        try:
+            _make_upper(fs, layer.root_ids)
+            set_traverse(fs, self.traverse_gid)
+            shutil.rmtree(os.path.join(fs, "lost+found"), ignore_errors=True)
+        finally:
+            mounts.unmount(fs)
+
+    @contextlib.contextmanager
+    def _using(self, layer_ids: Iterable[str]) -> Iterator[None]:
+        """
+        The sized layers among C{layer_ids} have their filesystems mounted
+        while the body runs.
+        """
+        taken: list[str] = []
+        try:
+            for layer_id in layer_ids:
+                if self._sized(layer_id):
+                    self._take_fs(layer_id)
+                    taken.append(layer_id)
+            yield
+        finally:
+            for layer_id in reversed(taken):
+                self._drop_fs(layer_id)
+
+    def _take_fs(self, layer_id: str) -> None:
+        """
+        One more user of a sized layer's filesystem: mounted if it is not.
+        """
+        key = layer_key(layer_id)
+        fs = os.path.join(self._dir(layer_id), QUOTA_FS)
+        with self._fs_lock:
+            if not self._fs_users.get(key) and not mounts.is_mountpoint(fs):
+                try:
+                    mounts.mount_loop(os.path.join(self._dir(layer_id), QUOTA_IMAGE), fs, QUOTA_FSTYPE)
+                except OSError as e:
+                    raise BackendError(
+                        f"mount the filesystem of layer {layer_id} (its size option) at {fs} "
+                        f"failed: {e.strerror}"
+                    ) from None
+            self._fs_users[key] = self._fs_users.get(key, 0) + 1
+
+    def _drop_fs(self, layer_id: str) -> None:
+        """
+        One user fewer of a sized layer's filesystem: unmounted (and its
+        loop device freed) when none is left.  Overlay mounts made over it
+        keep their own reference.
+        """
+        key = layer_key(layer_id)
+        with self._fs_lock:
+            users = self._fs_users.get(key, 0) - 1
+            if users > 0:
+                self._fs_users[key] = users
+                return
+            self._fs_users.pop(key, None)
+            mounts.unmount(os.path.join(self._dir(layer_id), QUOTA_FS))
 
     def commit(self, layer: LayerInfo) -> None:
         """
@@ -205,6 +384,9 @@ class OverlayBackend(Backend):
 
     def _destroy(self, layer_id: str) -> None:
         target = self._dir(layer_id)
+        with self._fs_lock:
+            self._fs_users.pop(layer_key(layer_id), None)
+            self._fs_held.discard(layer_key(layer_id))
         for point in mounts.mounted_under(target):
             mounts.unmount(point)
         if not os.path.lexists(target):
@@ -217,21 +399,18 @@ class OverlayBackend(Backend):
         """
         Empty the layer's diff and work directories.
         """
-        for point in mounts.mounted_under(self._dir(layer.id)):
-            mounts.unmount(point)
-        diff = self.diff_dir(layer.id)
-        for name in ("diff", "work"):
-            path = os.path.join(self._dir(layer.id), name)
-            shutil.rmtree(path, ignore_errors=True)
-            os.makedirs(path, mode=0o755 if name == "diff" else 0o700, exist_ok=True)
-        os.chmod(diff, 0o755)
-        os.chown(diff, *layer.root_ids)
+        mounts.unmount(self._merged(layer.id))
+        with self._using([layer.id]):
+            root = self._upper_root(layer.id)
+            for name in ("diff", "work"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            _make_upper(root, layer.root_ids)
 
     def exists(self, layer: LayerInfo) -> bool:
         """
-        Whether the layer's diff directory is there.
+        Whether the layer's diff directory (or filesystem) is there.
         """
-        return os.path.isdir(self.diff_dir(layer.id))
+        return os.path.isdir(self.diff_dir(layer.id)) or self._sized(layer.id)
 
     def list_layers(self) -> list[str]:
         """
@@ -245,7 +424,9 @@ class OverlayBackend(Backend):
         Mounts under the layer directory that no mounted layer holds, and
         layer directories (or leftovers in .tmp) with no layer row.
         """
-        held = {v.mountpoint for v in layers.values() if v.state == "mounted"}
+        held = {v.mountpoint for v in layers.values() if v.state == "mounted"} | {
+            os.path.join(self._dir(i), QUOTA_FS) for i, v in layers.items() if v.state == "mounted"
+        }
         found = [
             Orphan("mount", point, "mounted, but no mounted layer holds it")
             for point in mounts.mounted_under(self.root)
@@ -287,6 +468,42 @@ class OverlayBackend(Backend):
 
     def mount(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
         """
+        Mount the layer; a sized layer's filesystem stays mounted until its
+        last Put, its sized ancestors' only while the overlay is made.
+        """
+        self._take_own_fs(layer)
+        try:
+            with self._using(a.id for a in chain):
+                return self._mount(layer, chain)
+        except BaseException:
+            self._drop_own_fs(layer)
+            raise
+
+    def _take_own_fs(self, layer: LayerInfo) -> None:
+        """
+        A mounted sized layer holds its filesystem (once).
+        """
+        key = layer_key(layer.id)
+        if self._sized(layer.id) and key not in self._fs_held:
+            self._take_fs(layer.id)
+            self._fs_held.add(key)
+
+    def _drop_own_fs(self, layer: LayerInfo) -> None:
+        """
+        The last Put of a sized layer lets its filesystem go (also when this
+        process did not mount it: a restart, or a reboot's recovery).
+        """
+        key = layer_key(layer.id)
+        if key in self._fs_held:
+            self._fs_held.discard(key)
+            self._drop_fs(layer.id)
+        elif self._sized(layer.id):
+            with self._fs_lock:
+                if not self._fs_users.get(key):
+                    mounts.unmount(os.path.join(self._dir(layer.id), QUOTA_FS))
+
+    def _mount(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
+        """
         Mount the layer's diff over its ancestors'; a layer without a parent
         is its own diff directory.
         """
@@ -297,7 +514,7 @@ class OverlayBackend(Backend):
             [self.diff_dir(a.id) for a in chain],
             merged,
             upper=self.diff_dir(layer.id),
-            work=os.path.join(self._dir(layer.id), "work"),
+            work=os.path.join(self._upper_root(layer.id), "work"),
         )
         return merged
 
@@ -347,20 +564,20 @@ class OverlayBackend(Backend):
         """
         if layer.parent is not None:
             mounts.unmount(self._merged(layer.id))
+        self._drop_own_fs(layer)
 
     def ensure_mounted(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
         """
         Mount the layer again if its mount is gone.
         """
-        if not chain:
-            return self.diff_dir(layer.id)
-        merged = self._merged(layer.id)
-        if mounts.is_mountpoint(merged):
-            return merged
+        if not chain or mounts.is_mountpoint(self._merged(layer.id)):
+            self._take_own_fs(layer)
+            return self.diff_dir(layer.id) if not chain else self._merged(layer.id)
         return self.mount(layer, chain)
 
     # -- content -------------------------------------------------------------
 
+    @_with_filesystems
     def apply(self, layer: LayerInfo, stream: BinaryIO, id_map: IDMap) -> int:
         """
         Extract the tar into the layer's diff directory (AUFS whiteouts
@@ -427,6 +644,7 @@ class OverlayBackend(Backend):
         finally:
             os.rmdir(target)
 
+    @_with_filesystems
     def diff(
         self,
         layer: LayerInfo,
@@ -445,6 +663,7 @@ class OverlayBackend(Backend):
         with self._views(layer, chain, parent) as (new, old):
             archive.export_changes(new, archive.changes_dirs(new, old), out, id_map)
 
+    @_with_filesystems
     def changes(
         self, layer: LayerInfo, chain: list[LayerInfo], parent: str | None
     ) -> list[Change]:
@@ -458,6 +677,7 @@ class OverlayBackend(Backend):
         with self._views(layer, chain, parent) as (new, old):
             return archive.changes_dirs(new, old)
 
+    @_with_filesystems
     def diff_size(
         self, layer: LayerInfo, chain: list[LayerInfo], parent: str | None
     ) -> int:
@@ -476,7 +696,7 @@ class OverlayBackend(Backend):
         base = self._dir(layer.id)
         meta = {
             "UpperDir": self.diff_dir(layer.id),
-            "WorkDir": os.path.join(base, "work"),
+            "WorkDir": os.path.join(self._upper_root(layer.id), "work"),
             "MergedDir": self._merged(layer.id) if chain else self.diff_dir(layer.id),
         }
         if chain:
