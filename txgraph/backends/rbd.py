@@ -8,7 +8,7 @@ Storage model, per node (a Docker host, named by the C{node_id} option)::
                                the chosen filesystem (an empty C{rootfs/}
                                0755 root:root), then snapshotted and
                                protected as C{@txgraph}
-  <prefix><node>.<layer id>    a layer: a clone of its parent's C{@txgraph}
+  <prefix><node>.<key>         a layer (its key: L{layer_key}): a clone of its parent's C{@txgraph}
                                snapshot (or the base's); committing it
                                snapshots and protects it in turn
 
@@ -22,7 +22,7 @@ owner is that node: several Docker hosts share one pool safely.
 
 Locally, under C{<state-dir>/rbd/}::
 
-  mnt/<id>       where a layer is mounted; dockerd gets C{mnt/<id>/rootfs}
+  mnt/<key>      where a layer is mounted; dockerd gets C{mnt/<key>/rootfs}
                  (devicemapper-style, so lost+found stays out of sight)
   fuse/<tag>     rbd-fuse mounts of the fuse mapper (see L{mappers})
   work/          temporary mounts: apply, views for diffs, set-up
