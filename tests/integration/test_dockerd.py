@@ -23,6 +23,8 @@ import pytest
 from conftest import Stack
 from dockerd import loop_devices_under, mounts_under, pid_alive
 
+from txgraph.backends import layer_key
+
 pytestmark = pytest.mark.dockerd
 
 
@@ -37,7 +39,7 @@ def _stray_mounts(stack: Stack) -> list[str]:
     # The states first: a device whose unmap ends meanwhile is gone from
     # the mount table before its layer reads "created".
     fuse = stack.txgraph.state_dir / "rbd" / "fuse"
-    kept = {str(fuse / r["id"]) for r in stack.layers() if r["state"] in ("mapped", "unmapping")}
+    kept = {str(fuse / layer_key(r["id"])) for r in stack.layers() if r["state"] in ("mapped", "unmapping")}
     return [m for m in mounts_under(stack.txgraph.state_dir) if m not in kept]
 
 
