@@ -14,8 +14,8 @@ import ctypes.util
 import errno
 import fcntl
 import os
-import struct
 import select
+import struct
 import threading
 import time
 from collections.abc import Iterator

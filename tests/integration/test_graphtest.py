@@ -18,7 +18,12 @@ import pytest
 from conftest import Components, rbd_flags, rbd_namespace
 
 from txgraph import mounts
-from txgraph.testing.graphtest import PluginClient, PluginError, make_graphtest, random_id
+from txgraph.testing.graphtest import (
+    PluginClient,
+    PluginError,
+    make_graphtest,
+    random_id,
+)
 
 #: The rbd daemon's base image size (the smallest ext4 base txgraph takes).
 RBD_BASE_SIZE = "32M"
@@ -87,9 +92,8 @@ def test_any_safe_layer_id(backend: str, components: Components, request: pytest
     parent = ""
     for i, layer_id in enumerate(ODD_IDS):
         driver.create(layer_id, parent)
-        with driver.mounted(layer_id) as root:
-            with open(os.path.join(root, f"file-{i}"), "w") as f:
-                f.write(layer_id)
+        with driver.mounted(layer_id) as root, open(os.path.join(root, f"file-{i}"), "w") as f:
+            f.write(layer_id)
         parent = layer_id
     with driver.mounted(ODD_IDS[-1]) as root:
         for i, layer_id in enumerate(ODD_IDS):

@@ -18,7 +18,13 @@ from twisted.python.failure import Failure
 
 from txgraph.archive import IDMap
 from txgraph.backends import AsyncBackend, Backend, LayerInfo
-from txgraph.errors import BackendError, BadRequest, InvalidLayerState, LayerExists, UnknownLayer
+from txgraph.errors import (
+    BackendError,
+    BadRequest,
+    InvalidLayerState,
+    LayerExists,
+    UnknownLayer,
+)
 from txgraph.layers import STATES, LayerRegistry, transitions
 from txgraph.store import LAYER_STATES, LayerRow, Store
 

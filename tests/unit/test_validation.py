@@ -22,9 +22,9 @@ import os
 import re
 import shutil
 import string
-import unicodedata
 import tarfile
 import tempfile
+import unicodedata
 from collections import Counter, deque
 from typing import Any
 from urllib.parse import quote
@@ -35,8 +35,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from test_api import Client, ImmediateReactor, parse
 from test_layers import InlineThread
-from twisted.internet.defer import ensureDeferred
 from twisted.internet.address import UNIXAddress
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure

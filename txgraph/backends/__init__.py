@@ -164,6 +164,27 @@ def parse_size(value: str) -> int:
     return size
 
 
+def storage_size(layer: LayerInfo, backend: str, supported: str) -> int | None:
+    """
+    The C{size} storage option of a Create in bytes, or None without one.
+    Any other option, or a size that is not one, is a
+    L{ConfigurationError} naming it (C{supported} says what is).
+    """
+    unknown = sorted(k for k in layer.storage_opt if k != "size")
+    if unknown:
+        raise ConfigurationError(
+            f"storage option(s) {', '.join(unknown)} are not supported by the {backend} "
+            f"backend (supported: {supported})"
+        )
+    raw = layer.storage_opt.get("size")
+    if raw is None:
+        return None
+    try:
+        return parse_size(raw)
+    except ValueError as e:
+        raise ConfigurationError(f"invalid storage option size={raw!r}: {e}") from None
+
+
 def set_traverse(path: str, gid: int | None) -> None:
     """
     Make a directory on the way to layer roots searchable by the container's

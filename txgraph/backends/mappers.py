@@ -50,11 +50,11 @@ import abc
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import select
 import shutil
-import hashlib
 import signal
 import socket
 import struct

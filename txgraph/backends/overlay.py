@@ -61,8 +61,8 @@ from txgraph.backends import (
     Orphan,
     is_plain_key,
     layer_key,
-    parse_size,
     set_traverse,
+    storage_size,
 )
 from txgraph.errors import BackendError, BadRequest, ConfigurationError
 from txgraph.thin import ThinDescriptorError
@@ -271,21 +271,10 @@ class OverlayBackend(Backend):
         The C{size} storage option in bytes, or None; refuses other options
         and a size on an image layer, as moby's overlay2 does.
         """
-        unknown = sorted(k for k in layer.storage_opt if k != "size")
-        if unknown:
-            raise ConfigurationError(
-                f"storage option(s) {', '.join(unknown)} are not supported by the overlay "
-                "backend (supported: size, for read-write layers)"
-            )
-        raw = layer.storage_opt.get("size")
-        if raw is None:
-            return None
-        if not layer.readwrite:
+        size = storage_size(layer, self.name, "size, for read-write layers")
+        if size is not None and not layer.readwrite:
             raise ConfigurationError(SIZE_ON_IMAGE_LAYER)
-        try:
-            return parse_size(raw)
-        except ValueError as e:
-            raise ConfigurationError(f"invalid storage option size={raw!r}: {e}") from None
+        return size
 
     def _make_sized(self, staging: str, size: int, layer: LayerInfo) -> None:
         """

@@ -92,6 +92,7 @@ from txgraph.backends import (
     layer_key,
     parse_options,
     parse_size,
+    storage_size,
 )
 from txgraph.backends.background import BackgroundPasses
 from txgraph.backends.mappers import (
@@ -1459,19 +1460,10 @@ class RBDBackend(Backend):
     # -- life cycle ---------------------------------------------------------------------
 
     def _requested_size(self, layer: LayerInfo) -> int | None:
-        unknown = sorted(k for k in layer.storage_opt if k != "size")
-        if unknown:
-            raise ConfigurationError(
-                f"storage option(s) {', '.join(unknown)} are not supported by the rbd "
-                "backend (supported: size)"
-            )
-        raw = layer.storage_opt.get("size")
-        if raw is None:
+        size = storage_size(layer, self.name, "size")
+        if size is None:
             return None
-        try:
-            size = parse_size(raw)
-        except ValueError as e:
-            raise ConfigurationError(f"invalid storage option size={raw!r}: {e}") from None
+        raw = layer.storage_opt["size"]
         if size < MIN_SIZE[self.fs]:
             raise ConfigurationError(
                 f"invalid storage option size={raw!r}: at least {MIN_SIZE[self.fs] >> 20} MiB"
