@@ -552,7 +552,7 @@ refused_in_state = st.sampled_from([
     ("GraphDriver.GetMetadata", _json({"ID": UNKNOWN}), "", False, "POST", "unknown layer"),
     ("GraphDriver.Create", _json({"ID": B, "Parent": C}), "", False, "POST", "already exists"),
     ("GraphDriver.Create", _json({"ID": UNKNOWN, "Parent": UNKNOWN}), "", False, "POST", "does not exist"),
-    ("GraphDriver.CreateReadWrite", _json({"ID": UNKNOWN, "Parent": A, "StorageOpt": {"size": "1G"}}),
+    ("GraphDriver.CreateReadWrite", _json({"ID": UNKNOWN, "Parent": A, "StorageOpt": {"quota": "1G"}}),
      "", False, "POST", "not supported by the overlay backend"),
     ("GraphDriver.Init", _json({"Home": "/h", "Opts": None, "UIDMaps": [{"container_id": 0, "host_id": 100000, "size": 65536}],
                                 "GIDMaps": None}), "", False, "POST", "while layers exist"),
