@@ -11,6 +11,7 @@ a larger clone of its parent, grown and enforced by its filesystem.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 
@@ -52,7 +53,20 @@ class TestOverlayGraphtest(make_graphtest()):
     backend = "overlay"
 
 
-class TestRBDGraphtest(make_graphtest()):
+class TestRBDGraphtest(
+    make_graphtest(
+        known_divergences={
+            "diff_apply_size": (
+                "the rbd backend's ApplyDiff answers the size of the changes against the "
+                "parent (archive's rule for full trees, so that it equals DiffSize against "
+                "the parent), where moby's naive drivers answer the tar's content size; a "
+                "file rewritten with the same size in the same second as its parent's "
+                "copy (graphtest writes base and upper within a second) is no change by "
+                "moby's sameFsTime rule, so the sizes differ when the test runs fast"
+            )
+        }
+    )
+):
     """
     moby's graphtest against the rbd backend (quota required).
     """
@@ -144,3 +158,37 @@ def test_rbd_size_below_parent(components: Components, request: pytest.FixtureRe
         driver.create_rw("rbdTest", "Base", {"size": "40M"})
     assert "is smaller than the layer's parent" in e.value.message
     assert not driver.exists("rbdTest")
+
+
+def test_overlay_sized_layer_survives_a_crash(components: Components) -> None:
+    """
+    A mounted sized layer's filesystem stays mounted through a SIGKILL of
+    txgraph and its restart (its data still there, its size still
+    enforced), and its last Put afterwards releases the filesystem and its
+    loop device; Remove deletes the layer's file.
+    """
+    daemon = components.txgraph()
+    driver = PluginClient(str(daemon.socket))
+    driver.create("Base")
+    driver.create_rw("sized", "Base", {"size": "20M"})
+    root = driver.get("sized")
+    with open(os.path.join(root, "before"), "wb") as f:
+        f.write(b"x" * (5 << 20))
+    daemon.kill()
+    daemon.start()
+    assert driver.get("sized") == root
+    with open(os.path.join(root, "before"), "rb") as f:
+        assert len(f.read()) == 5 << 20
+    with pytest.raises(OSError) as full, open(os.path.join(root, "big"), "wb") as f:
+        f.write(b"y" * (20 << 20))
+    assert full.value.errno == errno.ENOSPC
+    os.remove(os.path.join(root, "big"))
+    driver.put("sized")
+    driver.put("sized")
+    layer_dir = daemon.state_dir / "overlay" / "sized"
+    assert mounts.mounted_under(str(daemon.state_dir)) == []
+    assert [d for d, f in mounts.loop_backing_files().items() if f.startswith(str(layer_dir))] == []
+    assert driver.diff_size("sized", "Base") == 5 << 20
+    assert mounts.mounted_under(str(daemon.state_dir)) == []
+    driver.remove("sized")
+    assert not layer_dir.exists()
