@@ -204,13 +204,16 @@ def test_bad_requests(components: Components) -> None:
 
 def test_failed_create_leaves_nothing(components: Components) -> None:
     """
-    A Create the backend refuses leaves no row and no directory.
+    A Create the backend refuses (a size too small for the layer's own
+    filesystem, made and then rolled back) leaves no row, no directory and
+    no mount.
     """
     daemon = components.txgraph()
-    message = _err(daemon, "GraphDriver.CreateReadWrite", {"ID": A, "StorageOpt": {"size": "1G"}}, 400)
-    assert "size" in message and "not supported" in message
+    message = _err(daemon, "GraphDriver.CreateReadWrite", {"ID": A, "StorageOpt": {"size": "16K"}}, 400)
+    assert message == "Filesystem does not support, or has not enabled quotas"
     assert _ok(daemon, "GraphDriver.Exists", {"ID": A}) == {"Exists": False}
     assert list((daemon.state_dir / "overlay").glob("?" * 64)) == []
+    assert os.listdir(daemon.state_dir / "overlay" / ".tmp") == []
 
 
 def test_failed_apply_leaves_nothing_half_made(components: Components) -> None:

@@ -244,10 +244,14 @@ def test_capabilities(client: Client) -> None:
         ("GraphDriver.Get", {}, "missing ID"),
         ("GraphDriver.Get", {"ID": 7}, "missing ID"),
         ("GraphDriver.Get", {"ID": "../../etc"}, "invalid ID"),
-        ("GraphDriver.Get", {"ID": "a" * 63}, "invalid ID"),
-        ("GraphDriver.Get", {"ID": "A" * 64}, "invalid ID"),
-        ("GraphDriver.Get", {"ID": "a" * 64 + "/x"}, "invalid ID"),
-        ("GraphDriver.Get", {"ID": "a" * 64 + "-init-init"}, "invalid ID"),
+        ("GraphDriver.Get", {"ID": "a" * 256}, "more than a file name may be (255)"),
+        ("GraphDriver.Get", {"ID": "."}, "invalid ID"),
+        ("GraphDriver.Get", {"ID": "a" * 64 + "/x"}, "a path separator"),
+        ("GraphDriver.Get", {"ID": "Base@snap"}, "RBD's snapshot separator"),
+        ("GraphDriver.Get", {"ID": "a\nb"}, "whitespace"),
+        ("GraphDriver.Get", {"ID": "a\x00b"}, "control"),
+        ("GraphDriver.Get", {"ID": "a\u202eb"}, "formatting"),
+        ("GraphDriver.Get", {"ID": "a&parent=b"}, "ApplyDiff's query"),
         ("GraphDriver.Get", {"ID": A, "MountLabel": 3}, "invalid MountLabel"),
         ("GraphDriver.Create", {"ID": A, "Parent": ".."}, "invalid Parent"),
         ("GraphDriver.CreateReadWrite", {"ID": A, "StorageOpt": {"size": 1}}, "invalid StorageOpt"),
@@ -256,7 +260,7 @@ def test_capabilities(client: Client) -> None:
         ("GraphDriver.Init", {"Home": 5}, "invalid Home"),
         ("GraphDriver.Init", {"UIDMaps": [{"container_id": 0, "host_id": -1, "size": 1}]}, "UIDMaps[0].host_id"),
         ("GraphDriver.Init", {"GIDMaps": [{"container_id": 0, "host_id": 1}]}, "GIDMaps[0].size"),
-        ("GraphDriver.Changes", {"ID": A, "Parent": "nope"}, "invalid Parent"),
+        ("GraphDriver.Changes", {"ID": A, "Parent": "no/pe"}, "invalid Parent"),
     ],
 )
 def test_bad_requests(
@@ -378,7 +382,7 @@ def test_apply_diff_pauses_when_behind(client: Client, driver: FakeDriver) -> No
     [
         ("id=../x&parent=", "invalid id"),
         ("parent=", "missing id"),
-        (f"id={B}&parent=zz", "invalid parent"),
+        (f"id={B}&parent=z%2Fz", "invalid parent"),
     ],
 )
 def test_apply_diff_bad_query(client: Client, driver: FakeDriver, query: str, message: str) -> None:

@@ -36,8 +36,10 @@ from txgraph.store import LayerRow, Store
 log = Logger()
 T = TypeVar("T")
 
-#: dockerd's deepest chain is 125 layers (moby's maxLayerDepth); accept a
-#: little more, as moby's overlay2 does (128), and refuse beyond.
+#: The most lower layers under a layer: dockerd's deepest chain is 125
+#: layers (moby's maxLayerDepth); accept a little more, as moby's overlay2
+#: does (128 lowers, a chain of 129, what moby's graphtest builds), and
+#: refuse beyond.
 MAX_DEPTH = 128
 
 @dataclass
@@ -251,9 +253,10 @@ class LayerRegistry:
                 raise InvalidLayerState(
                     f"parent layer {parent} of {layer_id} is {parentLayer.row.state}"
                 )
-            if self._depth(parentLayer.row) + 1 >= MAX_DEPTH:
+            if self._depth(parentLayer.row) + 1 > MAX_DEPTH:
                 raise BadRequest(
-                    f"layer {layer_id} would be deeper than {MAX_DEPTH} layers"
+                    f"layer {layer_id} would have more than {MAX_DEPTH} lower layers "
+                    f"(its parent {parent} is the top of a chain of {MAX_DEPTH + 1})"
                 )
         row = LayerRow(
             id=layer_id,
