@@ -1,4 +1,4 @@
-"""containerd's snapshotter suite (txgraph.testing.snapshotter_suite) against
+"""containerd's snapshotter suite (txgraph.testing.snapshotter) against
 containerd's own overlayfs snapshotter, through the harness's containerd socket.
 
 This validates the Python port against the reference implementation: every
@@ -15,7 +15,8 @@ import os
 
 import pytest
 
-from txgraph.testing.snapshotter_suite import Target, TargetFactory, make_snapshotter_tests
+from txgraph.testing.snapshotter.client import Target
+from txgraph.testing.snapshotter.testsuite import TargetFactory, make_snapshotter_tests
 
 pytestmark = pytest.mark.containerd
 

@@ -33,7 +33,6 @@ import pytest
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-from test_api import Client, ImmediateReactor, parse
 from test_layers import InlineThread
 from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import ensureDeferred
@@ -49,6 +48,8 @@ from txgraph.backends.threaded import AsyncBackend
 from txgraph.driver import Driver
 from txgraph.store import Store
 from txgraph.testing.queued import QueuedCalls
+from txgraph.testing.stub_client import Client, ImmediateReactor, parse
+from txgraph.testing.tars import files_tar
 
 #: A handful of IDs, so that calls collide: parents, children, -init layers.
 POOL = ["a" * 64, "b" * 64, "c" * 64 + "-init", "0" * 64]
@@ -230,25 +231,14 @@ def _json(value: Any) -> bytes:
     return json.dumps(value).encode() + b"\n"
 
 
-def _tar(files: dict[str, bytes]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            tf.addfile(info, io.BytesIO(data))
-    return out.getvalue()
-
-
-GOOD_TAR = _tar({"etc/hostname": b"txgraph\n", "bin/sh": b"#!" + b"x" * 3000})
+GOOD_TAR = files_tar({"etc/hostname": b"txgraph\n", "bin/sh": b"#!" + b"x" * 3000})
 TARS = {
     "good": GOOD_TAR,
     "empty": b"",
     "end-only": bytes(1024),
     "truncated": GOOD_TAR[:1500],
     "garbage": b"this is not a tar at all" * 40,
-    "escape": _tar({"../../../etc/passwd": b"pwned"}),
+    "escape": files_tar({"../../../etc/passwd": b"pwned"}),
 }
 
 
@@ -725,7 +715,6 @@ def test_init_refuses_new_id_maps_while_layers_exist() -> None:
         assert init(None) == (200, {})
     finally:
         daemon.close()
-
 
 
 @pytest.mark.parametrize("request_line", [
