@@ -324,6 +324,10 @@ def test_apply_diff_pauses_when_behind(client: Client, driver: FakeDriver) -> No
         ("id=../x&parent=", "invalid id"),
         ("parent=", "missing id"),
         (f"id={B}&parent=z%2Fz", "invalid parent"),
+        # Escaped bytes that are not UTF-8 are refused, not replaced by
+        # U+FFFD (which would make them another, valid ID).
+        ("id=%ED%A0%80&parent=", "not valid UTF-8"),
+        (f"id={B}&parent=%FF", "invalid parent"),
     ],
 )
 def test_apply_diff_bad_query(client: Client, driver: FakeDriver, query: str, message: str) -> None:

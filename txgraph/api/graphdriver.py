@@ -437,8 +437,11 @@ class GraphDriverAPI:
 
         async def apply() -> int:
             try:
-                query = parse_qs(urlsplit(path.decode("utf-8", "replace")).query,
-                                 keep_blank_values=True)
+                # Bytes that are not UTF-8 stay as lone surrogates, which
+                # check_id refuses by name (a replacement character would
+                # make them a different, valid ID).
+                query = parse_qs(urlsplit(path.decode("utf-8", "surrogateescape")).query,
+                                 keep_blank_values=True, errors="surrogateescape")
                 layer_id = check_id((query.get("id") or [""])[0], "id")
                 parent = (query.get("parent") or [""])[0] or None
                 if parent is not None:
