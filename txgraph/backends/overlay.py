@@ -8,6 +8,8 @@ Layout, under C{<state-dir>/overlay/}::
   <id>/work     overlayfs's work directory
   <id>/merged   where the layer is mounted over its ancestors' diff dirs
   .tmp/         layers being made or removed, and temporary views
+  l/<link>      a short symbolic link to a layer's diff directory, for the
+                lower directories of the mounts handed to containerd
 
 A layer without a parent needs no mount while it is written: Get returns
 its diff directory.  A committed layer is mounted read-only (an overlay of
@@ -20,13 +22,24 @@ compare two read-only trees (moby's naive diff).
 Chains up to 128 layers deep fit mount(2)'s one-page option limit: when the
 absolute lower paths are too long, they are passed as short
 C{/proc/self/fd/N} paths of directories opened for the mount.
+
+For containerd, nothing is mounted: L{OverlayBackend.mount_specs} returns
+what containerd's overlayfs snapshotter returns (a bind mount of a lone
+layer, else an overlay of lower directories, nearest first, with upper and
+work directories for an active snapshot).  Its lower directories are the
+C{l/<link>} links, as moby's overlay2 names them: 21 characters each, so
+that containerd's C{mount.All}, which makes them relative to their common
+directory when the options exceed a page, fits 128 of them in one.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import os
 import re
+import stat
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -39,6 +52,7 @@ from txgraph.backends import (
     BackendOption,
     LayerInfo,
     LayerView,
+    MountSpec,
     Orphan,
     set_traverse,
 )
@@ -79,6 +93,7 @@ class OverlayBackend(Backend):
         super().__init__(state_dir, options)
         self.root = os.path.join(state_dir, "overlay")
         self._tmp = os.path.join(self.root, ".tmp")
+        self._links = os.path.join(self.root, "l")
 
     # -- paths -----------------------------------------------------------
 
@@ -101,6 +116,7 @@ class OverlayBackend(Backend):
         Make the layer directory and check that this kernel has overlayfs.
         """
         os.makedirs(self._tmp, mode=0o700, exist_ok=True)
+        os.makedirs(self._links, mode=0o700, exist_ok=True)
         os.chmod(self.root, 0o700)
         with open("/proc/filesystems") as f:
             if not any(line.split()[-1] == "overlay" for line in f if line.strip()):
@@ -113,6 +129,11 @@ class OverlayBackend(Backend):
             mounts.unmount(point)
         for name in os.listdir(self._tmp):
             shutil.rmtree(os.path.join(self._tmp, name), ignore_errors=True)
+        # Links whose layer is gone (a crash between the two deletions).
+        for name in os.listdir(self._links):
+            path = os.path.join(self._links, name)
+            if not os.path.exists(path):
+                os.unlink(path)
 
     def traverse_paths(self) -> list[str]:
         """
@@ -173,6 +194,8 @@ class OverlayBackend(Backend):
         self._destroy(layer.id)
 
     def _destroy(self, layer_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._link(layer_id))
         target = self._dir(layer_id)
         for point in mounts.mounted_under(target):
             mounts.unmount(point)
@@ -346,6 +369,84 @@ class OverlayBackend(Backend):
         if mounts.is_mountpoint(merged):
             return merged
         return self.mount(layer, chain)
+
+    # -- mounts for containerd ------------------------------------------------
+
+    def _link(self, layer_id: str) -> str:
+        """
+        The short link to the layer's diff directory: 20 base-32
+        characters of the SHA-256 of its ID (100 bits: no two layers
+        meet), so it is derived again after a crash, never recorded.
+        """
+        digest = hashlib.sha256(layer_id.encode()).digest()
+        name = base64.b32encode(digest).decode().lower()[:20]
+        return os.path.join(self._links, name)
+
+    def _linked(self, layer_id: str) -> str:
+        """
+        The layer's link, made if missing (layers made before this
+        version, or a concurrent call made it first).
+        """
+        link = self._link(layer_id)
+        target = os.path.join("..", layer_id, "diff")
+        try:
+            os.symlink(target, link)
+        except FileExistsError:
+            if os.readlink(link) != target:
+                raise BackendError(
+                    f"overlay link {link} of layer {layer_id} points to "
+                    f"{os.readlink(link)}, not {target}"
+                ) from None
+        return link
+
+    def mount_specs(
+        self, layer: LayerInfo, chain: list[LayerInfo], view: bool
+    ) -> list[MountSpec]:
+        """
+        containerd's overlayfs snapshotter's mounts (C{mounts()} in its
+        overlay.go): without ancestors, a bind mount of the layer's own
+        directory (read-only for a view); a view of one layer, a read-only
+        bind of it; otherwise an overlay with C{workdir} and C{upperdir}
+        for an active snapshot and the ancestors as C{lowerdir}, nearest
+        first.
+        """
+        if not chain:
+            return [MountSpec("bind", self.diff_dir(layer.id), ("ro" if view else "rw", "rbind"))]
+        if view and len(chain) == 1:
+            return [MountSpec("bind", self.diff_dir(chain[0].id), ("ro", "rbind"))]
+        options: list[str] = []
+        if not view:
+            options += [
+                f"workdir={os.path.join(self._dir(layer.id), 'work')}",
+                f"upperdir={self.diff_dir(layer.id)}",
+            ]
+        extra = self.config.get("mountopt") or ""
+        options += [o for o in extra.split(",") if o]
+        options.append("lowerdir=" + ":".join(self._linked(a.id) for a in chain))
+        return [MountSpec("overlay", "overlay", tuple(options))]
+
+    def usage(self, layer: LayerInfo) -> tuple[int, int]:
+        """
+        continuity's C{fs.DiskUsage} of the layer's diff directory, as
+        containerd's overlayfs snapshotter reports it: every inode once
+        (the directory itself too), its allocated blocks in 512-byte units.
+        """
+        seen: set[tuple[int, int]] = set()
+        size = 0
+        stack = [self.diff_dir(layer.id)]
+        while stack:
+            path = stack.pop()
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                size += st.st_blocks * 512
+            if stat.S_ISDIR(st.st_mode):
+                with contextlib.suppress(FileNotFoundError), os.scandir(path) as listing:
+                    stack.extend(entry.path for entry in listing)
+        return size, len(seen)
 
     # -- content -------------------------------------------------------------
 
