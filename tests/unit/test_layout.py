@@ -41,7 +41,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("api", ("txgraph.api",)),
-    ("driver", ("txgraph.driver",)),
+    ("driver", ("txgraph.driver", "txgraph.snapshotter", "txgraph.filters")),
     ("layers", ("txgraph.layers",)),
     (
         "store and backends",

@@ -357,6 +357,13 @@ class Backend(abc.ABC):
         that L{holds_client_mounts} (whose layer is mounted already).
         """
 
+    def cleanup(self) -> None:
+        """
+        Release what L{remove} left for later (containerd's Cleanup): the
+        rbd backend's trash is purged before this returns.  Backends that
+        remove everything at once have nothing to do.
+        """
+
     @abc.abstractmethod
     def usage(self, layer: LayerInfo) -> tuple[int, int]:
         """

@@ -39,8 +39,8 @@ import contextlib
 import hashlib
 import os
 import re
-import stat
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from typing import Any, BinaryIO

@@ -1992,6 +1992,15 @@ class RBDBackend(Backend):
             raise BackendError(f"rbd mounts of layer {layer.id}: it is not mounted at {rootfs}")
         return [MountSpec("bind", rootfs, ("ro" if view else "rw", "rbind"))]
 
+    def cleanup(self) -> None:
+        """
+        Purge the images that removals moved to the RBD trash (a pass of
+        the purge, waited for); what cannot be purged yet stays for later.
+        """
+        left = self.settle_trash()
+        if left:
+            log.info("rbd cleanup: {n} removed image(s) still in the trash", n=len(left))
+
     def usage(self, layer: LayerInfo) -> tuple[int, int]:
         """
         The bytes the layer's image holds of its own (the extents written

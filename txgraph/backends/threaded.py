@@ -215,6 +215,12 @@ class AsyncBackend:
         """
         return self._call("mount_specs", self.sync.mount_specs, layer, chain, view)
 
+    def cleanup(self) -> Deferred[None]:
+        """
+        L{Backend.cleanup}.
+        """
+        return self._call("cleanup", self.sync.cleanup)
+
     def usage(self, layer: LayerInfo) -> Deferred[tuple[int, int]]:
         """
         L{Backend.usage}.

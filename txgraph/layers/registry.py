@@ -36,8 +36,9 @@ from txgraph.store import LayerRow, Store
 log = Logger()
 T = TypeVar("T")
 
-#: dockerd's deepest chain is 125 layers (moby's maxLayerDepth); accept a
-#: little more, as moby's overlay2 does (128), and refuse beyond.
+#: dockerd's deepest chain is 125 layers (moby's maxLayerDepth); accept 128
+#: lower layers under a top one, as moby's overlay2 does, and as containerd's
+#: snapshotter suite uses (128 committed snapshots and a view of the top).
 MAX_DEPTH = 128
 
 @dataclass
@@ -251,9 +252,10 @@ class LayerRegistry:
                 raise InvalidLayerState(
                     f"parent layer {parent} of {layer_id} is {parentLayer.row.state}"
                 )
-            if self._depth(parentLayer.row) + 1 >= MAX_DEPTH:
+            if self._depth(parentLayer.row) + 1 > MAX_DEPTH:
                 raise BadRequest(
-                    f"layer {layer_id} would be deeper than {MAX_DEPTH} layers"
+                    f"layer {layer_id} would have more than {MAX_DEPTH} lower layers "
+                    f"(its parent {parent} is the top of a chain of {MAX_DEPTH + 1})"
                 )
         row = LayerRow(
             id=layer_id,
@@ -279,6 +281,15 @@ class LayerRegistry:
             if self._layers.get(layer_id) is layer and layer.row.state != "faulty":
                 self.forget(layer_id)
             raise
+
+    async def commit(self, layer_id: str) -> None:
+        """
+        Make a layer immutable, as a child's Create does to its parent (a
+        device kept mapped read-write is unmapped first); idempotent.
+        """
+        layer = self.lookup(layer_id)
+        await self._release(layer)
+        await self._run(layer, layer.machine.commit)
 
     async def remove(self, layer_id: str) -> None:
         """
