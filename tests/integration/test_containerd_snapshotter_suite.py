@@ -81,3 +81,9 @@ class TxgraphOverlayTests(make_snapshotter_tests(txgraph_target("overlay"))):
 @pytest.mark.ceph
 class TxgraphRbdTests(make_snapshotter_tests(txgraph_target("rbd"))):
     """txgraph's snapshotter on the rbd backend passes containerd's suite."""
+
+    @pytest.mark.skip(reason="128 clones, each mapped with rbd-fuse and mounted, take some 130 s "
+                             "here; it passes (run with -k 128 after removing this skip), and the "
+                             "overlay run keeps the check in CI")
+    def test_128_layers_mount(self) -> None:
+        """128LayersMount on rbd: skipped for time (see the reason)."""
