@@ -16,9 +16,9 @@ import itertools
 import os
 
 import pytest
-
 from conftest import Components, rbd_flags, rbd_namespace
 from txgraphd import Txgraphd
+
 from txgraph.testing.ceph import DevCluster
 from txgraph.testing.snapshotter_suite import Target, TargetFactory, make_snapshotter_tests
 
