@@ -36,11 +36,11 @@ def node(
     if request.param == "rbd":
         cluster = request.getfixturevalue("ceph_cluster")
         flags = rbd_flags(cluster, rbd_namespace(cluster))
-    daemon = module_components.txgraph(*flags, start=False)
-    socket = daemon.workdir / "snapshotter.sock"
-    daemon.extra += ["--containerd-listen", f"unix:{socket}"]
-    daemon.start()
-    containerd = Containerd(tmp_path_factory.mktemp("containerd-txgraph"), proxy_plugins={"txgraph": socket})
+    daemon = module_components.txgraph(*flags, containerd=True)
+    assert daemon.containerd_socket is not None
+    containerd = Containerd(
+        tmp_path_factory.mktemp("containerd-txgraph"), proxy_plugins={"txgraph": daemon.containerd_socket}
+    )
     containerd.start()
     try:
         yield daemon, containerd

@@ -53,25 +53,19 @@ def txgraph_target(backend: str) -> TargetFactory:
     return factory
 
 
-def _snapshotter_daemon(components: Components, *flags: str) -> Txgraphd:
-    daemon = components.txgraph(*flags, start=False)
-    daemon.containerd_socket = daemon.workdir / "snapshotter.sock"  # type: ignore[attr-defined]
-    daemon.extra += ["--containerd-listen", f"unix:{daemon.containerd_socket}"]  # type: ignore[attr-defined]
-    daemon.start()
-    return daemon
-
-
 @pytest.fixture(scope="module")
 def txgraph_overlay_snapshotter(module_components: Components) -> Txgraphd:
     """txgraph on the overlay backend, serving containerd's snapshotter protocol."""
-    return _snapshotter_daemon(module_components)
+    return module_components.txgraph(containerd=True)
 
 
 @pytest.fixture(scope="module")
 def txgraph_rbd_snapshotter(module_components: Components, ceph_cluster: DevCluster) -> Txgraphd:
     """txgraph on the rbd backend (the session's Ceph cluster, a namespace of its
     own), serving containerd's snapshotter protocol."""
-    return _snapshotter_daemon(module_components, *rbd_flags(ceph_cluster, rbd_namespace(ceph_cluster)))
+    return module_components.txgraph(
+        *rbd_flags(ceph_cluster, rbd_namespace(ceph_cluster)), containerd=True
+    )
 
 
 class TxgraphOverlayTests(make_snapshotter_tests(txgraph_target("overlay"))):

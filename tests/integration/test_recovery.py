@@ -473,8 +473,7 @@ def snapshot_daemons(
     module_components: Components, request: pytest.FixtureRequest
 ) -> Callable[[str], Txgraphd]:
     """One txgraph per backend (made when first asked for) serving containerd's
-    protocol only (--listen none is not used: the harness waits on the plugin
-    socket)."""
+    protocol too."""
     made: dict[str, Txgraphd] = {}
 
     def daemon_for(backend: str) -> Txgraphd:
@@ -483,11 +482,7 @@ def snapshot_daemons(
             if backend == "rbd":
                 cluster = request.getfixturevalue("ceph_cluster")
                 flags = rbd_flags(cluster, rbd_namespace(cluster))
-            daemon = module_components.txgraph(*flags, start=False)
-            socket = daemon.workdir / "snapshotter.sock"
-            daemon.extra += ["--containerd-listen", f"unix:{socket}"]
-            daemon.start()
-            made[backend] = daemon
+            made[backend] = module_components.txgraph(*flags, containerd=True)
         return made[backend]
 
     return daemon_for
@@ -496,7 +491,7 @@ def snapshot_daemons(
 def _client(daemon: Txgraphd) -> Any:
     from txgraph.testing.snapshotter_suite import Snapshotter, Target
 
-    return Snapshotter(Target(f"unix://{daemon.workdir / 'snapshotter.sock'}", "txgraph"))
+    return Snapshotter(Target(f"unix://{daemon.containerd_socket}", "txgraph"))
 
 
 def _snapshot_workload(sn: Any) -> None:
