@@ -14,8 +14,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import re
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -35,27 +35,71 @@ from txgraph.store import Store, states_in
 
 log = Logger()
 
-#: Docker's layer IDs: 64 hex digits, "-init" for a container's init layer.
-#: Always matched with C{fullmatch}: C{$} would also accept a trailing newline.
-LAYER_ID = re.compile(r"[0-9a-f]{64}(?:-init)?")
+#: The longest layer ID, in UTF-8 bytes: a file name's limit (NAME_MAX).
+MAX_ID_BYTES = 255
+
+#: Characters no layer ID may hold, and why.
+REFUSED_ID_CHARACTERS = {
+    "/": "a path separator",
+    "@": "RBD's snapshot separator",
+    "%": "dockerd writes IDs unescaped into ApplyDiff's query string",
+    "&": "dockerd writes IDs unescaped into ApplyDiff's query string",
+    "+": "dockerd writes IDs unescaped into ApplyDiff's query string",
+    "#": "dockerd writes IDs unescaped into ApplyDiff's query string",
+}
+
+#: What a valid layer ID is, for error messages.
+ID_RULE = (
+    "a layer ID is any name of at most 255 bytes that is safe as one file name: "
+    "not empty, . or .., and without /, @, %, &, +, #, whitespace or control characters"
+)
 
 #: Where the host's boot id is; a different one means the host rebooted.
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
+def id_problem(value: str) -> str | None:
+    """
+    Why C{value} cannot be a layer ID, or None if it can.  dockerd makes
+    64 hex digits (C{-init} for a container's init layer), BuildKit 25
+    characters of base 36, moby's own driver tests names such as C{Base};
+    anything safe as one path component is taken, since every backend
+    stores layers under keys of their own (L{txgraph.backends.layer_key}).
+    What is refused would break a path, an RBD image spec, dockerd's
+    ApplyDiff query, or a log line.
+    """
+    if value in (".", ".."):
+        return f"{value} names a directory, not a file"
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "it is not valid UTF-8 (it holds a lone surrogate)"
+    if size > MAX_ID_BYTES:
+        return f"it is {size} bytes long, more than a file name may be ({MAX_ID_BYTES})"
+    for char in value:
+        why = REFUSED_ID_CHARACTERS.get(char)
+        if why is not None:
+            return f"it holds {char!r}, {why}"
+        if char.isspace():
+            return f"it holds whitespace ({char!r}), which dockerd's ApplyDiff query cannot carry"
+        if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp"):
+            # Control characters, and the invisible ones (bidi overrides)
+            # that would make a log line lie.
+            return f"it holds a control or formatting character ({char!r})"
+    return None
+
+
 def check_id(value: Any, field: str = "ID") -> str:
     """
     Return C{value} if it is a valid layer ID, else raise L{BadRequest}
-    naming the field.
+    naming the field, the ID and what is wrong with it.
     """
     if not isinstance(value, str) or not value:
         raise BadRequest(f"missing {field}: a layer ID is required")
-    if not LAYER_ID.fullmatch(value):
+    problem = id_problem(value)
+    if problem is not None:
         shown = value if len(value) <= 80 else value[:77] + "..."
-        raise BadRequest(
-            f"invalid {field} {shown!r}: layer IDs are 64 lowercase hex digits, "
-            "optionally followed by -init"
-        )
+        raise BadRequest(f"invalid {field} {shown!r}: {problem}; {ID_RULE}")
     return value
 
 

@@ -12,8 +12,10 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import select
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -44,6 +46,16 @@ UMOUNT_NOFOLLOW = 8
 
 #: mount(2) takes at most one page of option data.
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+# linux/loop.h
+LOOP_CTL_GET_FREE = 0x4C82
+LOOP_CONFIGURE = 0x4C0A
+LO_FLAGS_AUTOCLEAR = 4
+#: struct loop_config: fd, block_size, struct loop_info64 (device, inode,
+#: rdevice, offset, sizelimit, number, encrypt_type, encrypt_key_size,
+#: flags, file_name[64], crypt_name[64], encrypt_key[32], init[2]), and
+#: 8 reserved u64.
+_LOOP_CONFIG = struct.Struct("=II QQQQQ IIII 64s64s32s QQ 64x")
 
 
 def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
@@ -77,6 +89,72 @@ def unmount(target: str, attempts: int = 50, delay: float = 0.1) -> None:
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOENT):
             raise BackendError(f"unmount {target}: {os.strerror(err)}")
+
+
+def loop_backing_files() -> dict[str, str]:
+    """
+    Every attached loop device and the file behind it.
+    """
+    result: dict[str, str] = {}
+    try:
+        names = os.listdir("/sys/block")
+    except OSError:
+        return result
+    for name in names:
+        if not name.startswith("loop"):
+            continue
+        try:
+            with open(f"/sys/block/{name}/loop/backing_file", "rb") as f:
+                backing = f.read().decode("utf-8", "surrogateescape").rstrip("\n")
+        except OSError:
+            continue
+        if backing.endswith(" (deleted)"):
+            backing = backing[: -len(" (deleted)")]
+        result[f"/dev/{name}"] = backing
+    return result
+
+
+def mount_loop(image: str, target: str, fstype: str, attempts: int = 8) -> None:
+    """
+    Mount the filesystem in the file C{image} at C{target} through a loop
+    device that detaches itself when the last mount of it goes
+    (C{LO_FLAGS_AUTOCLEAR}, as C{mount -o loop} does): a free one
+    (C{LOOP_CTL_GET_FREE}, as C{losetup --find}), or the one that already
+    serves C{image}, so that the filesystem is never mounted through two
+    devices at once.  Raises L{OSError} on failure.
+    """
+    path = os.path.abspath(image)
+    for device, backing in loop_backing_files().items():
+        if backing == path:
+            mount(device, target, fstype)
+            return
+    control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    backing_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for _ in range(attempts):
+            number = fcntl.ioctl(control, LOOP_CTL_GET_FREE)
+            device = f"/dev/loop{number}"
+            loop_fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                config = _LOOP_CONFIG.pack(
+                    backing_fd, 0, 0, 0, 0, 0, 0, 0, 0, 0, LO_FLAGS_AUTOCLEAR,
+                    os.fsencode(path)[:63], b"", b"", 0, 0,
+                )
+                try:
+                    fcntl.ioctl(loop_fd, LOOP_CONFIGURE, config)
+                except OSError as e:
+                    if e.errno == errno.EBUSY:
+                        continue  # Taken by someone else since GET_FREE.
+                    raise
+                # Our descriptor keeps the device until the mount holds it.
+                mount(device, target, fstype)
+                return
+            finally:
+                os.close(loop_fd)
+        raise OSError(errno.EBUSY, "no free loop device", path)
+    finally:
+        os.close(backing_fd)
+        os.close(control)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,67 @@ log = Logger()
 DEFAULT_LISTEN = "unix:/run/docker/plugins/txgraph.sock:mode=660:lockfile=1"
 DEFAULT_STATE_DIR = "/var/lib/txgraph"
 
+#: The plugin socket's mode when C{--listen} gives none, and the widest
+#: it may give: root and C{--socket-group} only.
+SOCKET_MODE = 0o660
+
+
+def _endpoint_fields(description: str) -> list[str]:
+    """
+    A Twisted endpoint description split on its unescaped colons, with the
+    backslash escapes removed.
+    """
+    fields: list[str] = []
+    current: list[str] = []
+    chars = iter(description)
+    for char in chars:
+        if char == "\\":
+            current.append(next(chars, ""))
+        elif char == ":":
+            fields.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    fields.append("".join(current))
+    return fields
+
+
+def plugin_endpoint(description: str) -> tuple[str, int]:
+    """
+    Check C{--listen} and return the description to listen with and the
+    socket's mode.  The plugin socket lets its users mount and write
+    layers as root, so it must be a UNIX socket that only root and
+    C{--socket-group} can open: C{mode=} may be at most 0660, and is 0660
+    when not given (Twisted's own default is 0666).  Anything else is a
+    L{ValueError} saying what is wrong.
+    """
+    fields = _endpoint_fields(description)
+    if fields[0].lower() != "unix":
+        raise ValueError(
+            f"the plugin socket must be a UNIX socket (unix:PATH...), not {fields[0]!r}: "
+            "anyone who reaches it can mount and write layers as root"
+        )
+    options = dict(f.split("=", 1) for f in fields[1:] if "=" in f)
+    mode = SOCKET_MODE
+    if "mode" in options:
+        try:
+            mode = int(options["mode"], 8)
+        except ValueError:
+            raise ValueError(f"mode={options['mode']} is not an octal file mode") from None
+        if mode & ~SOCKET_MODE:
+            raise ValueError(
+                f"mode={options['mode']} would let users other than root and --socket-group "
+                "open the plugin socket, which mounts and writes layers as root; give "
+                "mode=660 or stricter"
+            )
+    else:
+        description += f":mode={SOCKET_MODE:o}"
+    try:
+        serverFromString(global_reactor, description)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(str(e)) from None
+    return description, mode
+
 
 def _backend_flags() -> list[list[Any]]:
     flags = []
@@ -134,6 +195,10 @@ class Options(usage.Options):
             raise usage.UsageError(
                 "--listen none leaves nothing to serve: give --containerd-listen too"
             )
+        try:
+            self["listen"], self["socket-mode"] = plugin_endpoint(self["listen"])
+        except ValueError as e:
+            raise usage.UsageError(f"invalid --listen {self['listen']!r}: {e}") from None
         try:
             cls = backend_class(self["backend"])
         except ConfigurationError as e:
@@ -256,6 +321,9 @@ class TxgraphService(Service):
 
         def listening(port: IListeningPort) -> None:
             self.admin_port = port
+            # Root's only, whatever the umask or an earlier owner made it.
+            os.chown(path, 0, 0)
+            os.chmod(path, 0o600)
 
         def failed(failure: Any) -> None:
             log.critical(
@@ -284,14 +352,19 @@ class TxgraphService(Service):
         self.port = port
         group = self.options["socket-group"]
         address = getattr(port.getHost(), "name", None)
-        if group and address:
-            try:
-                gid = grp.getgrnam(group).gr_gid
-            except KeyError:
-                log.critical("--socket-group {group}: no such group", group=group)
-                self._fatal()
-                return
+        if address:
+            gid = 0
+            if group:
+                try:
+                    gid = grp.getgrnam(group).gr_gid
+                except KeyError:
+                    log.critical("--socket-group {group}: no such group", group=group)
+                    self._fatal()
+                    return
+            # Root and --socket-group only (Twisted made it the endpoint's
+            # mode, at most 0660, before it listened).
             os.chown(address, 0, gid)
+            os.chmod(address, self.options.get("socket-mode", SOCKET_MODE))
         if isinstance(address, bytes):
             address = address.decode(errors="replace")
         log.info("txgraph {version} listening on {address}", version=__version__,

@@ -42,7 +42,7 @@ from google.protobuf import descriptor_pb2, json_format
 
 from txgraph.api.containerd.proto import snapshots_pb2, snapshots_pb2_grpc
 from txgraph.testing.cri_proto import api_pb2
-from txgraph.testing.snapshotter_suite import NAMESPACE_HEADER, Snapshotter, Target
+from txgraph.testing.snapshotter.client import NAMESPACE_HEADER, Snapshotter, Target
 
 pytestmark = pytest.mark.containerd
 

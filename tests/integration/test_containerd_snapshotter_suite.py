@@ -1,4 +1,4 @@
-"""containerd's snapshotter suite (txgraph.testing.snapshotter_suite) against
+"""containerd's snapshotter suite (txgraph.testing.snapshotter) against
 containerd's own overlayfs snapshotter, through the harness's containerd socket,
 and against txgraph's snapshotter on both backends, over the socket of a real
 twistd (--containerd-listen).
@@ -20,7 +20,8 @@ from conftest import Components, rbd_flags, rbd_namespace
 from txgraphd import Txgraphd
 
 from txgraph.testing.ceph import DevCluster
-from txgraph.testing.snapshotter_suite import Target, TargetFactory, make_snapshotter_tests
+from txgraph.testing.snapshotter.client import Target
+from txgraph.testing.snapshotter.testsuite import TargetFactory, make_snapshotter_tests
 
 _namespaces = itertools.count()
 

@@ -8,13 +8,11 @@ responsive while a large layer is applied.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import stat
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from pathlib import Path
@@ -23,21 +21,12 @@ import pytest
 from conftest import Components
 from txgraphd import Txgraphd, UnixHTTPConnection
 
+from txgraph.testing.tars import files_tar
+
 A = "a" * 64
 B = "b" * 64
 C = "c" * 64
 D = "d" * 64
-
-
-def _tar(files: dict[str, bytes]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            tf.addfile(info, io.BytesIO(data))
-    return out.getvalue()
 
 
 def _ok(daemon: Txgraphd, method: str, body: object) -> object:
@@ -124,7 +113,7 @@ def test_disk_full_during_apply(components: Components) -> None:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "small", str(daemon.state_dir)], check=True)
     daemon.start()
     _ok(daemon, "GraphDriver.Create", {"ID": A})
-    tar = _tar({f"f{i}": os.urandom(1 << 20) for i in range(4)})
+    tar = files_tar({f"f{i}": os.urandom(1 << 20) for i in range(4)})
     code, body = daemon.raw("GraphDriver.ApplyDiff", tar, query=f"id={A}&parent=", chunked=True)
     message = json.loads(body)["Err"]
     assert code == 500
@@ -204,13 +193,16 @@ def test_bad_requests(components: Components) -> None:
 
 def test_failed_create_leaves_nothing(components: Components) -> None:
     """
-    A Create the backend refuses leaves no row and no directory.
+    A Create the backend refuses (a size too small for the layer's own
+    filesystem, made and then rolled back) leaves no row, no directory and
+    no mount.
     """
     daemon = components.txgraph()
-    message = _err(daemon, "GraphDriver.CreateReadWrite", {"ID": A, "StorageOpt": {"size": "1G"}}, 400)
-    assert "size" in message and "not supported" in message
+    message = _err(daemon, "GraphDriver.CreateReadWrite", {"ID": A, "StorageOpt": {"size": "16K"}}, 400)
+    assert message == "Filesystem does not support, or has not enabled quotas"
     assert _ok(daemon, "GraphDriver.Exists", {"ID": A}) == {"Exists": False}
     assert list((daemon.state_dir / "overlay").glob("?" * 64)) == []
+    assert os.listdir(daemon.state_dir / "overlay" / ".tmp") == []
 
 
 def test_failed_apply_leaves_nothing_half_made(components: Components) -> None:
@@ -220,7 +212,7 @@ def test_failed_apply_leaves_nothing_half_made(components: Components) -> None:
     """
     daemon = components.txgraph()
     _ok(daemon, "GraphDriver.Create", {"ID": A})
-    good = _tar({"a": b"1" * 5000, "b": b"2" * 5000})
+    good = files_tar({"a": b"1" * 5000, "b": b"2" * 5000})
     code, body = daemon.raw("GraphDriver.ApplyDiff", good[:3000], query=f"id={A}&parent=", chunked=True)
     assert code == 400, body
     assert os.listdir(daemon.state_dir / "overlay" / A / "diff") == []
@@ -238,7 +230,7 @@ def test_diff_streamed_into_apply(components: Components) -> None:
     daemon = components.txgraph()
     _ok(daemon, "GraphDriver.Create", {"ID": A})
     files = {f"file-{i}": os.urandom(64 * 1024) for i in range(64)}
-    code, _ = daemon.raw("GraphDriver.ApplyDiff", _tar(files), query=f"id={A}&parent=", chunked=True)
+    code, _ = daemon.raw("GraphDriver.ApplyDiff", files_tar(files), query=f"id={A}&parent=", chunked=True)
     assert code == 200
     _ok(daemon, "GraphDriver.Create", {"ID": B})
     diff = UnixHTTPConnection(str(daemon.socket))

@@ -4,8 +4,8 @@ txgraph under a real dockerd (Debian's docker.io 20.10, --experimental -s
 
 For each backend (overlay, and rbd on a real dev cluster), one txgraph and
 one dockerd serve the whole module, in order: load, import, run, commit,
-diff, cp, export, save, rm, rmi, a dockerd restart, and a txgraph SIGKILL
-with a running container.  Each test leaves the stack usable for the next.
+build (BuildKit and classic), diff, cp, export, save, rm, rmi, a dockerd
+restart, and a txgraph SIGKILL with a running container.  Each test leaves the stack usable for the next.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import pytest
 from conftest import Stack
 from dockerd import loop_devices_under, mounts_under, pid_alive
 
+from txgraph.backends import layer_key
+
 pytestmark = pytest.mark.dockerd
 
 
@@ -42,7 +44,7 @@ def _stray_mounts(stack: Stack) -> list[str]:
     # The states first: a device whose unmap ends meanwhile is gone from
     # the mount table before its layer reads "created".
     fuse = stack.txgraph.state_dir / "rbd" / "fuse"
-    kept = {str(fuse / r["id"]) for r in stack.layers() if r["state"] in ("mapped", "unmapping")}
+    kept = {str(fuse / layer_key(r["id"])) for r in stack.layers() if r["state"] in ("mapped", "unmapping")}
     return [m for m in mounts_under(stack.txgraph.state_dir) if m not in kept]
 
 
@@ -89,6 +91,48 @@ def test_load_debian(stack: Stack, debian_image: Path) -> None:
         "run", "--rm", "--network", "none", "debian:local", "cat", "/etc/debian_version"
     ).stdout
     assert out.strip().startswith("12")
+
+
+#: A multi-stage build from the suite's own images, without network: RUN
+#: in each, COPY from the context, and COPY --from the first stage.
+BUILD_DOCKERFILE = """\
+FROM debian:local AS build
+RUN echo "debian $(cat /etc/debian_version)" > /out.txt
+FROM busybox:local
+COPY --from=build /out.txt /from-debian.txt
+COPY hello.txt /hello.txt
+RUN cat /from-debian.txt /hello.txt > /combined.txt
+CMD ["cat", "/combined.txt"]
+"""
+
+
+@pytest.mark.parametrize("builder", ["buildkit", "classic"])
+def test_build(stack: Stack, tmp_path: Path, builder: str) -> None:
+    """
+    docker build with BuildKit (DOCKER_BUILDKIT=1: its snapshots are layers
+    with BuildKit's own 25-character IDs) and with the classic builder
+    makes an image that runs; removing it and the build cache leaves the
+    layers as they were, and nothing mounted.
+    """
+    before = stack.layer_ids()
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "Dockerfile").write_text(BUILD_DOCKERFILE)
+    (context / "hello.txt").write_text("hello from the context\n")
+    env = {"DOCKER_BUILDKIT": "1" if builder == "buildkit" else "0"}
+    tag = f"built:{builder}"
+    stack.docker("build", "--network", "none", "-t", tag, str(context), env=env, timeout=300)
+    if builder == "buildkit":
+        assert any(len(i) == 25 for i in stack.layer_ids() - before), "no BuildKit snapshot"
+    out = stack.docker("run", "--rm", "--network", "none", tag).stdout
+    version = stack.docker("run", "--rm", "--network", "none", "debian:local", "cat", "/etc/debian_version")
+    assert out == f"debian {version.stdout.strip()}\nhello from the context\n"
+    stack.docker("rmi", tag)
+    # The classic builder leaves the first stage's image, untagged.
+    stack.docker("image", "prune", "-f")
+    stack.docker("builder", "prune", "-af")
+    assert stack.layer_ids() == before
+    assert _stray_mounts(stack) == []
 
 
 def test_import(stack: Stack, busybox_rootfs: Path) -> None:

@@ -17,6 +17,7 @@ from txgraph import mounts, thin
 from txgraph.backends.overlay import OverlayBackend
 from txgraph.model import IDMap
 from txgraph.testing.conformance import Layers, make_backend_tests
+from txgraph.testing.tars import files_tar
 from txgraph.thin import ThinDescriptorError
 
 
@@ -79,24 +80,6 @@ def test_thin_image_layers_are_refused(tmp_path: Path) -> None:
         layers.cleanup()
 
 
-def _layer_tar(files: dict[str, bytes]) -> io.BytesIO:
-    """
-    A layer tar holding C{files} (and their directories).
-    """
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(os.path.dirname(name))
-            info.type = tarfile.DIRTYPE
-            info.mode = 0o755
-            tar.addfile(info)
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    out.seek(0)
-    return out
-
-
 def test_image_layers_are_never_an_upper_directory(tmp_path: Path) -> None:
     """
     With a container layer mounted read-write over an image, Gets of the
@@ -111,9 +94,9 @@ def test_image_layers_are_never_an_upper_directory(tmp_path: Path) -> None:
     try:
         # Image layers are made as dockerd makes them: Create, ApplyDiff.
         base = layers.create(readwrite=False)
-        backend.apply(layers.infos[base], _layer_tar({"etc/base": b"base"}), IDMap())
+        backend.apply(layers.infos[base], io.BytesIO(files_tar({"etc/base": b"base"}, directories=True)), IDMap())
         top = layers.create(base, readwrite=False)
-        backend.apply(layers.infos[top], _layer_tar({"etc/top": b"top"}), IDMap())
+        backend.apply(layers.infos[top], io.BytesIO(files_tar({"etc/top": b"top"}, directories=True)), IDMap())
         layers.commit(top)
         container = layers.create(top)
         root = layers.get(container)

@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -40,6 +39,7 @@ from txgraph.errors import ArchiveError, BackendError, ConfigurationError
 from txgraph.model import ChangeKind
 from txgraph.testing.ceph import DevCluster
 from txgraph.testing.conformance import IDENTITY, Layers, make_backend_tests, new_id
+from txgraph.testing.tars import files_tar
 
 pytestmark = [
     pytest.mark.ceph,
@@ -231,17 +231,6 @@ def started(ceph: Ceph, tmp_path: Path) -> Iterator[Started]:
     finally:
         env.layers.cleanup()
         env.backend.stop()
-
-
-def _tar(files: dict[str, bytes]) -> io.BytesIO:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    out.seek(0)
-    return out
 
 
 def _read(root: str, name: str) -> bytes:
@@ -559,7 +548,7 @@ def test_failed_apply_leaves_nothing(started: Started, ceph: Ceph) -> None:
     base = layers.create()
     layers.write(base, {"inherited": b"x"})
     layer = layers.create(base, readwrite=False)
-    good = _tar({"half": b"y" * 3000})
+    good = io.BytesIO(files_tar({"half": b"y" * 3000}))
     truncated = io.BytesIO(good.getvalue()[:1024])
     with pytest.raises(ArchiveError, match=f"rbd apply of layer {layer}"):
         backend.apply(layers.infos[layer], truncated, IDENTITY)
@@ -573,7 +562,7 @@ def test_failed_apply_leaves_nothing(started: Started, ceph: Ceph) -> None:
     # A committed layer with children cannot be re-applied.
     layers.create(layer, readwrite=False)
     with pytest.raises(BackendError, match="layers were made from"):
-        backend.apply(layers.infos[layer], _tar({"f": b"z"}), IDENTITY)
+        backend.apply(layers.infos[layer], io.BytesIO(files_tar({"f": b"z"})), IDENTITY)
     assert ceph.snaps(namespace, name) == [SNAP]
     assert host_leftovers(backend.state_dir) == []
 
@@ -585,9 +574,9 @@ def test_apply_to_committed_layer(started: Started, ceph: Ceph) -> None:
     """
     backend, namespace, layers = started.backend, started.namespace, started.layers
     layer = layers.create(readwrite=False)
-    assert backend.apply(layers.infos[layer], _tar({"one": b"1"}), IDENTITY) == 1
+    assert backend.apply(layers.infos[layer], io.BytesIO(files_tar({"one": b"1"})), IDENTITY) == 1
     backend.commit(layers.infos[layer])
-    assert backend.apply(layers.infos[layer], _tar({"two": b"22"}), IDENTITY) == 2
+    assert backend.apply(layers.infos[layer], io.BytesIO(files_tar({"two": b"22"})), IDENTITY) == 2
     assert ceph.snaps(namespace, backend.image_name(layer)) == []
     assert sorted(os.listdir(layers.get(layer))) == ["two"]
     layers.put(layer)
@@ -611,7 +600,7 @@ def test_extraction_is_written_back_as_it_goes(started: Started) -> None:
     """
     backend, layers = started.backend, started.layers
     files = {f"f{i:02}": os.urandom(1 << 20) for i in range(32)}
-    body = _tar(files).getvalue()
+    body = files_tar(files)
     # Loop devices count from their creation, not from their attach.
     baseline: dict[str, int] = {}
     written: list[int] = []
@@ -1073,7 +1062,7 @@ def test_child_of_a_shared_layer_is_cloned_from_the_shared_image(
     """
     backend, namespace, layers = started.backend, started.namespace, started.layers
     image = layers.create(readwrite=False)
-    backend.apply(layers.infos[image], _tar({"f": b"from the image"}), IDENTITY)
+    backend.apply(layers.infos[image], io.BytesIO(files_tar({"f": b"from the image"})), IDENTITY)
     init = layers.create(image)
     layers.write(init, {"etc/hosts": b"h"})
     container = layers.create(init)

@@ -489,7 +489,7 @@ def snapshot_daemons(
 
 
 def _client(daemon: Txgraphd) -> Any:
-    from txgraph.testing.snapshotter_suite import Snapshotter, Target
+    from txgraph.testing.snapshotter.client import Snapshotter, Target
 
     return Snapshotter(Target(f"unix://{daemon.containerd_socket}", "txgraph"))
 

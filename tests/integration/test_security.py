@@ -552,7 +552,7 @@ refused_in_state = st.sampled_from([
     ("GraphDriver.GetMetadata", _json({"ID": UNKNOWN}), "", False, "POST", "unknown layer"),
     ("GraphDriver.Create", _json({"ID": B, "Parent": C}), "", False, "POST", "already exists"),
     ("GraphDriver.Create", _json({"ID": UNKNOWN, "Parent": UNKNOWN}), "", False, "POST", "does not exist"),
-    ("GraphDriver.CreateReadWrite", _json({"ID": UNKNOWN, "Parent": A, "StorageOpt": {"size": "1G"}}),
+    ("GraphDriver.CreateReadWrite", _json({"ID": UNKNOWN, "Parent": A, "StorageOpt": {"quota": "1G"}}),
      "", False, "POST", "not supported by the overlay backend"),
     ("GraphDriver.Init", _json({"Home": "/h", "Opts": None, "UIDMaps": [{"container_id": 0, "host_id": 100000, "size": 65536}],
                                 "GIDMaps": None}), "", False, "POST", "while layers exist"),
@@ -768,6 +768,58 @@ def test_permissions_and_socket_group(components: Components) -> None:
         finally:
             daemon.cleanup()
             shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def test_bare_listen_socket_is_root_only(components: Components) -> None:
+    """
+    With a bare C{--listen unix:PATH} (no mode=, where Twisted's own default
+    is 0666), the plugin socket is still 0660 root:root and a stranger
+    cannot open it; the admin socket stays 0600 root.
+    """
+    sockdir = Path(f"/run/txgraph-sec-{os.getpid()}-bare")
+    sockdir.mkdir(mode=0o755)
+    os.chmod(sockdir, 0o755)
+    name = f"txgraph-bare-{os.getpid()}"
+    path = sockdir / f"{name}.sock"
+    daemon = components.txgraph("--listen", f"unix:{path}", start=False, name=name)
+    daemon.socket = path
+    try:
+        daemon.start()
+        st_sock = os.stat(path)
+        assert stat.S_ISSOCK(st_sock.st_mode) and stat.S_IMODE(st_sock.st_mode) == 0o660
+        assert (st_sock.st_uid, st_sock.st_gid) == (0, 0)
+        st_admin = os.stat(daemon.state_dir / "admin.sock")
+        assert (stat.S_IMODE(st_admin.st_mode), st_admin.st_uid, st_admin.st_gid) == (0o600, 0, 0)
+        stranger = _as_nobody(CONNECT.format(path=str(path)), [])
+        assert stranger.stdout.strip() == "PermissionError", stranger
+    finally:
+        daemon.cleanup()
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "listen, message",
+    [
+        ("unix:{path}:mode=0666", "mode=0666 would let users other than root and --socket-group"),
+        ("unix:{path}:mode=640:lockfile=1:mode=0606", "mode=0606 would let users"),
+        ("tcp:0", "the plugin socket must be a UNIX socket"),
+        ("unix:{path}:bogus=1", "unexpected keyword argument 'bogus'"),
+        ("unix:{path}:mode=rw", "mode=rw is not an octal file mode"),
+    ],
+)
+def test_unsafe_or_invalid_listen_exits(components: Components, listen: str, message: str) -> None:
+    """
+    A --listen that would open the plugin socket to others (mode= wider
+    than 0660, a network endpoint), or that is not valid, stops txgraph at
+    once with a non-zero exit and a message naming it.
+    """
+    daemon = components.txgraph(start=False)
+    daemon.extra += ["--listen", listen.format(path=daemon.socket)]
+    with pytest.raises(RuntimeError) as e:
+        daemon.start(timeout=20)
+    assert "txgraph exited with 1" in str(e.value)
+    assert message in str(e.value)
+    assert not daemon.socket.exists()
 
 
 def test_socket_group_must_exist(components: Components) -> None:

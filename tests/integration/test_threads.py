@@ -8,7 +8,6 @@ it ran in.
 from __future__ import annotations
 
 import io
-import tarfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from twisted.python.threadpool import ThreadPool
 from txgraph.backends.overlay import OverlayBackend
 from txgraph.driver import Driver
 from txgraph.store import DatabaseThread, Store
+from txgraph.testing.tars import files_tar
 
 A = "a" * 64
 B = "b" * 64
@@ -62,15 +62,6 @@ class RecordingStore(Store):
         return super()._run(recorded, *args)
 
 
-def _tar() -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as tf:
-        info = tarfile.TarInfo("hello")
-        info.size = 5
-        tf.addfile(info, io.BytesIO(b"hello"))
-    return out.getvalue()
-
-
 @pytest_twisted.ensureDeferred
 async def test_no_blocking_call_on_the_reactor(tmp_path: Path) -> None:
     """
@@ -93,7 +84,7 @@ async def test_no_blocking_call_on_the_reactor(tmp_path: Path) -> None:
     try:
         await driver.start()
         await driver.create(A, None, False, {})
-        assert await driver.apply_diff(A, None, io.BytesIO(_tar())) == 5
+        assert await driver.apply_diff(A, None, io.BytesIO(files_tar({"hello": b"hello"}))) == 5
         await driver.create(B, A, True, {})
         directory = await driver.get(B)
         Path(directory, "new").write_bytes(b"x")

@@ -13,25 +13,15 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.testing import StringTransport
 
-from txgraph.api.graphdriver import GraphDriverAPI
-from txgraph.api.site import MAX_JSON_BODY, PluginSite
+from txgraph.api.site import MAX_JSON_BODY
 from txgraph.api.streams import ApplyStream
 from txgraph.errors import InvalidLayerState, UnknownLayer
 from txgraph.model import Change, ChangeKind
+from txgraph.testing.stub_client import Client, parse
 
 A = "a" * 64
 B = "b" * 64
-
-
-class ImmediateReactor:
-    """
-    Runs "from a thread" calls at once.
-    """
-
-    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
-        f(*args)
 
 
 class FakeBackendRunner:
@@ -120,55 +110,6 @@ class FakeDriver:
         return await self.apply_result
 
 
-class Client:
-    """
-    A stub HTTP client talking to a PluginSite over a StringTransport.
-    """
-
-    def __init__(self, driver: FakeDriver) -> None:
-        self.site = PluginSite(GraphDriverAPI(driver, ImmediateReactor()))  # type: ignore[arg-type]
-
-    def connect(self) -> tuple[Any, StringTransport]:
-        protocol = self.site.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        return protocol, transport
-
-    def post(self, method: str, body: bytes | dict[str, Any] | None) -> tuple[int, dict[str, str], bytes]:
-        if isinstance(body, dict):
-            body = json.dumps(body).encode() + b"\n"
-        body = body or b""
-        protocol, transport = self.connect()
-        protocol.dataReceived(
-            f"POST /{method} HTTP/1.1\r\nHost: \r\n"
-            f"Accept: application/vnd.docker.plugins.v1.2+json\r\n"
-            f"User-Agent: Go-http-client/1.1\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        return parse(transport.value())
-
-
-def parse(raw: bytes) -> tuple[int, dict[str, str], bytes]:
-    """
-    Split an HTTP/1.1 response into status, headers and (de-chunked) body.
-    """
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
-    if headers.get("transfer-encoding") == "chunked":
-        out = b""
-        while body:
-            size_line, _, rest = body.partition(b"\r\n")
-            size = int(size_line, 16)
-            if size == 0:
-                break
-            out += rest[:size]
-            body = rest[size + 2 :]
-        body = out
-    return status, headers, body
-
-
 @pytest.fixture
 def driver() -> FakeDriver:
     return FakeDriver()
@@ -176,7 +117,7 @@ def driver() -> FakeDriver:
 
 @pytest.fixture
 def client(driver: FakeDriver) -> Client:
-    return Client(driver)
+    return Client(driver)  # type: ignore[arg-type]
 
 
 def test_activate(client: Client) -> None:
@@ -244,10 +185,14 @@ def test_capabilities(client: Client) -> None:
         ("GraphDriver.Get", {}, "missing ID"),
         ("GraphDriver.Get", {"ID": 7}, "missing ID"),
         ("GraphDriver.Get", {"ID": "../../etc"}, "invalid ID"),
-        ("GraphDriver.Get", {"ID": "a" * 63}, "invalid ID"),
-        ("GraphDriver.Get", {"ID": "A" * 64}, "invalid ID"),
-        ("GraphDriver.Get", {"ID": "a" * 64 + "/x"}, "invalid ID"),
-        ("GraphDriver.Get", {"ID": "a" * 64 + "-init-init"}, "invalid ID"),
+        ("GraphDriver.Get", {"ID": "a" * 256}, "more than a file name may be (255)"),
+        ("GraphDriver.Get", {"ID": "."}, "invalid ID"),
+        ("GraphDriver.Get", {"ID": "a" * 64 + "/x"}, "a path separator"),
+        ("GraphDriver.Get", {"ID": "Base@snap"}, "RBD's snapshot separator"),
+        ("GraphDriver.Get", {"ID": "a\nb"}, "whitespace"),
+        ("GraphDriver.Get", {"ID": "a\x00b"}, "control"),
+        ("GraphDriver.Get", {"ID": "a\u202eb"}, "formatting"),
+        ("GraphDriver.Get", {"ID": "a&parent=b"}, "ApplyDiff's query"),
         ("GraphDriver.Get", {"ID": A, "MountLabel": 3}, "invalid MountLabel"),
         ("GraphDriver.Create", {"ID": A, "Parent": ".."}, "invalid Parent"),
         ("GraphDriver.CreateReadWrite", {"ID": A, "StorageOpt": {"size": 1}}, "invalid StorageOpt"),
@@ -256,7 +201,7 @@ def test_capabilities(client: Client) -> None:
         ("GraphDriver.Init", {"Home": 5}, "invalid Home"),
         ("GraphDriver.Init", {"UIDMaps": [{"container_id": 0, "host_id": -1, "size": 1}]}, "UIDMaps[0].host_id"),
         ("GraphDriver.Init", {"GIDMaps": [{"container_id": 0, "host_id": 1}]}, "GIDMaps[0].size"),
-        ("GraphDriver.Changes", {"ID": A, "Parent": "nope"}, "invalid Parent"),
+        ("GraphDriver.Changes", {"ID": A, "Parent": "no/pe"}, "invalid Parent"),
     ],
 )
 def test_bad_requests(
@@ -378,7 +323,7 @@ def test_apply_diff_pauses_when_behind(client: Client, driver: FakeDriver) -> No
     [
         ("id=../x&parent=", "invalid id"),
         ("parent=", "missing id"),
-        (f"id={B}&parent=zz", "invalid parent"),
+        (f"id={B}&parent=z%2Fz", "invalid parent"),
     ],
 )
 def test_apply_diff_bad_query(client: Client, driver: FakeDriver, query: str, message: str) -> None:

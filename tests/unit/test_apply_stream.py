@@ -8,21 +8,15 @@ the reader, and flow control pauses and resumes the connection.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 
 from txgraph.api.streams import APPLY_HIGH_WATER, ApplyStream
 from txgraph.errors import BadRequest
+from txgraph.testing.stub_client import ImmediateReactor
 
 #: Sizes around which a batching hand-over would change behaviour.
 BATCH = 256 << 10
-
-
-class ImmediateReactor:
-    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
-        f(*args)
 
 
 class Reader(threading.Thread):

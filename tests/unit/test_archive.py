@@ -28,8 +28,6 @@ import pytest
 from txgraph.archive import (
     ApplyMode,
     ApplyStats,
-    _pax_record,
-    _tar_header,
     apply_layer,
     changes_dirs,
     changes_size,
@@ -37,6 +35,7 @@ from txgraph.archive import (
     export_changes,
     export_overlay,
 )
+from txgraph.archive.writer import _pax_record, tar_header
 from txgraph.errors import ArchiveError, BadRequest
 from txgraph.model import Change, ChangeKind, IDMap
 
@@ -1039,7 +1038,7 @@ def go_octal(value: int, size: int) -> bytes:
 
 def test_header_ustar_bytes() -> None:
     """A plain file's header is Go's ustar block: type bits in the mode, owner names, devices in octal."""
-    got = _tar_header(b"t/dir1/b", 0o104755, 1, 2, 5, T0, b"0", uname=b"daemon", gname=b"bin")
+    got = tar_header(b"t/dir1/b", 0o104755, 1, 2, 5, T0, b"0", uname=b"daemon", gname=b"bin")
     assert got == go_block({
         "name": b"t/dir1/b", "mode": go_octal(0o104755, 8), "uid": go_octal(1, 8),
         "gid": go_octal(2, 8), "size": go_octal(5, 12), "mtime": go_octal(T0, 12),
@@ -1051,12 +1050,12 @@ def test_header_ustar_bytes() -> None:
 def test_header_long_names() -> None:
     """A long name splits into prefix and name (a directory's trailing slash stays with its last component); an unsplittable one takes a PAX path record."""
     directory = b"p" * 120 + b"/" + b"q" * 30 + b"/"
-    got = _tar_header(directory, 0o40755, 0, 0, 0, T0, b"5", uname=b"root", gname=b"root")
+    got = tar_header(directory, 0o40755, 0, 0, 0, T0, b"5", uname=b"root", gname=b"root")
     assert got[345:345 + 155].rstrip(b"\0") == b"p" * 120
     assert got[:100].rstrip(b"\0") == b"q" * 30 + b"/"
     assert len(got) == 512
     long = b"t/" + b"p" * 150 + b"/" + b"q" * 150
-    got = _tar_header(long, 0o40755, 0, 0, 0, T0, b"5")
+    got = tar_header(long, 0o40755, 0, 0, 0, T0, b"5")
     [member] = members(got + bytes(1024))
     assert member.name == long.decode() and len(got) == 3 * 512
 
@@ -1065,7 +1064,7 @@ def test_header_pax_as_go_writes_it() -> None:
     """With PAX records the extended header is Go's: named dir/PaxHeaders.0/file (a directory's own name for one), zero fields and no device numbers; the main header holds the ASCII of each value, no prefix."""
     directory = b"a" * 120 + b"/"
     xattrs = {b"user.k": b"v"}
-    got = _tar_header(directory, 0o40755, 0, 0, 0, T0, b"5", xattrs=xattrs, uname=b"r\xc3\xb6ot", gname=b"root")
+    got = tar_header(directory, 0o40755, 0, 0, 0, T0, b"5", xattrs=xattrs, uname=b"r\xc3\xb6ot", gname=b"root")
     records = b"".join(_pax_record(k, v) for k, v in [
         (b"SCHILY.xattr.user.k", b"v"), (b"path", directory), (b"uname", b"r\xc3\xb6ot"),
     ])

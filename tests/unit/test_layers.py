@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 
 from txgraph.backends import Backend, LayerInfo, MountSpec
 from txgraph.backends.threaded import AsyncBackend
-from txgraph.errors import BackendError, InvalidLayerState, LayerExists, UnknownLayer
+from txgraph.errors import BackendError, BadRequest, InvalidLayerState, LayerExists, UnknownLayer
 from txgraph.layers.machine import transitions
 from txgraph.layers.registry import LayerRegistry
 from txgraph.layers.states import STATES
@@ -428,6 +428,21 @@ def test_create_checks(h: Harness) -> None:
     h.run(h.registry.create(A, None, False, {}))
     with pytest.raises(LayerExists):
         h.run(h.registry.create(A, None, True, {}))
+
+
+def test_depth_limit(h: Harness) -> None:
+    """
+    A chain of 129 layers (128 lower layers under the top, moby's
+    DriverTestDeepLayerRead(128)) is made; a 130th is refused, saying
+    why, and leaves nothing.
+    """
+    parent = None
+    for i in range(129):
+        h.run(h.registry.create(f"layer-{i}", parent, False, {}))
+        parent = f"layer-{i}"
+    with pytest.raises(BadRequest, match="more than 128 lower layers"):
+        h.run(h.registry.create("too-deep", parent, False, {}))
+    assert "too-deep" not in h.registry and h.row("too-deep") is None
 
 
 def test_remove_checks(h: Harness) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from txgraph.testing import fstest
-from txgraph.testing.snapshots_client import compact_lowerdir_option, parse_mount_options
+from txgraph.testing.snapshotter.mount import compact_lowerdir_option, parse_mount_options
 
 BASE = fstest.apply(
     fstest.create_dir("/d", 0o755),

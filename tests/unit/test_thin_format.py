@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from txgraph import thin
+from txgraph.testing.tars import files_tar
 from txgraph.thin import ThinDescriptorError
 
 D1 = "sha256:" + "1" * 64
@@ -107,16 +108,6 @@ def test_bad_descriptors_name_what_is_wrong(document: bytes, message: str) -> No
     assert caught.value.status == 400
 
 
-def _tar(*entries: tuple[str, bytes]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in entries:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
-
-
 def test_sniff_recognises_a_lone_descriptor() -> None:
     """
     The thin layer tar is recognised, and read to its end.
@@ -131,9 +122,9 @@ def test_sniff_recognises_a_lone_descriptor() -> None:
 @pytest.mark.parametrize(
     "layer",
     [
-        _tar(("etc/passwd", b"root:x:0:0\n")),
-        _tar((thin.DESCRIPTOR_PATH, b"{}"), ("bin/sh", b"\x7fELF")),
-        _tar(("x", b"")),
+        files_tar({"etc/passwd": b"root:x:0:0\n"}, format=tarfile.USTAR_FORMAT),
+        files_tar({thin.DESCRIPTOR_PATH: b"{}", "bin/sh": b"\x7fELF"}, format=tarfile.USTAR_FORMAT),
+        files_tar({"x": b""}, format=tarfile.USTAR_FORMAT),
         b"",
         b"short",
     ],
@@ -155,7 +146,7 @@ def test_hashing_reader_gives_the_diff_id() -> None:
     The digest covers every byte read, trailing ones included, and progress
     is reported as the stream is read.
     """
-    data = _tar(("a", b"x" * 10000)) + b"\0" * 10240
+    data = files_tar({"a": b"x" * 10000}, format=tarfile.USTAR_FORMAT) + b"\0" * 10240
     seen: list[int] = []
     reader = thin.HashingReader(io.BytesIO(data), seen.append)
     reader.read(100)

@@ -40,7 +40,9 @@ which the snapshotter holds, with a Get, while the snapshot exists).
 from __future__ import annotations
 
 import abc
+import hashlib
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, ClassVar
@@ -125,6 +127,80 @@ class BackendOption:
     help: str
     default: str | None = None
     parse: Callable[[str], Any] = str
+
+
+#: Layer IDs that name their own storage as they are: every ID dockerd and
+#: BuildKit make (64 hex digits, C{-init}, 25 characters of base 36).
+_PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,79}")
+
+#: The start of a hashed storage key (see L{layer_key}).
+HASHED_KEY = "x."
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+
+def layer_key(layer_id: str, reserved: frozenset[str] = frozenset()) -> str:
+    """
+    The name a layer's storage goes by: its directory, RBD image name,
+    mapping tag, mount point.  A plain ID (letters, digits, C{_} and C{-},
+    at most 80, starting with a letter or digit) is its own key, unless
+    the backend reserves that name; any other ID (one with C{.}, C{:},
+    C{,}, spaces, non-ASCII letters, or long) is keyed C{x.} and the
+    SHA-256 of its UTF-8 bytes.  A plain key never holds a C{.}, so the
+    two kinds never meet, and every key is at most 80 characters of
+    C{[A-Za-z0-9_.-]}: safe in a path, in overlayfs's C{lowerdir} (which
+    splits on C{:} and C{,}), in an RBD image name and in the file name
+    rbd-fuse gives an image, whatever the ID holds.
+    """
+    if _PLAIN_ID.fullmatch(layer_id) and layer_id not in reserved:
+        return layer_id
+    return HASHED_KEY + hashlib.sha256(layer_id.encode("utf-8")).hexdigest()
+
+
+def is_plain_key(name: str) -> bool:
+    """
+    Whether C{name} is a plain layer ID used as its own key (so the name
+    is the ID).
+    """
+    return _PLAIN_ID.fullmatch(name) is not None
+
+
+def parse_size(value: str) -> int:
+    """
+    A size in bytes from C{"10G"}, C{"512M"}, C{"1.5GiB"} or plain bytes
+    (binary units, as dockerd's C{size} storage option).
+    """
+    match = _SIZE.match(value)
+    if match is None:
+        raise ValueError(
+            "not a size (give bytes, or a number with K, M, G or T, e.g. 10G)"
+        )
+    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise ValueError("a size must be more than 0")
+    return size
+
+
+def storage_size(layer: LayerInfo, backend: str, supported: str) -> int | None:
+    """
+    The C{size} storage option of a Create in bytes, or None without one.
+    Any other option, or a size that is not one, is a
+    L{ConfigurationError} naming it (C{supported} says what is).
+    """
+    unknown = sorted(k for k in layer.storage_opt if k != "size")
+    if unknown:
+        raise ConfigurationError(
+            f"storage option(s) {', '.join(unknown)} are not supported by the {backend} "
+            f"backend (supported: {supported})"
+        )
+    raw = layer.storage_opt.get("size")
+    if raw is None:
+        return None
+    try:
+        return parse_size(raw)
+    except ValueError as e:
+        raise ConfigurationError(f"invalid storage option size={raw!r}: {e}") from None
 
 
 def set_traverse(path: str, gid: int | None) -> None:

@@ -467,29 +467,6 @@ def _process_start(pid: int) -> int | None:
         return None
 
 
-def _loop_backing_files() -> dict[str, str]:
-    """
-    Every attached loop device and the file behind it.
-    """
-    result: dict[str, str] = {}
-    try:
-        names = os.listdir("/sys/block")
-    except OSError:
-        return result
-    for name in names:
-        if not name.startswith("loop"):
-            continue
-        try:
-            with open(f"/sys/block/{name}/loop/backing_file", "rb") as f:
-                backing = f.read().decode("utf-8", "surrogateescape").rstrip("\n")
-        except OSError:
-            continue
-        if backing.endswith(" (deleted)"):
-            backing = backing[: -len(" (deleted)")]
-        result[f"/dev/{name}"] = backing
-    return result
-
-
 def detach_loop(device: str) -> None:
     """
     Detach a loop device (LOOP_CLR_FD); one that is already free is fine.
@@ -814,7 +791,7 @@ class FuseMapper(Mapper):
         path = os.path.join(directory, image)
         # Only loop devices that really are backed by this mapping's file:
         # a recorded device number may belong to someone else by now.
-        for device, backing in _loop_backing_files().items():
+        for device, backing in mounts.loop_backing_files().items():
             if backing == path:
                 unmount_device(device)
                 detach_loop(device)
@@ -925,7 +902,7 @@ class FuseMapper(Mapper):
                 ]
             except FileNotFoundError:
                 directories = []
-        loops = _loop_backing_files()
+        loops = mounts.loop_backing_files()
         # One pass over /proc when looking at every tag (gc, start); one
         # tag's process is found from its record.
         processes = self._fuse_processes() if tag is None else None
@@ -969,14 +946,14 @@ class FuseMapper(Mapper):
         if not directory or not device:
             return False
         path = os.path.join(directory, mapping.get("image", ""))
-        return _loop_backing_files().get(device) == path and bool(self._fuse_pids(directory))
+        return mounts.loop_backing_files().get(device) == path and bool(self._fuse_pids(directory))
 
     def cleanup_tags(self, prefix: str) -> None:
         try:
             names = os.listdir(self.fuse_root)
         except FileNotFoundError:
             return
-        loops = _loop_backing_files()
+        loops = mounts.loop_backing_files()
         for name in names:
             if not name.startswith(prefix):
                 continue

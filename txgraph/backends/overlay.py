@@ -4,12 +4,29 @@ embedded default that needs nothing else installed or running.
 
 Layout, under C{<state-dir>/overlay/}::
 
-  <id>/diff     the layer's own files (an overlay upper directory)
-  <id>/work     overlayfs's work directory
-  <id>/merged   where the layer is mounted over its ancestors' diff dirs
-  .tmp/         layers being made or removed, and temporary views
-  l/<link>      a short symbolic link to a layer's diff directory, for the
-                lower directories of the mounts handed to containerd
+  <key>/diff     the layer's own files (an overlay upper directory)
+  <key>/work     overlayfs's work directory
+  <key>/merged   where the layer is mounted over its ancestors' diff dirs
+  <key>/layer-id the layer's ID, when the key is hashed
+  .tmp/          layers being made or removed, and temporary views
+  .links/<link>  a short symbolic link to a layer's diff directory, for the
+                 lower directories of the mounts handed to containerd
+
+A read-write layer created with the C{size} storage option (C{docker run
+--storage-opt size=...}) keeps its upper and work directories on an ext4
+filesystem of that size of its own, in the sparse file C{<key>/quota.img}:
+C{<key>/fs/diff} and C{<key>/fs/work}, with the filesystem loop-mounted at
+C{<key>/fs} while the layer is mounted (from its first Get to its last
+Put) or read (Diff, Changes, DiffSize, ApplyDiff, or as a child's lower,
+while the child is mounted: overlayfs holds its own reference, so the
+mount point goes when the mount is made).  A write past the size fails
+with ENOSPC, on any kernel with loop devices and ext4, without disk
+quotas.
+
+A layer's key (L{txgraph.backends.layer_key}) is its ID when that is
+plain (every ID dockerd and BuildKit make), else C{x.} and the ID's
+SHA-256: so no ID, whatever it holds (C{:} and C{,} split overlayfs's
+options), reaches a mount option, and none can be C{.tmp}.
 
 A layer without a parent needs no mount while it is written: Get returns
 its diff directory.  A committed layer is mounted read-only (an overlay of
@@ -27,43 +44,69 @@ For containerd, nothing is mounted: L{OverlayBackend.mount_specs} returns
 what containerd's overlayfs snapshotter returns (a bind mount of a lone
 layer, else an overlay of lower directories, nearest first, with upper and
 work directories for an active snapshot).  Its lower directories are the
-C{l/<link>} links, as moby's overlay2 names them: 21 characters each, so
+C{.links/<link>} links (moby's overlay2 has C{l/<link>}): 21 characters each, so
 that containerd's C{mount.All}, which makes them relative to their common
 directory when the options exceed a page, fits 128 of them in one.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
+import functools
 import os
-import re
 import shutil
-import stat
+import subprocess
 import tempfile
-from collections.abc import Iterator
-from typing import Any, BinaryIO
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, BinaryIO, TypeVar, cast
+
+from twisted.logger import Logger
 
 from txgraph import archive, mounts, thin
 from txgraph.archive import ApplyMode
 from txgraph.backends import (
+    HASHED_KEY,
     Backend,
     BackendOption,
     LayerInfo,
     LayerView,
     MountSpec,
     Orphan,
+    clientmounts,
+    is_plain_key,
+    layer_key,
     set_traverse,
+    storage_size,
 )
 from txgraph.errors import BackendError, BadRequest, ConfigurationError
 from txgraph.model import Change, IDMap
 from txgraph.thin import ThinDescriptorError
 
-_ID = re.compile(r"[0-9a-f]{64}(?:-init)?")
+#: The file of a hashed layer directory that holds the layer's ID.
+ID_FILE = "layer-id"
+#: A sized layer's filesystem image, and where it is mounted.
+QUOTA_IMAGE = "quota.img"
+QUOTA_FS = "fs"
+QUOTA_FSTYPE = "ext4"
+#: moby's quota.ErrQuotaNotSupported, word for word: what a size that
+#: cannot be honoured is answered with (graphtest and dockerd know it).
+QUOTA_NOT_SUPPORTED = "Filesystem does not support, or has not enabled quotas"
+#: moby overlay2's answer to a size on an image layer, word for word.
+SIZE_ON_IMAGE_LAYER = "--storage-opt size is only supported for ReadWrite Layers"
+
+log = Logger()
 
 #: Options that name layer directories: txgraph sets those itself.
 _DIRECTORY_OPTIONS = ("lowerdir", "lowerdir+", "upperdir", "workdir", "datadir+")
+
+
+def _option_path(path: str) -> str:
+    """
+    A path as an overlayfs option value: overlayfs splits its options on
+    C{,} and C{lowerdir} on C{:}, and takes a backslash as an escape.
+    """
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
 
 
 def _mount_options(value: str) -> str:
@@ -72,6 +115,37 @@ def _mount_options(value: str) -> str:
         if name in _DIRECTORY_OPTIONS:
             raise ValueError(f"{name} is set by txgraph itself")
     return value
+
+
+def _make_upper(root: str, owner: tuple[int, int]) -> None:
+    """
+    A layer's empty C{diff} (0755, owned by the container's root) and
+    C{work} directories in C{root}.
+    """
+    diff = os.path.join(root, "diff")
+    os.makedirs(diff, 0o755, exist_ok=True)
+    os.chmod(diff, 0o755)
+    os.chown(diff, *owner)
+    os.makedirs(os.path.join(root, "work"), 0o700, exist_ok=True)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _with_filesystems(method: F) -> F:
+    """
+    A method of (layer, chain, ...), or of (layer, ...), that reads or
+    writes diff directories: the sized layers among them have their
+    filesystems mounted while it runs.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: OverlayBackend, layer: LayerInfo, *args: Any) -> Any:
+        chain = args[0] if args and isinstance(args[0], list) else []
+        with self._using([layer.id, *(a.id for a in chain)]):
+            return method(self, layer, *args)
+
+    return cast(F, wrapper)
 
 
 class OverlayBackend(Backend):
@@ -93,21 +167,54 @@ class OverlayBackend(Backend):
         super().__init__(state_dir, options)
         self.root = os.path.join(state_dir, "overlay")
         self._tmp = os.path.join(self.root, ".tmp")
-        self._links = os.path.join(self.root, "l")
+        self._links = os.path.join(self.root, ".links")
+        # Sized layers' filesystems: the users of each mount (by key), and
+        # the layers whose own mount holds theirs.
+        self._fs_lock = threading.Lock()
+        self._fs_users: dict[str, int] = {}
+        self._fs_held: set[str] = set()
 
     # -- paths -----------------------------------------------------------
 
     def _dir(self, layer_id: str) -> str:
-        return os.path.join(self.root, layer_id)
+        return os.path.join(self.root, layer_key(layer_id))
+
+    def _sized(self, layer_id: str) -> bool:
+        """
+        Whether the layer has a filesystem of its own (the C{size} option).
+        """
+        return os.path.exists(os.path.join(self._dir(layer_id), QUOTA_IMAGE))
+
+    def _upper_root(self, layer_id: str) -> str:
+        """
+        Where the layer's diff and work directories are.
+        """
+        base = self._dir(layer_id)
+        return os.path.join(base, QUOTA_FS) if self._sized(layer_id) else base
 
     def diff_dir(self, layer_id: str) -> str:
         """
         The layer's own files.
         """
-        return os.path.join(self.root, layer_id, "diff")
+        return os.path.join(self._upper_root(layer_id), "diff")
 
     def _merged(self, layer_id: str) -> str:
-        return os.path.join(self.root, layer_id, "merged")
+        return os.path.join(self._dir(layer_id), "merged")
+
+    def _layer_of(self, name: str) -> str | None:
+        """
+        The ID of the layer whose directory is C{name}, or None if C{name}
+        is no layer's directory.
+        """
+        if is_plain_key(name):
+            return name
+        if name.startswith(HASHED_KEY):
+            try:
+                with open(os.path.join(self.root, name, ID_FILE), encoding="utf-8") as f:
+                    return f.read()
+            except (OSError, UnicodeDecodeError):
+                return None
+        return None
 
     # -- set-up ------------------------------------------------------------
 
@@ -157,29 +264,123 @@ class OverlayBackend(Backend):
 
     def prepare(self, layer: LayerInfo) -> None:
         """
-        Make C{<id>/{diff,work,merged}} atomically (made in .tmp, renamed).
+        Make C{<key>/{diff,work,merged}} atomically (made in .tmp, renamed);
+        with a C{size}, the diff and work directories are made in a new
+        filesystem of that size (C{quota.img}).
         """
-        if layer.storage_opt:
-            raise ConfigurationError(
-                f"storage option(s) {', '.join(sorted(layer.storage_opt))} are not "
-                "supported by the overlay backend"
-            )
+        size = self._requested_size(layer)
         target = self._dir(layer.id)
         if os.path.lexists(target):
             self._destroy(layer.id)
-        staging = tempfile.mkdtemp(prefix=f"{layer.id}-", dir=self._tmp)
+        staging = tempfile.mkdtemp(prefix=f"{layer_key(layer.id)}-", dir=self._tmp)
         try:
             os.chmod(staging, 0o700)
-            os.mkdir(os.path.join(staging, "diff"), 0o755)
-            os.chmod(os.path.join(staging, "diff"), 0o755)
-            os.chown(os.path.join(staging, "diff"), *layer.root_ids)
-            os.mkdir(os.path.join(staging, "work"), 0o700)
+            if not is_plain_key(os.path.basename(target)):
+                with open(os.path.join(staging, ID_FILE), "w", encoding="utf-8") as f:
+                    f.write(layer.id)
             os.mkdir(os.path.join(staging, "merged"), 0o700)
+            if size is None:
+                _make_upper(staging, layer.root_ids)
+            else:
+                self._make_sized(staging, size, layer)
             set_traverse(staging, self.traverse_gid)
             os.rename(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+    def _requested_size(self, layer: LayerInfo) -> int | None:
+        """
+        The C{size} storage option in bytes, or None; refuses other options
+        and a size on an image layer, as moby's overlay2 does.
+        """
+        size = storage_size(layer, self.name, "size, for read-write layers")
+        if size is not None and not layer.readwrite:
+            raise ConfigurationError(SIZE_ON_IMAGE_LAYER)
+        return size
+
+    def _make_sized(self, staging: str, size: int, layer: LayerInfo) -> None:
+        """
+        Make the sparse filesystem image of a sized layer in C{staging},
+        and its diff and work directories in it.  Anything that keeps the
+        size from being honoured (no mkfs.ext4, no loop devices, a size too
+        small for a filesystem) is answered with moby's own words, and
+        logged with the reason.
+        """
+        image = os.path.join(staging, QUOTA_IMAGE)
+        fs = os.path.join(staging, QUOTA_FS)
+        try:
+            with open(image, "wb") as f:
+                f.truncate(size)
+            os.mkdir(fs, 0o700)
+            result = subprocess.run(
+                ["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "nodiscard", image],
+                capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+            )
+            if result.returncode != 0:
+                raise OSError(0, f"mkfs.ext4 failed: {result.stderr.strip() or result.stdout.strip()}")
+            mounts.mount_loop(image, fs, QUOTA_FSTYPE)
+        except (OSError, subprocess.SubprocessError) as e:
+            log.error(
+                "layer {id}: cannot honour storage option size={size}: {error}",
+                id=layer.id, size=size, error=e,
+            )
+            raise ConfigurationError(QUOTA_NOT_SUPPORTED) from None
+        try:
+            _make_upper(fs, layer.root_ids)
+            set_traverse(fs, self.traverse_gid)
+            shutil.rmtree(os.path.join(fs, "lost+found"), ignore_errors=True)
+        finally:
+            mounts.unmount(fs)
+
+    @contextlib.contextmanager
+    def _using(self, layer_ids: Iterable[str]) -> Iterator[None]:
+        """
+        The sized layers among C{layer_ids} have their filesystems mounted
+        while the body runs.
+        """
+        taken: list[str] = []
+        try:
+            for layer_id in layer_ids:
+                if self._sized(layer_id):
+                    self._take_fs(layer_id)
+                    taken.append(layer_id)
+            yield
+        finally:
+            for layer_id in reversed(taken):
+                self._drop_fs(layer_id)
+
+    def _take_fs(self, layer_id: str) -> None:
+        """
+        One more user of a sized layer's filesystem: mounted if it is not.
+        """
+        key = layer_key(layer_id)
+        fs = os.path.join(self._dir(layer_id), QUOTA_FS)
+        with self._fs_lock:
+            if not self._fs_users.get(key) and not mounts.is_mountpoint(fs):
+                try:
+                    mounts.mount_loop(os.path.join(self._dir(layer_id), QUOTA_IMAGE), fs, QUOTA_FSTYPE)
+                except OSError as e:
+                    raise BackendError(
+                        f"mount the filesystem of layer {layer_id} (its size option) at {fs} "
+                        f"failed: {e.strerror}"
+                    ) from None
+            self._fs_users[key] = self._fs_users.get(key, 0) + 1
+
+    def _drop_fs(self, layer_id: str) -> None:
+        """
+        One user fewer of a sized layer's filesystem: unmounted (and its
+        loop device freed) when none is left.  Overlay mounts made over it
+        keep their own reference.
+        """
+        key = layer_key(layer_id)
+        with self._fs_lock:
+            users = self._fs_users.get(key, 0) - 1
+            if users > 0:
+                self._fs_users[key] = users
+                return
+            self._fs_users.pop(key, None)
+            mounts.unmount(os.path.join(self._dir(layer_id), QUOTA_FS))
 
     def commit(self, layer: LayerInfo) -> None:
         """
@@ -195,13 +396,16 @@ class OverlayBackend(Backend):
 
     def _destroy(self, layer_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._link(layer_id))
+            os.unlink(os.path.join(self._links, clientmounts.link_name(layer_id)))
         target = self._dir(layer_id)
+        with self._fs_lock:
+            self._fs_users.pop(layer_key(layer_id), None)
+            self._fs_held.discard(layer_key(layer_id))
         for point in mounts.mounted_under(target):
             mounts.unmount(point)
         if not os.path.lexists(target):
             return
-        doomed = tempfile.mkdtemp(prefix=f"{layer_id}-removing-", dir=self._tmp)
+        doomed = tempfile.mkdtemp(prefix=f"{layer_key(layer_id)}-removing-", dir=self._tmp)
         os.rename(target, os.path.join(doomed, "layer"))
         shutil.rmtree(doomed)
 
@@ -209,42 +413,49 @@ class OverlayBackend(Backend):
         """
         Empty the layer's diff and work directories.
         """
-        for point in mounts.mounted_under(self._dir(layer.id)):
-            mounts.unmount(point)
-        diff = self.diff_dir(layer.id)
-        for name in ("diff", "work"):
-            path = os.path.join(self._dir(layer.id), name)
-            shutil.rmtree(path, ignore_errors=True)
-            os.makedirs(path, mode=0o755 if name == "diff" else 0o700, exist_ok=True)
-        os.chmod(diff, 0o755)
-        os.chown(diff, *layer.root_ids)
+        mounts.unmount(self._merged(layer.id))
+        with self._using([layer.id]):
+            root = self._upper_root(layer.id)
+            for name in ("diff", "work"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            _make_upper(root, layer.root_ids)
 
     def exists(self, layer: LayerInfo) -> bool:
         """
-        Whether the layer's diff directory is there.
+        Whether the layer's diff directory (or filesystem) is there.
         """
-        return os.path.isdir(self.diff_dir(layer.id))
+        return os.path.isdir(self.diff_dir(layer.id)) or self._sized(layer.id)
 
     def list_layers(self) -> list[str]:
         """
         Every layer directory.
         """
-        return sorted(n for n in os.listdir(self.root) if _ID.fullmatch(n))
+        found = (self._layer_of(n) for n in os.listdir(self.root))
+        return sorted(i for i in found if i is not None)
 
     def orphans(self, layers: dict[str, LayerView]) -> list[Orphan]:
         """
         Mounts under the layer directory that no mounted layer holds, and
         layer directories (or leftovers in .tmp) with no layer row.
         """
-        held = {v.mountpoint for v in layers.values() if v.state == "mounted"}
+        held = {v.mountpoint for v in layers.values() if v.state == "mounted"} | {
+            os.path.join(self._dir(i), QUOTA_FS) for i, v in layers.items() if v.state == "mounted"
+        }
         found = [
             Orphan("mount", point, "mounted, but no mounted layer holds it")
             for point in mounts.mounted_under(self.root)
             if point not in held
         ]
         for name in sorted(os.listdir(self.root)):
-            if _ID.fullmatch(name) and name not in layers:
-                found.append(Orphan("object", name, f"layer directory {self._dir(name)} has no layer row"))
+            layer_id = self._layer_of(name)
+            if layer_id is not None and layer_id not in layers:
+                found.append(
+                    Orphan(
+                        "object",
+                        layer_id,
+                        f"layer directory {os.path.join(self.root, name)} has no layer row",
+                    )
+                )
         for name in sorted(os.listdir(self._tmp)):
             found.append(
                 Orphan("object", f".tmp/{name}", f"leftover {os.path.join(self._tmp, name)}")
@@ -262,7 +473,7 @@ class OverlayBackend(Backend):
             for point in mounts.mounted_under(path):
                 mounts.unmount(point)
             shutil.rmtree(path, ignore_errors=True)
-        elif orphan.kind == "object" and _ID.fullmatch(orphan.id):
+        elif orphan.kind == "object":
             self._destroy(orphan.id)
         else:
             super().repair(orphan)
@@ -270,6 +481,42 @@ class OverlayBackend(Backend):
     # -- mounting ------------------------------------------------------------
 
     def mount(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
+        """
+        Mount the layer; a sized layer's filesystem stays mounted until its
+        last Put, its sized ancestors' only while the overlay is made.
+        """
+        self._take_own_fs(layer)
+        try:
+            with self._using(a.id for a in chain):
+                return self._mount(layer, chain)
+        except BaseException:
+            self._drop_own_fs(layer)
+            raise
+
+    def _take_own_fs(self, layer: LayerInfo) -> None:
+        """
+        A mounted sized layer holds its filesystem (once).
+        """
+        key = layer_key(layer.id)
+        if self._sized(layer.id) and key not in self._fs_held:
+            self._take_fs(layer.id)
+            self._fs_held.add(key)
+
+    def _drop_own_fs(self, layer: LayerInfo) -> None:
+        """
+        The last Put of a sized layer lets its filesystem go (also when this
+        process did not mount it: a restart, or a reboot's recovery).
+        """
+        key = layer_key(layer.id)
+        if key in self._fs_held:
+            self._fs_held.discard(key)
+            self._drop_fs(layer.id)
+        elif self._sized(layer.id):
+            with self._fs_lock:
+                if not self._fs_users.get(key):
+                    mounts.unmount(os.path.join(self._dir(layer.id), QUOTA_FS))
+
+    def _mount(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
         """
         Mount the layer's diff over its ancestors'; a layer without a parent
         is its own diff directory.  A committed layer is mounted read-only
@@ -284,7 +531,7 @@ class OverlayBackend(Backend):
             [self.diff_dir(a.id) for a in chain],
             merged,
             upper=self.diff_dir(layer.id),
-            work=os.path.join(self._dir(layer.id), "work"),
+            work=os.path.join(self._upper_root(layer.id), "work"),
         )
         return merged
 
@@ -324,20 +571,29 @@ class OverlayBackend(Backend):
         self, lowers: list[str], target: str, upper: str | None, work: str | None
     ) -> None:
         extra = self.config.get("mountopt") or ""
-        tail = f",upperdir={upper},workdir={work}" if upper else ""
         # Without an upper directory overlayfs is read-only anyway; say so.
         flags = 0 if upper else mounts.MS_RDONLY
-        if extra:
-            tail += "," + extra
-        data = f"lowerdir={':'.join(lowers)}{tail}"
         fds: list[int] = []
+
+        def options(lower_paths: list[str], upper: str | None, work: str | None) -> str:
+            data = "lowerdir=" + ":".join(_option_path(p) for p in lower_paths)
+            if upper is not None and work is not None:
+                data += f",upperdir={_option_path(upper)},workdir={_option_path(work)}"
+            return data + ("," + extra if extra else "")
+
+        def by_fd(path: str) -> str:
+            fds.append(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+            return f"/proc/self/fd/{fds[-1]}"
+
         try:
+            data = options(lowers, upper, work)
             if len(data) >= mounts.PAGE_SIZE - 1:
-                # Too long for one page: name each lower by a short fd path.
-                for lower in lowers:
-                    fds.append(os.open(lower, os.O_PATH | os.O_DIRECTORY))
-                short = ":".join(f"/proc/self/fd/{fd}" for fd in fds)
-                data = f"lowerdir={short}{tail}"
+                # Too long for one page: name each lower by a short fd path
+                # (128 of them fit), then the upper and work directories too.
+                short = [by_fd(lower) for lower in lowers]
+                data = options(short, upper, work)
+                if len(data) >= mounts.PAGE_SIZE - 1 and upper is not None and work is not None:
+                    data = options(short, by_fd(upper), by_fd(work))
                 if len(data) >= mounts.PAGE_SIZE - 1:
                     raise BackendError(
                         f"overlay mount options for {target} do not fit one page "
@@ -360,6 +616,7 @@ class OverlayBackend(Backend):
         it was mounted).
         """
         mounts.unmount(self._merged(layer.id))
+        self._drop_own_fs(layer)
 
     def ensure_mounted(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
         """
@@ -367,89 +624,46 @@ class OverlayBackend(Backend):
         """
         merged = self._merged(layer.id)
         if mounts.is_mountpoint(merged):
+            self._take_own_fs(layer)
             return merged
         return self.mount(layer, chain)
 
     # -- mounts for containerd ------------------------------------------------
 
-    def _link(self, layer_id: str) -> str:
-        """
-        The short link to the layer's diff directory: 20 base-32
-        characters of the SHA-256 of its ID (100 bits: no two layers
-        meet), so it is derived again after a crash, never recorded.
-        """
-        digest = hashlib.sha256(layer_id.encode()).digest()
-        name = base64.b32encode(digest).decode().lower()[:20]
-        return os.path.join(self._links, name)
-
     def _linked(self, layer_id: str) -> str:
         """
-        The layer's link, made if missing (layers made before this
-        version, or a concurrent call made it first).
+        The layer's short link in C{.links/} (made if missing).
         """
-        link = self._link(layer_id)
-        target = os.path.join("..", layer_id, "diff")
-        try:
-            os.symlink(target, link)
-        except FileExistsError:
-            if os.readlink(link) != target:
-                raise BackendError(
-                    f"overlay link {link} of layer {layer_id} points to "
-                    f"{os.readlink(link)}, not {target}"
-                ) from None
-        return link
+        return clientmounts.ensure_link(
+            self._links, clientmounts.link_name(layer_id), self.diff_dir(layer_id)
+        )
 
     def mount_specs(
         self, layer: LayerInfo, chain: list[LayerInfo], view: bool
     ) -> list[MountSpec]:
         """
-        containerd's overlayfs snapshotter's mounts (C{mounts()} in its
-        overlay.go): without ancestors, a bind mount of the layer's own
-        directory (read-only for a view); a view of one layer, a read-only
-        bind of it; otherwise an overlay with C{workdir} and C{upperdir}
-        for an active snapshot and the ancestors as C{lowerdir}, nearest
-        first.
+        containerd's overlayfs snapshotter's mounts (L{clientmounts.overlay_specs}).
         """
-        if not chain:
-            return [MountSpec("bind", self.diff_dir(layer.id), ("ro" if view else "rw", "rbind"))]
-        if view and len(chain) == 1:
-            return [MountSpec("bind", self.diff_dir(chain[0].id), ("ro", "rbind"))]
-        options: list[str] = []
-        if not view:
-            options += [
-                f"workdir={os.path.join(self._dir(layer.id), 'work')}",
-                f"upperdir={self.diff_dir(layer.id)}",
-            ]
-        extra = self.config.get("mountopt") or ""
-        options += [o for o in extra.split(",") if o]
-        options.append("lowerdir=" + ":".join(self._linked(a.id) for a in chain))
-        return [MountSpec("overlay", "overlay", tuple(options))]
+        extra = [o for o in (self.config.get("mountopt") or "").split(",") if o]
+        return clientmounts.overlay_specs(
+            own=self.diff_dir(layer.id),
+            work=os.path.join(self._upper_root(layer.id), "work"),
+            parents=[self.diff_dir(a.id) for a in chain],
+            links=[self._linked(a.id) for a in chain] if len(chain) > 1 or not view else [],
+            view=view,
+            extra=extra,
+        )
 
     def usage(self, layer: LayerInfo) -> tuple[int, int]:
         """
         continuity's C{fs.DiskUsage} of the layer's diff directory, as
-        containerd's overlayfs snapshotter reports it: every inode once
-        (the directory itself too), its allocated blocks in 512-byte units.
+        containerd's overlayfs snapshotter reports it.
         """
-        seen: set[tuple[int, int]] = set()
-        size = 0
-        stack = [self.diff_dir(layer.id)]
-        while stack:
-            path = stack.pop()
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                continue
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                size += st.st_blocks * 512
-            if stat.S_ISDIR(st.st_mode):
-                with contextlib.suppress(FileNotFoundError), os.scandir(path) as listing:
-                    stack.extend(entry.path for entry in listing)
-        return size, len(seen)
+        return clientmounts.disk_usage(self.diff_dir(layer.id))
 
     # -- content -------------------------------------------------------------
 
+    @_with_filesystems
     def apply(self, layer: LayerInfo, stream: BinaryIO, id_map: IDMap) -> int:
         """
         Extract the tar into the layer's diff directory (AUFS whiteouts
@@ -525,6 +739,7 @@ class OverlayBackend(Backend):
         finally:
             os.rmdir(target)
 
+    @_with_filesystems
     def diff(
         self,
         layer: LayerInfo,
@@ -543,6 +758,7 @@ class OverlayBackend(Backend):
         with self._views(layer, chain, parent) as (new, old):
             archive.export_changes(new, archive.changes_dirs(new, old), out, id_map)
 
+    @_with_filesystems
     def changes(
         self, layer: LayerInfo, chain: list[LayerInfo], parent: str | None
     ) -> list[Change]:
@@ -557,6 +773,7 @@ class OverlayBackend(Backend):
         with self._views(layer, chain, parent) as (new, old):
             return archive.changes_dirs(new, old)
 
+    @_with_filesystems
     def diff_size(
         self, layer: LayerInfo, chain: list[LayerInfo], parent: str | None
     ) -> int:
@@ -572,10 +789,9 @@ class OverlayBackend(Backend):
         """
         overlay2's GetMetadata keys, so tools that read them work.
         """
-        base = self._dir(layer.id)
         meta = {
             "UpperDir": self.diff_dir(layer.id),
-            "WorkDir": os.path.join(base, "work"),
+            "WorkDir": os.path.join(self._upper_root(layer.id), "work"),
             "MergedDir": self._merged(layer.id) if chain else self.diff_dir(layer.id),
         }
         if chain:

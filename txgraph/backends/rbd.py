@@ -8,7 +8,7 @@ Storage model, per node (a Docker host, named by the C{node_id} option)::
                                the chosen filesystem (an empty C{rootfs/}
                                0755 root:root), then snapshotted and
                                protected as C{@txgraph}
-  <prefix><node>.<layer id>    a layer: a clone of its parent's C{@txgraph}
+  <prefix><node>.<key>         a layer (its key: L{layer_key}): a clone of its parent's C{@txgraph}
                                snapshot (or the base's); committing it
                                snapshots and protects it in turn
 
@@ -22,7 +22,7 @@ owner is that node: several Docker hosts share one pool safely.
 
 Locally, under C{<state-dir>/rbd/}::
 
-  mnt/<id>       where a layer is mounted; dockerd gets C{mnt/<id>/rootfs}
+  mnt/<key>      where a layer is mounted; dockerd gets C{mnt/<key>/rootfs}
                  (devicemapper-style, so lost+found stays out of sight)
   fuse/<tag>     rbd-fuse mounts of the fuse mapper (see L{mappers})
   work/          temporary mounts: apply, views for diffs, set-up
@@ -83,13 +83,17 @@ from twisted.logger import Logger
 from txgraph import archive, faults, mounts, thin
 from txgraph.archive import ApplyMode
 from txgraph.backends import (
+    HASHED_KEY,
     Backend,
     BackendOption,
     LayerInfo,
     LayerView,
     MountSpec,
     Orphan,
+    layer_key,
     parse_options,
+    parse_size,
+    storage_size,
 )
 from txgraph.backends.background import BackgroundPasses
 from txgraph.backends.mappers import (
@@ -148,33 +152,18 @@ MS_REMOUNT = 32
 MS_BIND = 4096
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: A layer's key (L{txgraph.backends.layer_key}), as its mapping tag.
+_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _NODE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_.-]{0,64}$")
-_LAYER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+#: Layer IDs whose plain key would be a name of the backend's own.
+_RESERVED = frozenset({"base"})
 
 #: Below this a filesystem is not worth having (and XFS refuses < 300 MiB).
 MIN_SIZE = {"ext4": 32 << 20, "xfs": 300 << 20}
 
 
 # -- option parsing -------------------------------------------------------------
-
-
-def parse_size(value: str) -> int:
-    """
-    A size in bytes from C{"10G"}, C{"512M"}, C{"1.5GiB"} or plain bytes
-    (binary units, as dockerd's C{size} storage option).
-    """
-    match = _SIZE.match(value)
-    if match is None:
-        raise ValueError(
-            "not a size (give bytes, or a number with K, M, G or T, e.g. 10G)"
-        )
-    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-    if size <= 0:
-        raise ValueError("a size must be more than 0")
-    return size
 
 
 def _base_size(value: str) -> int:
@@ -522,16 +511,37 @@ class RBDBackend(Backend):
         self._trash_left: dict[str, tuple[str, str]] = {}
         # Trash entries named like ours that are not ours (ids).
         self._trash_foreign: set[str] = set()
+        # Layer keys seen, and their layer IDs.
+        self._ids: dict[str, str] = {}
 
     # -- names -------------------------------------------------------------------
+
+    def _key(self, layer_id: str) -> str:
+        """
+        The layer's key (L{layer_key}): its image name after the node's
+        stem, its mapping tag, its mount point's name.  Keys are
+        remembered, so that a key found on this host names its layer.
+        """
+        if layer_id.startswith("publish-"):
+            # Candidates of make-thin's publications are named so.
+            key = layer_key(layer_id, _RESERVED | {layer_id})
+        else:
+            key = layer_key(layer_id, _RESERVED)
+        self._ids[key] = layer_id
+        return key
+
+    def _layer_of(self, key: str) -> str:
+        """
+        The layer ID of a key found on this host (a hashed key this
+        process has not seen stands for itself).
+        """
+        return self._ids.get(key, key)
 
     def image_name(self, layer_id: str) -> str:
         """
         The RBD image of a layer on this node.
         """
-        if not _LAYER.match(layer_id):
-            raise BackendError(f"bad layer id {layer_id!r}")
-        return f"{self._stem}{layer_id}"
+        return f"{self._stem}{self._key(layer_id)}"
 
     def shared_image(self, chain: str) -> str:
         """
@@ -539,9 +549,10 @@ class RBDBackend(Backend):
         """
         return f"{self._shared_stem}{chain.split(':', 1)[-1]}"
 
-    def _candidate(self, layer_id: str) -> str:
-        # Where this node builds a shared image before publishing it.
-        return f"{self._stem}candidate.{layer_id}"
+    def _candidate(self, key: str) -> str:
+        # Where this node builds a shared image before publishing it
+        # (C{key}: a layer's key, or a name of the backend's own).
+        return f"{self._stem}candidate.{key}"
 
     def spec(self, image: str) -> str:
         """
@@ -550,7 +561,7 @@ class RBDBackend(Backend):
         return self.access.image_spec(image)
 
     def _mountpoint(self, layer_id: str) -> str:
-        return os.path.join(self._mnt, layer_id)
+        return os.path.join(self._mnt, self._key(layer_id))
 
     @contextlib.contextmanager
     def _op(self, op: str, layer_id: str | None, image: str | None = None) -> Iterator[None]:
@@ -1453,19 +1464,10 @@ class RBDBackend(Backend):
     # -- life cycle ---------------------------------------------------------------------
 
     def _requested_size(self, layer: LayerInfo) -> int | None:
-        unknown = sorted(k for k in layer.storage_opt if k != "size")
-        if unknown:
-            raise ConfigurationError(
-                f"storage option(s) {', '.join(unknown)} are not supported by the rbd "
-                "backend (supported: size)"
-            )
-        raw = layer.storage_opt.get("size")
-        if raw is None:
+        size = storage_size(layer, self.name, "size")
+        if size is None:
             return None
-        try:
-            size = parse_size(raw)
-        except ValueError as e:
-            raise ConfigurationError(f"invalid storage option size={raw!r}: {e}") from None
+        raw = layer.storage_opt["size"]
         if size < MIN_SIZE[self.fs]:
             raise ConfigurationError(
                 f"invalid storage option size={raw!r}: at least {MIN_SIZE[self.fs] >> 20} MiB"
@@ -1504,10 +1506,10 @@ class RBDBackend(Backend):
             self._clone(layer, name, grow_to)
             return None
         assert self.mapper is not None
-        started = self.mapper.start(name, tag=layer.id)
+        started = self.mapper.start(name, tag=self._key(layer.id))
         try:
             self._clone(layer, name, grow_to, meta={K_STATE: "dirty"})
-            return self.mapper.map(name, readonly=False, tag=layer.id, started=started)
+            return self.mapper.map(name, readonly=False, tag=self._key(layer.id), started=started)
         except BaseException:
             if started is not None:
                 self._unmap(started)
@@ -1702,7 +1704,7 @@ class RBDBackend(Backend):
         """
         name = self.image_name(layer.id)
         with self._op("reset", layer.id, name):
-            self._discard_image(self._candidate(layer.id))
+            self._discard_image(self._candidate(self._key(layer.id)))
             self._reclone(layer, name)
 
     def _reclone(self, layer: LayerInfo, name: str) -> None:
@@ -1754,7 +1756,13 @@ class RBDBackend(Backend):
                     continue
                 state = self._inspect(name, fresh=True)
                 if state is not None and self._ours(state):
-                    result.append(name[len(self._stem) :])
+                    key = name[len(self._stem) :]
+                    if key.startswith(HASHED_KEY):
+                        # The ID is in the image's metadata.
+                        layer_id = state.meta.get(K_LAYER, key)
+                        self._ids[key] = layer_id
+                        key = layer_id
+                    result.append(key)
             return sorted(result)
 
     def traverse_paths(self) -> list[str]:
@@ -1777,7 +1785,7 @@ class RBDBackend(Backend):
             for point in mounts.mounted_under(root)
             if point not in held
         ]
-        attached = {i for i, v in layers.items() if v.state in ("mapped", "mounted")}
+        attached = {self._key(i) for i, v in layers.items() if v.state in ("mapped", "mounted")}
         for mapper in self._usable_mappers():
             for tag, image in self._mapping_tags(mapper):
                 if tag in attached:
@@ -1804,7 +1812,7 @@ class RBDBackend(Backend):
                        f"removed layer image {self.spec(name)} is still in the RBD trash: {why}")
             )
         assert self._rbd is not None
-        applying = {i for i, v in layers.items() if v.state == "applying"}
+        applying = {self._key(i) for i, v in layers.items() if v.state == "applying"}
         stem = self._candidate("")
         for name in self._rbd.RBD().list(self._ioctx):
             key = name[len(stem):]
@@ -1828,7 +1836,7 @@ class RBDBackend(Backend):
         for tag in tags:
             if tag.startswith("."):
                 continue
-            image = self.image_name(tag) if _LAYER.match(tag) else ""
+            image = f"{self._stem}{tag}" if _TAG.match(tag) else ""
             if image and mapper.find(image, tag):
                 result.append((tag, image))
         return result
@@ -1883,7 +1891,7 @@ class RBDBackend(Backend):
             self._clear_stale_clients(name)
             if state.meta.get(K_STATE) != "dirty":
                 self._set_meta(name, {K_STATE: "dirty"})
-        return self.mapper.map(name, readonly=readonly, tag=layer.id)
+        return self.mapper.map(name, readonly=readonly, tag=self._key(layer.id))
 
     def unmap(self, layer: LayerInfo) -> None:
         """
@@ -1899,7 +1907,7 @@ class RBDBackend(Backend):
         Unmount the layer's mount and detach its own mappings.
         """
         self._unmount(layer_id)
-        found = self._mappings(name, layer_id)
+        found = self._mappings(name, self._key(layer_id))
         targets = list(found)
         if recorded is not None and recorded.get("mapper") in self._mappers:
             if not any(m["alive"] and m["device"] == recorded.get("device") for m in found):
@@ -1930,7 +1938,7 @@ class RBDBackend(Backend):
             if self._mapper_for(recorded).alive(recorded):
                 return recorded
             self._suspect(name)
-        for mapping in self._mappings(name, layer.id):
+        for mapping in self._mappings(name, self._key(layer.id)):
             if mapping["alive"]:
                 return mapping
         return None
@@ -2058,7 +2066,7 @@ class RBDBackend(Backend):
                     return self._size_against_parent(layer, root, stats)
             except BaseException:
                 try:
-                    self._discard_image(self._candidate(layer.id))
+                    self._discard_image(self._candidate(self._key(layer.id)))
                     self._reclone(layer, name)
                 except Exception as e:
                     log.error(
@@ -2289,7 +2297,7 @@ class RBDBackend(Backend):
         parent_chain: str, id_map: IDMap,
     ) -> int:
         candidate, chain, size = self._build_candidate(
-            layer.id, parent_chain, body, reader, id_map, layer
+            self._key(layer.id), parent_chain, body, reader, id_map, layer
         )
         existed = self._settle(candidate, chain, layer, name)
         log.info(
@@ -2539,20 +2547,17 @@ class RBDBackend(Backend):
         result: dict[str, dict[str, Any]] = {}
         if not os.path.isdir(self._mnt):
             return result
-        for layer_id in sorted(os.listdir(self._mnt)):
-            if not mounts.is_mountpoint(self._mountpoint(layer_id)):
+        for key in sorted(os.listdir(self._mnt)):
+            if not _TAG.match(key) or not mounts.is_mountpoint(os.path.join(self._mnt, key)):
                 continue
-            try:
-                name = self.image_name(layer_id)
-            except BackendError:
-                continue
-            # A layer's own mapping is tagged with its ID; asking its admin
+            name = f"{self._stem}{key}"
+            # A layer's own mapping is tagged with its key; asking its admin
             # socket directly spares a scan of every process per layer.
             for mapper in self._usable_mappers():
-                counters = mapper.read_counters({"tag": layer_id, "image": name})
+                counters = mapper.read_counters({"tag": key, "image": name})
                 if counters is not None:
                     state = self._inspect(name)
-                    result[layer_id] = {
+                    result[self._layer_of(key)] = {
                         "image": self.spec(name),
                         "bytes_read": counters["rd_bytes"],
                         "reads": counters["rd"],

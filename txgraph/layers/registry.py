@@ -36,9 +36,11 @@ from txgraph.store import LayerRow, Store
 log = Logger()
 T = TypeVar("T")
 
-#: dockerd's deepest chain is 125 layers (moby's maxLayerDepth); accept 128
-#: lower layers under a top one, as moby's overlay2 does, and as containerd's
-#: snapshotter suite uses (128 committed snapshots and a view of the top).
+#: The most lower layers under a layer: dockerd's deepest chain is 125
+#: layers (moby's maxLayerDepth); accept a little more, as moby's overlay2
+#: does (128 lowers, a chain of 129, what moby's graphtest builds, and what
+#: containerd's snapshotter suite makes: 128 snapshots and a view of the top),
+#: and refuse beyond.
 MAX_DEPTH = 128
 
 @dataclass

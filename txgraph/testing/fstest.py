@@ -1,6 +1,6 @@
 """A port of containerd/continuity's ``fs/fstest``: appliers and directory comparison.
 
-containerd's snapshotter suite (:mod:`txgraph.testing.snapshotter_suite`)
+containerd's snapshotter suite (:mod:`txgraph.testing.snapshotter`)
 builds layers with *appliers* (create a file with these bytes and this mode,
 remove a tree, chown, hard-link, rename) and checks a mounted snapshot
 against a plain directory the same appliers were run on, with
