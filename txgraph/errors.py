@@ -92,3 +92,21 @@ class ArchiveError(BadRequest):
     A layer tar is malformed or tries to reach outside its layer; the message
     names the entry.
     """
+
+
+class UnknownSnapshot(TxgraphError):
+    """
+    A containerd request names a snapshot txgraph does not have (gRPC
+    NotFound).
+    """
+
+    status = 404
+
+
+class SnapshotExists(TxgraphError):
+    """
+    A containerd Prepare, View or Commit names a snapshot that exists
+    (gRPC AlreadyExists).
+    """
+
+    status = 409

@@ -19,6 +19,10 @@ C{mounts/*/mount-id} and C{init-id}).  Every orphan has a kind:
    on a Get whose answer a txgraph crash swallowed.  A layer dockerd does
    not know cannot be in use by it, so its references (if any) are
    released before it is removed;
+ - C{snapshot}: a containerd snapshot whose layer is gone (gc removed a
+   faulty one, say); repaired by forgetting the snapshot.  containerd's
+   layers are never C{unknown}: dockerd's layer store does not know them,
+   their snapshots do;
  - C{shared}: storage shared by the nodes of a pool (rbd: a layer's shared
    snapshot) that no node's layer uses any more, older than C{min_age}.
    Whether anything uses it is the cluster's to say (RBD clone children),
@@ -44,7 +48,7 @@ from txgraph.layers.core import REST_STATES
 
 log = Logger()
 
-KINDS = ("mount", "device", "object", "row", "faulty", "unknown", "shared")
+KINDS = ("mount", "device", "object", "row", "faulty", "unknown", "snapshot", "shared")
 
 
 @dataclass
@@ -100,12 +104,14 @@ def _read_id(path: str, into: set[str]) -> None:
 
 
 async def collect(
-    driver: Any, docker_home: str | None, min_age: float = 300.0
+    driver: Any, docker_home: str | None, min_age: float = 300.0, snapshotter: Any = None
 ) -> list[Finding]:
     """
     Every orphan, without changing anything.
     """
     registry = driver.registry
+    snapshots = snapshotter.rows() if snapshotter is not None else []
+    containerd_layers = {s.layer_id for s in snapshots}
     rows = registry.rows()
     views = {
         r.id: LayerView(id=r.id, state=r.state, mountpoint=r.mountpoint, mapping=r.mapping)
@@ -129,7 +135,7 @@ async def collect(
             now = time.time()
             reported = {f.id for f in findings}
             for row in rows:
-                if row.id in known or row.id in reported:
+                if row.id in known or row.id in reported or row.id in containerd_layers:
                     continue
                 # A layer at rest (mapped: its device kept after the last
                 # Put); not one with an operation in flight.
@@ -143,6 +149,15 @@ async def collect(
                 findings.append(
                     Finding("unknown", row.id, f"dockerd ({home}) no longer knows this layer{held}")
                 )
+    for snapshot in snapshots:
+        if snapshot.layer_id not in registry:
+            findings.append(
+                Finding(
+                    "snapshot",
+                    snapshot.layer_id,
+                    f"containerd snapshot {snapshot.key} ({snapshot.kind}): its layer is gone",
+                )
+            )
     order = {kind: i for i, kind in enumerate(KINDS)}
     findings.sort(key=lambda f: (order[f.kind], f.id))
     # Shared storage in the order the backend gives: users before what they use.
@@ -155,11 +170,13 @@ async def collect(
 async def repair(
     driver: Any,
     findings: list[Finding],
+    snapshotter: Any = None,
     progress: Callable[[int, int, Finding], None] = lambda i, n, f: None,
 ) -> None:
     """
     Repair every finding: unmount, unmap or delete backend leftovers;
-    remove faulty, storage-less and unknown layers, children first.
+    remove faulty, storage-less and unknown layers, children first; forget
+    containerd snapshots whose layer is gone (or was removed here).
     """
     registry = driver.registry
     doomed = {f.id for f in findings if f.kind in ("faulty", "row", "unknown")}
@@ -180,6 +197,11 @@ async def repair(
                         await registry.put(finding.id)
                 if finding.id in registry:
                     await registry.remove(finding.id)
+                if snapshotter is not None:
+                    await snapshotter.forget_layer(finding.id)
+            elif finding.kind == "snapshot":
+                if snapshotter is not None:
+                    await snapshotter.forget_layer(finding.id)
             else:
                 await driver.backend.repair(Orphan(finding.kind, finding.id, finding.detail))
             finding.repaired = True

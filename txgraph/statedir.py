@@ -19,6 +19,8 @@ from txgraph.backends import parse_options
 from txgraph.backends.catalog import backend_class
 from txgraph.driver import Driver, parse_storage_opts
 from txgraph.errors import ConfigurationError, TxgraphError
+from txgraph.snapshotstore import SnapshotStore
+from txgraph.snapshotter import Snapshotter
 from txgraph.store import DatabaseThread, Store
 
 
@@ -100,3 +102,11 @@ def open_driver(
     pool.start()
     dbthread.start()
     return Driver(reactor, store, backend, pool, backend_options, state_dir)
+
+
+def open_snapshotter(driver: Driver) -> Snapshotter:
+    """
+    containerd's snapshotter on a driver's layers, store and backend (to
+    L{Snapshotter.start} once the driver has started).
+    """
+    return Snapshotter(driver.registry, SnapshotStore(driver.store), driver.backend)

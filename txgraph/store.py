@@ -1,6 +1,7 @@
 """
 Persistent state: every layer's machine state, refcount and device mapping,
-and the options dockerd gave at Init, in SQLite.
+and the options dockerd gave at Init, in SQLite; and the table of
+containerd's snapshots, whose rows L{txgraph.snapshotstore} reads and writes.
 
 SQLite is used through SQLAlchemy Core from exactly one dedicated thread
 (L{DatabaseThread}): requests run there in FIFO order, so transitions commit
@@ -58,7 +59,7 @@ LAYER_STATES: tuple[str, ...] = (
 #: The head revision of C{migrations/}: a database at it needs no Alembic
 #: at all (importing Alembic costs some 10 MB of the daemon's memory).
 #: tests/unit/test_store.py checks it against the scripts.
-SCHEMA_HEAD = "0001"
+SCHEMA_HEAD = "0002"
 
 metadata = sa.MetaData()
 
@@ -84,6 +85,27 @@ layers = sa.Table(
         name="ck_layers_state",
     ),
     sa.CheckConstraint("refcount >= 0", name="ck_layers_refcount"),
+)
+
+#: The kinds of containerd snapshot (containerd's snapshots.Kind, by name).
+SNAPSHOT_KINDS: tuple[str, ...] = ("view", "active", "committed")
+
+snapshots = sa.Table(
+    "snapshots",
+    metadata,
+    sa.Column("layer_id", sa.String(80), primary_key=True),
+    sa.Column("key", sa.Text, nullable=False, unique=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("parent", sa.Text, nullable=True, index=True),
+    sa.Column("labels", sa.Text, nullable=True),
+    sa.Column("size", sa.BigInteger, nullable=True),
+    sa.Column("inodes", sa.BigInteger, nullable=True),
+    sa.Column("created_ns", sa.BigInteger, nullable=False),
+    sa.Column("updated_ns", sa.BigInteger, nullable=False),
+    sa.CheckConstraint(
+        "kind IN (" + ", ".join(f"'{k}'" for k in SNAPSHOT_KINDS) + ")",
+        name="ck_snapshots_kind",
+    ),
 )
 
 config = sa.Table(

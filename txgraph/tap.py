@@ -9,6 +9,12 @@ thread, listen on the plugin socket, then restore every layer and recover
 what a crash left in flight.  Requests that arrive before that finishes
 wait for it; dockerd itself waits for the socket.  Anything wrong up to
 listening stops the start with an error naming it.
+
+With C{--containerd-listen unix:PATH}, containerd's snapshotter protocol
+is served on that socket too (L{txgraph.api.containerd.server}), on the
+same layers; C{--listen none} turns the graph driver socket off, for a
+node served only to containerd.  After the layers' recovery, the
+containerd snapshots are checked against them (L{Snapshotter.start}).
 """
 
 from __future__ import annotations
@@ -30,13 +36,15 @@ from twisted.web.server import Site
 
 from txgraph import __version__, faults
 from txgraph.admin.service import AdminAPI
+from txgraph.api.containerd.server import ContainerdServer, socket_path
 from txgraph.api.graphdriver import GraphDriverAPI
 from txgraph.api.site import PluginSite, UnixSocketRequest
 from txgraph.backends import parse_options
 from txgraph.backends.catalog import BACKEND_NAMES, backend_class
 from txgraph.driver import Driver, watch_reactor_lag
 from txgraph.errors import ConfigurationError, TxgraphError
-from txgraph.statedir import StateDirLock, open_driver
+from txgraph.snapshotter import Snapshotter
+from txgraph.statedir import StateDirLock, open_driver, open_snapshotter
 from txgraph.store import DatabaseThread
 
 log = Logger()
@@ -142,7 +150,15 @@ class Options(usage.Options):
             None,
             DEFAULT_LISTEN,
             "Twisted server endpoint to serve the plugin protocol on; dockerd "
-            "finds the plugin NAME at /run/docker/plugins/NAME.sock",
+            "finds the plugin NAME at /run/docker/plugins/NAME.sock; 'none': no graph "
+            "driver socket (containerd only)",
+        ],
+        [
+            "containerd-listen",
+            None,
+            None,
+            "serve containerd's snapshotter protocol (a proxy plugin) on this UNIX "
+            "socket, e.g. unix:/run/txgraph/snapshotter.sock (default: off)",
         ],
         [
             "state-dir",
@@ -170,6 +186,15 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if self["threads"] < 1:
             raise usage.UsageError("--threads must be at least 1")
+        if self["containerd-listen"] is not None:
+            try:
+                socket_path(self["containerd-listen"])
+            except ConfigurationError as e:
+                raise usage.UsageError(e.message) from None
+        elif self["listen"] == "none":
+            raise usage.UsageError(
+                "--listen none leaves nothing to serve: give --containerd-listen too"
+            )
         try:
             self["listen"], self["socket-mode"] = plugin_endpoint(self["listen"])
         except ValueError as e:
@@ -212,6 +237,8 @@ class TxgraphService(Service):
         self.port: IListeningPort | None = None
         self.admin_port: IListeningPort | None = None
         self.driver: Driver | None = None
+        self.snapshotter: Snapshotter | None = None
+        self.containerd: ContainerdServer | None = None
         self._lock = StateDirLock(self.state_dir)
         self._pool = ThreadPool(
             minthreads=0, maxthreads=options["threads"], name="txgraph-backend"
@@ -242,10 +269,12 @@ class TxgraphService(Service):
 
     def _start(self) -> None:
         listen = self.options["listen"]
-        try:
-            self._endpoint = serverFromString(self.reactor, listen)
-        except (ValueError, KeyError) as e:
-            raise ConfigurationError(f"invalid --listen {listen!r}: {e}") from None
+        self._endpoint: Any = None
+        if listen != "none":
+            try:
+                self._endpoint = serverFromString(self.reactor, listen)
+            except (ValueError, KeyError) as e:
+                raise ConfigurationError(f"invalid --listen {listen!r}: {e}") from None
         self.driver = open_driver(
             self.reactor,
             self.state_dir,
@@ -256,8 +285,17 @@ class TxgraphService(Service):
             self._dbthread,
         )
         self.reactor.addSystemEventTrigger("after", "shutdown", self._pool.stop)
+        self.snapshotter = open_snapshotter(self.driver)
         try:
-            self._listen()
+            if self._endpoint is not None:
+                self._listen()
+            containerd = self.options["containerd-listen"]
+            if containerd is not None:
+                self.containerd = ContainerdServer(
+                    self.snapshotter, self.reactor, socket_path(containerd),
+                    self.options["socket-group"],
+                )
+                self.containerd.start()
             self._listen_admin()
         except BaseException:
             # Threads would keep a failed start's process alive.
@@ -265,14 +303,19 @@ class TxgraphService(Service):
             self._dbthread.stop()
             raise
         self._stop_lag_watch = watch_reactor_lag(self.driver, self.reactor)
-        d = ensureDeferred(self.driver.start())
+        d = ensureDeferred(self._restore())
         d.addCallbacks(self.ready.callback, self._recoveryFailed)
+
+    async def _restore(self) -> None:
+        assert self.driver is not None and self.snapshotter is not None
+        await self.driver.start()
+        await self.snapshotter.start()
 
     def _listen_admin(self) -> None:
         assert self.driver is not None
         path = os.path.join(self.state_dir, "admin.sock")
         endpoint = serverFromString(self.reactor, f"unix:{path}:mode=600:lockfile=1")
-        site = Site(AdminAPI(self.driver).app.resource())
+        site = Site(AdminAPI(self.driver, self.snapshotter).app.resource())
         site.requestFactory = UnixSocketRequest
         d = endpoint.listen(site)
 
@@ -368,6 +411,8 @@ class TxgraphService(Service):
         return d
 
     async def _stop(self) -> None:
+        if self.containerd is not None:
+            self.containerd.stop()
         for port in (self.port, self.admin_port):
             if port is not None:
                 stopped = port.stopListening()

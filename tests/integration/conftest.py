@@ -94,13 +94,18 @@ class Components:
         self.base = base
         self.made: list[Txgraphd | Dockerd] = []
 
-    def txgraph(self, *extra: str, start: bool = True, name: str | None = None) -> Txgraphd:
+    def txgraph(
+        self, *extra: str, start: bool = True, name: str | None = None, containerd: bool = False
+    ) -> Txgraphd:
         """
-        A txgraph daemon on its own socket and state directory.
+        A txgraph daemon on its own socket and state directory; with
+        C{containerd}, serving containerd's snapshotter protocol too.
         """
         workdir = self.base / f"txgraph-{len(self.made)}"
         workdir.mkdir(parents=True, exist_ok=True)
         daemon = Txgraphd(workdir, name or plugin_name(), *extra)
+        if containerd:
+            daemon.serve_containerd()
         self.made.append(daemon)
         if start:
             daemon.start()

@@ -40,7 +40,7 @@ import pytest
 from containerd import CONTAINERD, CRI_NAMESPACE, Containerd, Registry
 from google.protobuf import descriptor_pb2, json_format
 
-from txgraph.containerd_proto import snapshots_pb2, snapshots_pb2_grpc
+from txgraph.api.containerd.proto import snapshots_pb2, snapshots_pb2_grpc
 from txgraph.testing.cri_proto import api_pb2
 from txgraph.testing.snapshotter.client import NAMESPACE_HEADER, Snapshotter, Target
 

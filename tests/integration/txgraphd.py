@@ -37,8 +37,19 @@ class Txgraphd:
         self.socket = PLUGIN_DIR / f"{name}.sock"
         self.log_path = workdir / "txgraph.log"
         self.extra = list(extra)
+        #: The containerd snapshotter socket, if it serves one (L{serve_containerd}).
+        self.containerd_socket: Path | None = None
         self.env: dict[str, str] = {}
         self.process: subprocess.Popen[bytes] | None = None
+
+    def serve_containerd(self) -> Path:
+        """
+        Serve containerd's snapshotter protocol too (--containerd-listen), on
+        C{snapshotter.sock} in the daemon's directory; returns that socket.
+        """
+        self.containerd_socket = self.workdir / "snapshotter.sock"
+        self.extra += ["--containerd-listen", f"unix:{self.containerd_socket}"]
+        return self.containerd_socket
 
     @property
     def twistd(self) -> str:

@@ -1,4 +1,4 @@
-"""The containerd snapshotter protocol in txgraph/containerd_proto/.
+"""The containerd snapshotter protocol in txgraph/api/containerd/proto/.
 
 The checked-in generated modules (of this package and of
 txgraph/testing/cri_proto/, which the same generator writes) must be exactly
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
-from txgraph.containerd_proto import generate, mount_pb2, snapshots_pb2, snapshots_pb2_grpc
+from txgraph.api.containerd.proto import generate, mount_pb2, snapshots_pb2, snapshots_pb2_grpc
 
 
 @pytest.mark.parametrize("package", generate.PACKAGES, ids=lambda p: p.name)
@@ -28,7 +28,7 @@ def test_generated_code_matches_proto(tmp_path: Path, package: generate.ProtoPac
         assert checked_in.exists(), f"{checked_in.name} is not checked in"
         assert checked_in.read_bytes() == path.read_bytes(), (
             f"{checked_in.name} differs from the .proto's generated code: "
-            "run python -m txgraph.containerd_proto.generate"
+            "run python -m txgraph.api.containerd.proto.generate"
         )
 
 
@@ -46,7 +46,7 @@ def test_generated_imports_are_relative(package: generate.ProtoPackage) -> None:
 
 def test_packages_are_shipped() -> None:
     """setup.cfg lists every generated package and ships its stubs and sources."""
-    text = (generate.PACKAGE_DIR.parent.parent / "setup.cfg").read_text()
+    text = (generate.TXGRAPH_DIR.parent / "setup.cfg").read_text()
     for package in generate.PACKAGES:
         assert f"\n    {package.name}\n" in text, package.name
         assert f"\n{package.name} =\n    *.pyi\n" in text, package.name

@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from txgraph.backends import Backend, LayerInfo
+from txgraph.backends import Backend, LayerInfo, MountSpec
 from txgraph.backends.threaded import AsyncBackend
 from txgraph.errors import BackendError, BadRequest, InvalidLayerState, LayerExists, UnknownLayer
 from txgraph.layers.machine import transitions
@@ -127,6 +127,15 @@ class FakeBackend(Backend):
 
     def metadata(self, layer: LayerInfo, chain: list[LayerInfo]) -> dict[str, str]:
         return {}
+
+    def mount_specs(self, layer: LayerInfo, chain: list[LayerInfo], view: bool) -> list[MountSpec]:
+        self._call("mount_specs", layer)
+        lowers = ":".join(f"/fake/{a.id}" for a in chain)
+        return [MountSpec("fake", f"/fake/{layer.id}", ("ro" if view else "rw", f"lowerdir={lowers}"))]
+
+    def usage(self, layer: LayerInfo) -> tuple[int, int]:
+        self._call("usage", layer)
+        return 4096, 1
 
 
 class InlineBackend(AsyncBackend):

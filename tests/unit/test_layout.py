@@ -40,11 +40,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("api", ("txgraph.api",)),
-    ("driver", ("txgraph.driver",)),
+    ("driver", ("txgraph.driver", "txgraph.snapshotter", "txgraph.filters")),
     ("layers", ("txgraph.layers",)),
     (
         "store and backends",
-        ("txgraph.store", "txgraph.backends", "txgraph.mounts", "txgraph.thin", "txgraph.engine"),
+        ("txgraph.store", "txgraph.snapshotstore", "txgraph.backends", "txgraph.mounts", "txgraph.thin", "txgraph.engine"),
     ),
     ("archive", ("txgraph.archive",)),
     ("model and errors", ("txgraph.model", "txgraph.errors", "txgraph.faults", "txgraph")),

@@ -39,9 +39,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if daemon.available():
         report = daemon.call("/status")
     else:
-        async def work(driver: Any) -> dict[str, Any]:
+        async def work(driver: Any, snapshotter: Any) -> dict[str, Any]:
             reads = await driver.backend.cluster_reads()
-            return status_report(driver, await driver.status(reads), reads)
+            return status_report(driver, await driver.status(reads), reads, snapshotter)
 
         report = offline(args, work)
     if args.json:
@@ -61,6 +61,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{key + ':':<17}{value}")
     for f in report["faulty"]:
         print(f"faulty {f['id']}: {f['error']}")
+    kinds = report.get("snapshot_kinds", {})
+    print(
+        f"containerd snapshots: {report.get('snapshots', 0)}"
+        + (" (" + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + ")" if kinds else "")
+    )
     for layer_id, reads in report.get("cluster_reads", {}).items():
         print(
             f"lazy reads {layer_id[:12]}: {reads['bytes_read']} bytes from the cluster "
@@ -77,19 +82,24 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if daemon.available():
         rows = daemon.call("/ls")
     else:
-        async def work(driver: Any) -> list[dict[str, Any]]:
-            return layer_list(driver)
+        async def work(driver: Any, snapshotter: Any) -> list[dict[str, Any]]:
+            return layer_list(driver, snapshotter)
 
         rows = offline(args, work)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'LAYER':<14} {'PARENT':<14} {'KIND':<5} {'STATE':<11} {'REFS':>4} {'SIZE':>12}")
+    print(
+        f"{'LAYER':<14} {'PARENT':<14} {'KIND':<5} {'STATE':<11} {'REFS':>4} {'SIZE':>12}  "
+        "CONTAINERD SNAPSHOT"
+    )
     for r in rows:
         size = "" if r["size"] is None else r["size"]
+        snapshot = r.get("snapshot")
+        held = f"{snapshot['kind']} {snapshot['key']}" if snapshot else "-"
         print(
             f"{r['id'][:12]:<14} {(r['parent'] or '-')[:12]:<14} {r['kind']:<5} "
-            f"{r['state']:<11} {r['refcount']:>4} {size:>12}"
+            f"{r['state']:<11} {r['refcount']:>4} {size:>12}  {held}"
         )
     return 0
 
@@ -113,8 +123,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
         for line in daemon.stream("/gc", body):
             handle(json.loads(line))
     else:
-        async def work(driver: Any) -> None:
-            await run_gc(driver, args.apply, body["docker_home"], args.min_age, handle)
+        async def work(driver: Any, snapshotter: Any) -> None:
+            await run_gc(driver, args.apply, body["docker_home"], args.min_age, handle, snapshotter)
 
         offline(args, work)
     if args.json:

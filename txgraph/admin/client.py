@@ -19,7 +19,7 @@ from twisted.python.threadpool import ThreadPool
 
 from txgraph.engine import UnixHTTPConnection
 from txgraph.errors import TxgraphError
-from txgraph.statedir import StateDirLock, open_driver
+from txgraph.statedir import StateDirLock, open_driver, open_snapshotter
 from txgraph.store import DatabaseThread, Store
 
 
@@ -66,10 +66,11 @@ class Daemon:
         conn.close()
 
 
-def offline(args: argparse.Namespace, work: Callable[[Any], Any]) -> Any:
+def offline(args: argparse.Namespace, work: Callable[[Any, Any], Any]) -> Any:
     """
-    Run C{work(driver)} on a stopped daemon's state: take the lock, open the
-    database and backend, recover, then work, then close everything.
+    Run C{work(driver, snapshotter)} on a stopped daemon's state: take the
+    lock, open the database and backend, recover the layers and containerd's
+    snapshots, then work, then close everything.
     """
     # Imported when the command runs, not with the module: importing the
     # global reactor installs it.
@@ -95,7 +96,9 @@ def offline(args: argparse.Namespace, work: Callable[[Any], Any]) -> Any:
             return
         try:
             await driver.start()
-            result["value"] = await work(driver)
+            snapshotter = open_snapshotter(driver)
+            await snapshotter.start()
+            result["value"] = await work(driver, snapshotter)
         except TxgraphError as e:
             result["error"] = e.message
         finally:

@@ -164,7 +164,7 @@ def cmd_make_thin(args: argparse.Namespace) -> int:
                 handle(event)
             raise TxgraphError("txgraph's admin socket closed before make-thin finished")
 
-        async def work(driver: Any) -> list[dict[str, Any]]:
+        async def work(driver: Any, snapshotter: Any) -> list[dict[str, Any]]:
             return await publish_layers(driver, layers, handle)
 
         return list(offline(args, work))
@@ -174,7 +174,7 @@ def cmd_make_thin(args: argparse.Namespace) -> int:
         if "Err" in info:
             raise TxgraphError(info["Err"])
     else:
-        info = offline(args, thin_info)
+        info = offline(args, lambda driver, snapshotter: thin_info(driver))
     if args.pool is not None and args.pool != info["pool"]:
         raise TxgraphError(
             f"--pool {args.pool}: this txgraph keeps its layers in pool {info['pool']}; "

@@ -30,12 +30,15 @@ class AdminAPI:
 
     app = Klein()
 
-    def __init__(self, driver: Any) -> None:
+    def __init__(self, driver: Any, snapshotter: Any = None) -> None:
         self.driver = driver
+        self.snapshotter = snapshotter
 
     async def _ready(self) -> None:
         if not self.driver.ready.called:
             await self.driver.ready
+        if self.snapshotter is not None and not self.snapshotter.ready.called:
+            await self.snapshotter.ready
 
     @app.route("/status", methods=["POST"])
     async def status(self, request: IRequest) -> bytes:
@@ -46,7 +49,7 @@ class AdminAPI:
         reads = await self.driver.backend.cluster_reads()
         lines = await self.driver.status(reads)
         request.setHeader(b"Content-Type", b"application/json")
-        return json.dumps(status_report(self.driver, lines, reads)).encode()
+        return json.dumps(status_report(self.driver, lines, reads, self.snapshotter)).encode()
 
     @app.route("/ls", methods=["POST"])
     async def ls(self, request: IRequest) -> bytes:
@@ -55,7 +58,7 @@ class AdminAPI:
         """
         await self._ready()
         request.setHeader(b"Content-Type", b"application/json")
-        return json.dumps(layer_list(self.driver)).encode()
+        return json.dumps(layer_list(self.driver, self.snapshotter)).encode()
 
     @app.route("/thin/info", methods=["POST"])
     async def thin_info(self, request: IRequest) -> bytes:
@@ -117,5 +120,6 @@ class AdminAPI:
             args.get("docker_home"),
             float(args.get("min_age", 300)),
             emit,
+            self.snapshotter,
         )
         return b""

@@ -20,12 +20,15 @@ def status_report(
     driver: Any,
     status_lines: list[tuple[str, str]],
     cluster_reads: dict[str, dict[str, Any]] | None = None,
+    snapshotter: Any = None,
 ) -> dict[str, Any]:
     """
-    Layers by state, mounts, mapped devices, backend health, and what each
-    mounted layer read lazily from the cluster.
+    Layers by state, mounts, mapped devices, backend health, what each
+    mounted layer read lazily from the cluster, and containerd's snapshots
+    by kind.
     """
     rows = driver.registry.rows()
+    snapshots = snapshotter.rows() if snapshotter is not None else []
     counts = states_in(rows)
     return {
         "state_dir": driver.state_dir,
@@ -42,13 +45,20 @@ def status_report(
         "health": dict(status_lines),
         "recovered_at_start": driver.recovered,
         "cluster_reads": cluster_reads or {},
+        "snapshots": len(snapshots),
+        "snapshot_kinds": {
+            kind: sum(1 for r in snapshots if r.kind == kind)
+            for kind in sorted({r.kind for r in snapshots})
+        },
     }
 
 
-def layer_list(driver: Any) -> list[dict[str, Any]]:
+def layer_list(driver: Any, snapshotter: Any = None) -> list[dict[str, Any]]:
     """
-    Every layer with parent, kind, state, references and size.
+    Every layer with parent, kind, state, references and size, and the
+    containerd snapshot it holds (key and kind), if any.
     """
+    snapshots = {r.layer_id: r for r in snapshotter.rows()} if snapshotter is not None else {}
     return [
         {
             "id": r.id,
@@ -59,6 +69,11 @@ def layer_list(driver: Any) -> list[dict[str, Any]]:
             "size": r.size,
             "mountpoint": r.mountpoint,
             "error": r.error,
+            "snapshot": (
+                {"key": snapshots[r.id].key, "kind": snapshots[r.id].kind}
+                if r.id in snapshots
+                else None
+            ),
         }
         for r in driver.registry.rows()
     ]
@@ -124,18 +139,20 @@ async def run_gc(
     docker_home: str | None,
     min_age: float,
     emit: Callable[[dict[str, Any]], None],
+    snapshotter: Any = None,
 ) -> list[gc.Finding]:
     """
     Collect orphans, emit each, repair them if asked (emitting progress),
     and emit the final report.
     """
-    findings = await gc.collect(driver, docker_home, min_age)
+    findings = await gc.collect(driver, docker_home, min_age, snapshotter)
     for finding in findings:
         emit({"event": "finding", **finding.to_json()})
     if apply and findings:
         await gc.repair(
             driver,
             findings,
+            snapshotter,
             lambda i, n, f: emit({"event": "progress", "done": i, "total": n, "id": f.id}),
         )
     emit({"event": "done", "findings": [f.to_json() for f in findings]})

@@ -29,6 +29,12 @@ Three use cases, as the layer machines drive them::
                            commit(C-init) -> prepare(C, parent=C-init)
                            -> map(C) -> mount(C) -> unmount(C) -> unmap(C)
   remove:                  remove(C) -> remove(C-init) -> remove(L)
+
+containerd's snapshotter (L{txgraph.snapshotter}) drives the same calls,
+and asks for C{mount_specs}: containerd mounts a snapshot itself, so the
+backend describes the mounts instead of making them (unless it declares
+C{holds_client_mounts}: then the specs are of its own mount of the layer,
+which the snapshotter holds, with a Get, while the snapshot exists).
 """
 
 from __future__ import annotations
@@ -67,6 +73,18 @@ class LayerInfo:
     storage_opt: dict[str, str] = field(default_factory=dict)
     root_ids: tuple[int, int] = (0, 0)
     committed: bool = False
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    """
+    A mount for a client to make (containerd's C{types.Mount}): C{mount -t
+    <type> -o <options> <source> <target>}.
+    """
+
+    type: str
+    source: str
+    options: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -238,6 +256,10 @@ class Backend(abc.ABC):
     @cvar shares_layers: whether the backend keeps shared layers that
         several nodes use, and so serves thin images (L{shared_info},
         L{publish_layer}).
+    @cvar holds_client_mounts: whether L{mount_specs} describes the
+        backend's own mount of the layer (a bind of it), so that the layer
+        must stay mounted while a client (containerd) may use the specs;
+        otherwise the specs stand alone (overlay: directories).
     @ivar unmap_delay: seconds a mapping backend keeps a layer's device
         after its last Put, so that the next Get only mounts (0: it unmaps
         at once).  The layer registry times it and unmaps through the
@@ -249,6 +271,7 @@ class Backend(abc.ABC):
     maps: ClassVar[bool] = False
     commits: ClassVar[bool] = False
     shares_layers: ClassVar[bool] = False
+    holds_client_mounts: ClassVar[bool] = False
     unmap_delay: float = 0.0
 
     def __init__(self, state_dir: str, options: dict[str, Any]) -> None:
@@ -394,6 +417,35 @@ class Backend(abc.ABC):
         Unmount, unmap or delete an orphan that L{orphans} found.
         """
         raise NotImplementedError(f"the {self.name} backend cannot repair {orphan.kind}s")
+
+    # -- mounts for clients (containerd) ----------------------------------
+
+    @abc.abstractmethod
+    def mount_specs(
+        self, layer: LayerInfo, chain: list[LayerInfo], view: bool
+    ) -> list[MountSpec]:
+        """
+        The mounts that give a client the layer's tree, as containerd's
+        snapshotters return them: read-write over its ancestors C{chain}
+        (nearest first) for an active snapshot, read-only for a C{view}
+        (the layer is then the view's own, empty and committed, and only
+        its ancestors are shown).  Nothing is mounted, except by a backend
+        that L{holds_client_mounts} (whose layer is mounted already).
+        """
+
+    def cleanup(self) -> None:
+        """
+        Release what L{remove} left for later (containerd's Cleanup): the
+        rbd backend's trash is purged before this returns.  Backends that
+        remove everything at once have nothing to do.
+        """
+
+    @abc.abstractmethod
+    def usage(self, layer: LayerInfo) -> tuple[int, int]:
+        """
+        (bytes, inodes) the layer's own storage uses, as containerd's
+        snapshotters report a snapshot's Usage.
+        """
 
     # -- content ---------------------------------------------------------
 

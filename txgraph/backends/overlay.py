@@ -9,6 +9,8 @@ Layout, under C{<state-dir>/overlay/}::
   <key>/merged   where the layer is mounted over its ancestors' diff dirs
   <key>/layer-id the layer's ID, when the key is hashed
   .tmp/          layers being made or removed, and temporary views
+  .links/<link>  a short symbolic link to a layer's diff directory, for the
+                 lower directories of the mounts handed to containerd
 
 A read-write layer created with the C{size} storage option (C{docker run
 --storage-opt size=...}) keeps its upper and work directories on an ext4
@@ -37,6 +39,14 @@ compare two read-only trees (moby's naive diff).
 Chains up to 128 layers deep fit mount(2)'s one-page option limit: when the
 absolute lower paths are too long, they are passed as short
 C{/proc/self/fd/N} paths of directories opened for the mount.
+
+For containerd, nothing is mounted: L{OverlayBackend.mount_specs} returns
+what containerd's overlayfs snapshotter returns (a bind mount of a lone
+layer, else an overlay of lower directories, nearest first, with upper and
+work directories for an active snapshot).  Its lower directories are the
+C{.links/<link>} links (moby's overlay2 has C{l/<link>}): 21 characters each, so
+that containerd's C{mount.All}, which makes them relative to their common
+directory when the options exceed a page, fits 128 of them in one.
 """
 
 from __future__ import annotations
@@ -61,7 +71,9 @@ from txgraph.backends import (
     BackendOption,
     LayerInfo,
     LayerView,
+    MountSpec,
     Orphan,
+    clientmounts,
     is_plain_key,
     layer_key,
     set_traverse,
@@ -155,6 +167,7 @@ class OverlayBackend(Backend):
         super().__init__(state_dir, options)
         self.root = os.path.join(state_dir, "overlay")
         self._tmp = os.path.join(self.root, ".tmp")
+        self._links = os.path.join(self.root, ".links")
         # Sized layers' filesystems: the users of each mount (by key), and
         # the layers whose own mount holds theirs.
         self._fs_lock = threading.Lock()
@@ -210,6 +223,7 @@ class OverlayBackend(Backend):
         Make the layer directory and check that this kernel has overlayfs.
         """
         os.makedirs(self._tmp, mode=0o700, exist_ok=True)
+        os.makedirs(self._links, mode=0o700, exist_ok=True)
         os.chmod(self.root, 0o700)
         with open("/proc/filesystems") as f:
             if not any(line.split()[-1] == "overlay" for line in f if line.strip()):
@@ -222,6 +236,11 @@ class OverlayBackend(Backend):
             mounts.unmount(point)
         for name in os.listdir(self._tmp):
             shutil.rmtree(os.path.join(self._tmp, name), ignore_errors=True)
+        # Links whose layer is gone (a crash between the two deletions).
+        for name in os.listdir(self._links):
+            path = os.path.join(self._links, name)
+            if not os.path.exists(path):
+                os.unlink(path)
 
     def traverse_paths(self) -> list[str]:
         """
@@ -376,6 +395,8 @@ class OverlayBackend(Backend):
         self._destroy(layer.id)
 
     def _destroy(self, layer_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self._links, clientmounts.link_name(layer_id)))
         target = self._dir(layer_id)
         with self._fs_lock:
             self._fs_users.pop(layer_key(layer_id), None)
@@ -606,6 +627,39 @@ class OverlayBackend(Backend):
             self._take_own_fs(layer)
             return merged
         return self.mount(layer, chain)
+
+    # -- mounts for containerd ------------------------------------------------
+
+    def _linked(self, layer_id: str) -> str:
+        """
+        The layer's short link in C{.links/} (made if missing).
+        """
+        return clientmounts.ensure_link(
+            self._links, clientmounts.link_name(layer_id), self.diff_dir(layer_id)
+        )
+
+    def mount_specs(
+        self, layer: LayerInfo, chain: list[LayerInfo], view: bool
+    ) -> list[MountSpec]:
+        """
+        containerd's overlayfs snapshotter's mounts (L{clientmounts.overlay_specs}).
+        """
+        extra = [o for o in (self.config.get("mountopt") or "").split(",") if o]
+        return clientmounts.overlay_specs(
+            own=self.diff_dir(layer.id),
+            work=os.path.join(self._upper_root(layer.id), "work"),
+            parents=[self.diff_dir(a.id) for a in chain],
+            links=[self._linked(a.id) for a in chain] if len(chain) > 1 or not view else [],
+            view=view,
+            extra=extra,
+        )
+
+    def usage(self, layer: LayerInfo) -> tuple[int, int]:
+        """
+        continuity's C{fs.DiskUsage} of the layer's diff directory, as
+        containerd's overlayfs snapshotter reports it.
+        """
+        return clientmounts.disk_usage(self.diff_dir(layer.id))
 
     # -- content -------------------------------------------------------------
 

@@ -88,6 +88,7 @@ from txgraph.backends import (
     BackendOption,
     LayerInfo,
     LayerView,
+    MountSpec,
     Orphan,
     layer_key,
     parse_options,
@@ -407,6 +408,7 @@ class RBDBackend(Backend):
     maps = True
     commits = True
     shares_layers = True
+    holds_client_mounts = True
     options = (
         BackendOption("conf", "path of ceph.conf", "/etc/ceph/ceph.conf", _path),
         BackendOption("client", "Ceph client id (without 'client.')", "admin", _client),
@@ -1980,6 +1982,50 @@ class RBDBackend(Backend):
                 self._release(layer.id, name, layer.mapping)
                 mapping = self._map_layer(layer, name)
             return self._mount_layer(layer, mapping)
+
+    # -- mounts for containerd ------------------------------------------------------------
+
+    def mount_specs(
+        self, layer: LayerInfo, chain: list[LayerInfo], view: bool
+    ) -> list[MountSpec]:
+        """
+        A bind mount of the layer's mounted C{rootfs} (read-only for a
+        view): the filesystem on a layer's device keeps the layer's tree in
+        its C{rootfs/} directory (beside C{lost+found}), which a mount of
+        the device itself would not show, so the layer stays mapped and
+        mounted here while the snapshot exists (L{holds_client_mounts}).
+        """
+        rootfs = os.path.join(self._mountpoint(layer.id), ROOTFS)
+        if not os.path.isdir(rootfs):
+            raise BackendError(f"rbd mounts of layer {layer.id}: it is not mounted at {rootfs}")
+        return [MountSpec("bind", rootfs, ("ro" if view else "rw", "rbind"))]
+
+    def cleanup(self) -> None:
+        """
+        Purge the images that removals moved to the RBD trash (a pass of
+        the purge, waited for); what cannot be purged yet stays for later.
+        """
+        left = self.settle_trash()
+        if left:
+            log.info("rbd cleanup: {n} removed image(s) still in the trash", n=len(left))
+
+    def usage(self, layer: LayerInfo) -> tuple[int, int]:
+        """
+        The bytes the layer's image holds of its own (the extents written
+        since it was cloned from its parent), as containerd's devmapper
+        snapshotter reports a thin device's; inodes are not counted (0).
+        """
+        name = self.image_name(layer.id)
+        with self._op("usage", layer.id, name), self._open(name) as image:
+            total = 0
+
+            def count(offset: int, length: int, exists: bool) -> None:
+                nonlocal total
+                if exists:
+                    total += length
+
+            image.diff_iterate(0, image.size(), None, count, include_parent=False)
+            return total, 0
 
     # -- content --------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from txgraph.backends import Backend, LayerInfo, LayerView, Orphan
+from txgraph.backends import Backend, LayerInfo, LayerView, MountSpec, Orphan
 from txgraph.errors import BackendError
 from txgraph.model import Change, IDMap
 
@@ -70,6 +70,13 @@ class AsyncBackend:
         Whether the backend keeps shared layers (thin images).
         """
         return self.sync.shares_layers
+
+    @property
+    def holds_client_mounts(self) -> bool:
+        """
+        Whether a client's mounts are of the backend's own mount of a layer.
+        """
+        return self.sync.holds_client_mounts
 
     @property
     def unmap_delay(self) -> float:
@@ -199,6 +206,26 @@ class AsyncBackend:
         L{Backend.repair}.
         """
         return self._call("repair", self.sync.repair, orphan)
+
+    def mount_specs(
+        self, layer: LayerInfo, chain: list[LayerInfo], view: bool
+    ) -> Deferred[list[MountSpec]]:
+        """
+        L{Backend.mount_specs}.
+        """
+        return self._call("mount_specs", self.sync.mount_specs, layer, chain, view)
+
+    def cleanup(self) -> Deferred[None]:
+        """
+        L{Backend.cleanup}.
+        """
+        return self._call("cleanup", self.sync.cleanup)
+
+    def usage(self, layer: LayerInfo) -> Deferred[tuple[int, int]]:
+        """
+        L{Backend.usage}.
+        """
+        return self._call("usage", self.sync.usage, layer)
 
     def apply(self, layer: LayerInfo, stream: BinaryIO, id_map: IDMap) -> Deferred[int]:
         """

@@ -38,8 +38,9 @@ T = TypeVar("T")
 
 #: The most lower layers under a layer: dockerd's deepest chain is 125
 #: layers (moby's maxLayerDepth); accept a little more, as moby's overlay2
-#: does (128 lowers, a chain of 129, what moby's graphtest builds), and
-#: refuse beyond.
+#: does (128 lowers, a chain of 129, what moby's graphtest builds, and what
+#: containerd's snapshotter suite makes: 128 snapshots and a view of the top),
+#: and refuse beyond.
 MAX_DEPTH = 128
 
 @dataclass
@@ -282,6 +283,15 @@ class LayerRegistry:
             if self._layers.get(layer_id) is layer and layer.row.state != "faulty":
                 self.forget(layer_id)
             raise
+
+    async def commit(self, layer_id: str) -> None:
+        """
+        Make a layer immutable, as a child's Create does to its parent (a
+        device kept mapped read-write is unmapped first); idempotent.
+        """
+        layer = self.lookup(layer_id)
+        await self._release(layer)
+        await self._run(layer, layer.machine.commit)
 
     async def remove(self, layer_id: str) -> None:
         """

@@ -31,8 +31,10 @@ from typing import Any
 
 import pytest
 
+from txgraph.api.containerd.proto import mount_pb2
 from txgraph.backends import Backend, LayerInfo
 from txgraph.model import Change, ChangeKind, IDMap
+from txgraph.testing.snapshotter.mount import mount_all, unmount_all
 
 IDENTITY = IDMap.from_docker(None, None)
 
@@ -332,6 +334,53 @@ def make_backend_tests(factory: Callable[[str], Backend]) -> type:
                 finally:
                     layers.put(layer)
             assert layers.backend.unmount(layers.infos[child]) is None
+
+        def test_mount_specs(self, layers: Layers, tmp_path: Any) -> None:
+            """
+            The mounts handed to containerd (mount_specs), mounted as
+            containerd's mount.All does: an active snapshot on a committed
+            parent shows the parent's files and takes writes into the layer;
+            a view shows the parent's tree read-only.  A backend that holds
+            client mounts is given its own mount first (as the snapshotter
+            does).  Usage is a (bytes, inodes) pair.
+            """
+            base = layers.create()
+            layers.write(base, {"base-file": b"from the base"})
+            active = layers.create(base)
+            view = layers.create(base, readwrite=False)
+            layers.commit(view)
+            for layer, is_view in ((active, False), (view, True)):
+                if layers.backend.holds_client_mounts:
+                    layers.get(layer)
+                specs = layers.backend.mount_specs(
+                    layers.infos[layer], layers.chain(layer), is_view
+                )
+                target = tmp_path / f"target-{layer[:8]}"
+                target.mkdir()
+                mount_all(
+                    [mount_pb2.Mount(type=m.type, source=m.source, options=m.options) for m in specs],
+                    target,
+                )
+                try:
+                    names = sorted(n for n in os.listdir(target) if n != "lost+found")
+                    assert names == ["base-file"], (specs, names)
+                    if is_view:
+                        with pytest.raises(OSError) as raised:
+                            open(target / "new-file", "wb").close()
+                        assert raised.value.errno == errno.EROFS
+                    else:
+                        (target / "new-file").write_bytes(b"written")
+                finally:
+                    unmount_all(target)
+                if layers.backend.holds_client_mounts:
+                    layers.put(layer)
+            root = layers.get(active)
+            try:
+                assert open(os.path.join(root, "new-file"), "rb").read() == b"written"
+            finally:
+                layers.put(active)
+            size, inodes = layers.backend.usage(layers.infos[active])
+            assert size >= 0 and inodes >= 0
 
         def test_apply_is_idempotent(self, layers: Layers) -> None:
             """

@@ -15,7 +15,7 @@ RemoveIntermediateSnapshot, DeletedFilesInChildSnapshot,
 MoveFileFromLowerLayer, Rename (skipped on Linux, as in Go), ViewReadonly,
 StatInWalk, CloseTwice, RootPermission and 128LayersMount.  Snapshotter
 calls go over gRPC with the generated stubs of
-:mod:`txgraph.containerd_proto`; the returned mounts are mounted with
+:mod:`txgraph.api.containerd.proto`; the returned mounts are mounted with
 mount(2) exactly as containerd's ``mount.All`` does (option parsing, the
 read-only bind remount, the chdir that keeps a long overlay ``lowerdir``
 under a page); files are checked with :mod:`txgraph.testing.fstest`, the

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
-from txgraph.containerd_proto import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
+from txgraph.api.containerd.proto import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
 
 KIND_VIEW = snapshots_pb2.VIEW
 KIND_ACTIVE = snapshots_pb2.ACTIVE

@@ -13,7 +13,7 @@ import time
 
 import grpc
 
-from txgraph.containerd_proto import snapshots_pb2
+from txgraph.api.containerd.proto import snapshots_pb2
 from txgraph.testing import fstest
 from txgraph.testing.snapshotter.client import (
     KIND_ACTIVE,

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from txgraph import mounts
-from txgraph.containerd_proto import mount_pb2
+from txgraph.api.containerd.proto import mount_pb2
 
 #: containerd's mount option table (mount/mount_linux.go): option -> (clear, flag).
 _FLAGS: dict[str, tuple[bool, int]] = {

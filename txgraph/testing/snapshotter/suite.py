@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from txgraph import mounts
-from txgraph.containerd_proto import mount_pb2
+from txgraph.api.containerd.proto import mount_pb2
 from txgraph.testing import fstest
 from txgraph.testing.fstest import Applier
 from txgraph.testing.snapshotter.client import Info, Snapshotter, Target

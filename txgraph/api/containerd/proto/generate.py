@@ -1,12 +1,12 @@
 """Regenerate txgraph's gRPC modules from its own ``.proto`` files.
 
-Two packages are generated (:data:`PACKAGES`): :mod:`txgraph.containerd_proto`
+Two packages are generated (:data:`PACKAGES`): :mod:`txgraph.api.containerd.proto`
 (containerd's snapshotter service, from this package's ``proto/``) and
 :mod:`txgraph.testing.cri_proto` (the part of Kubernetes' CRI image service
 the tests use to pull through containerd's CRI plugin, from that package's
 ``proto/``).
 
-``python -m txgraph.containerd_proto.generate`` rewrites the checked-in
+``python -m txgraph.api.containerd.proto.generate`` rewrites the checked-in
 ``*_pb2.py``, ``*_pb2.pyi`` and ``*_pb2_grpc.py`` of both packages;
 ``generate(DIR, package)`` writes one package's files into ``DIR`` (the unit
 test compares the two).  The output depends only on the ``.proto`` files and
@@ -38,6 +38,8 @@ from typing import Final
 GRPCIO_TOOLS_VERSION: Final = "1.85.1"
 
 PACKAGE_DIR: Final = Path(__file__).resolve().parent
+#: The ``txgraph`` package's directory, and the checkout's (for messages).
+TXGRAPH_DIR: Final = PACKAGE_DIR.parents[2]
 PROTO_DIR: Final = PACKAGE_DIR / "proto"
 #: The sources, relative to :data:`PROTO_DIR` (their names in the descriptor pool).
 PROTO_FILES: Final = (
@@ -69,11 +71,11 @@ class ProtoPackage:
 
 
 #: containerd's snapshotter service: this package.
-CONTAINERD: Final = ProtoPackage("txgraph.containerd_proto", PACKAGE_DIR, PROTO_FILES)
+CONTAINERD: Final = ProtoPackage("txgraph.api.containerd.proto", PACKAGE_DIR, PROTO_FILES)
 #: The CRI image service the tests pull images with (txgraph.testing.cri_proto).
 CRI: Final = ProtoPackage(
     "txgraph.testing.cri_proto",
-    PACKAGE_DIR.parent / "testing" / "cri_proto",
+    TXGRAPH_DIR / "testing" / "cri_proto",
     ("runtime/v1/api.proto",),
 )
 #: Every package :func:`main` regenerates.
@@ -166,9 +168,9 @@ def main() -> int:
     try:
         for package in PACKAGES:
             for path in generate(package.directory, package):
-                print(path.relative_to(PACKAGE_DIR.parent.parent))
+                print(path.relative_to(TXGRAPH_DIR.parent))
     except GenerateError as error:
-        print(f"txgraph.containerd_proto.generate: {error}", file=sys.stderr)
+        print(f"txgraph.api.containerd.proto.generate: {error}", file=sys.stderr)
         return 1
     return 0
 
