@@ -87,6 +87,15 @@ class AsyncBackend:
 
     # -- the thread pool ---------------------------------------------------
 
+    def stop_now(self) -> None:
+        """
+        Stop the backend synchronously, in the calling thread: only at the
+        end of the process's life (the daemon's stopService, the admin
+        tool's exit), after the thread pool has stopped, as start-up
+        started it.
+        """
+        self.sync.stop()
+
     def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """
         Run C{fn(*args)} in the backend thread pool.
