@@ -344,6 +344,9 @@ class BackendContract(Protocol):
     def apply(self, layer: LayerInfo, stream: BinaryIO, id_map: IDMap) -> int:
         """Replace the layer's content with a layer tar; return its size."""
 
+    def apply_thin(self, layer: LayerInfo, descriptor: bytes, id_map: IDMap) -> int:
+        """Make the layer the thin image layer a descriptor names; return its size."""
+
     def diff(
         self,
         layer: LayerInfo,
@@ -605,7 +608,17 @@ class Backend(abc.ABC):
         """
         Replace the layer's content with the layer tar read from C{stream}
         and return its size, equal to what L{diff_size} reports for it.
+        The tar is an ordinary one: whether it is a thin image's descriptor
+        is decided once, above the backends (L{txgraph.backends.threaded}).
         """
+
+    def apply_thin(self, layer: LayerInfo, descriptor: bytes, id_map: IDMap) -> int:
+        """
+        Make the layer the thin image layer that C{descriptor} (the bytes
+        of a thin descriptor, L{txgraph.thin}) names; only backends that
+        declare C{shares_layers} are given one.
+        """
+        raise BadRequest(self._no_shared_layers())
 
     @abc.abstractmethod
     def diff(

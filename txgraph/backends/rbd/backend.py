@@ -73,7 +73,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import IO, Any, BinaryIO, cast
 
 from twisted.logger import Logger
@@ -471,13 +471,40 @@ class RBDBackend(Backend):
         the parent's content again) and return the size of the changes.
         On failure the layer is a fresh clone again.
 
-        A tar that holds only a thin descriptor makes the layer a clone of
-        the snapshot it names (L{SharedLayers.apply_thin}).  With C{share}, the layer is
-        extracted into a candidate shared image instead, which is published
-        under its chain ID, or discarded if the pool already has that chain
-        (L{SharedLayers.apply_shared}).
+        With C{share}, the layer is extracted into a candidate shared image
+        instead, which is published under its chain ID, or discarded if the
+        pool already has that chain (L{SharedLayers.apply_shared}).
         """
         name = self.names.image_name(layer.id)
+        with self._applying(layer, name):
+            reader = thin.HashingReader(cast(BinaryIO, stream))
+            parent_chain = self.shared.parent_chain(layer, id_map)
+            if parent_chain is not None:
+                return self.shared.apply_shared(layer, name, reader, reader, parent_chain, id_map)
+            self.cluster.set_meta(name, {K_STATE: "dirty"})
+            with self.devices.work_mount(name, readonly=False, bulk_write=True) as (top, _device):
+                root = os.path.join(top, ROOTFS)
+                stats = archive.apply_layer(
+                    cast(BinaryIO, reader), root, ApplyMode.INPLACE, id_map, track_changes=True
+                )
+                return self.devices.size_against_parent(layer, root, stats)
+
+    def apply_thin(self, layer: LayerInfo, descriptor: bytes, id_map: IDMap) -> int:
+        """
+        Make the layer a clone of the snapshot a thin descriptor names
+        (L{SharedLayers.apply_thin}), from a fresh clone as L{apply} does.
+        """
+        name = self.names.image_name(layer.id)
+        with self._applying(layer, name):
+            return self.shared.apply_thin(layer, name, descriptor, id_map)
+
+    @contextlib.contextmanager
+    def _applying(self, layer: LayerInfo, name: str) -> Iterator[None]:
+        """
+        What every ApplyDiff does around its work: release the layer's
+        device, start from a clean clone of its parent, and on failure make
+        it a fresh clone again (discarding a candidate shared image).
+        """
         with self.cluster.op("apply", layer.id, name):
             self.devices.release(layer.id, name, layer.mapping)
             state = self.cluster.require(name)
@@ -485,21 +512,8 @@ class RBDBackend(Backend):
                 self.cluster.drop_snapshot(name)
             if state.meta.get(K_STATE) != "clean":
                 self.clones.reclone(layer, name)
-            reader = thin.HashingReader(cast(BinaryIO, stream))
             try:
-                descriptor, body = thin.sniff(reader)
-                if descriptor is not None:
-                    return self.shared.apply_thin(layer, name, descriptor, id_map)
-                parent_chain = self.shared.parent_chain(layer, id_map)
-                if parent_chain is not None:
-                    return self.shared.apply_shared(layer, name, body, reader, parent_chain, id_map)
-                self.cluster.set_meta(name, {K_STATE: "dirty"})
-                with self.devices.work_mount(name, readonly=False, bulk_write=True) as (top, _device):
-                    root = os.path.join(top, ROOTFS)
-                    stats = archive.apply_layer(
-                        body, root, ApplyMode.INPLACE, id_map, track_changes=True
-                    )
-                    return self.devices.size_against_parent(layer, root, stats)
+                yield
             except BaseException:
                 try:
                     self.clones.discard_image(self.names.candidate(self.names.key(layer.id)))
