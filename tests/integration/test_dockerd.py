@@ -17,7 +17,6 @@ import json
 import os
 import pwd
 import signal
-import subprocess
 import tarfile
 import threading
 import time
@@ -265,12 +264,42 @@ def test_save_is_byte_identical(stack: Stack, busybox_rootfs: Path, tmp_path: Pa
 IN_USE = "is in-use as upperdir/workdir of another mount"
 
 
-def _kernel_in_use_lines() -> int:
+def _kernel_records() -> list[tuple[int, str]]:
     """
-    How many overlayfs "in-use" warnings the kernel log holds.
+    The kernel log's records as (sequence number, message), read from
+    C{/dev/kmsg}: sequence numbers keep counting when the ring buffer drops
+    its oldest records, where a count of C{dmesg} lines goes down.
     """
-    log = subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout
-    return sum(IN_USE in line for line in log.splitlines())
+    records = []
+    fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        while True:
+            try:
+                raw = os.read(fd, 8192)
+            except BlockingIOError:
+                break
+            except BrokenPipeError:
+                # Overwritten while we read: the next read resumes.
+                continue
+            head, _, message = raw.decode("utf-8", "replace").partition(";")
+            records.append((int(head.split(",")[1]), message))
+    finally:
+        os.close(fd)
+    return records
+
+
+def _kernel_mark() -> int:
+    """
+    The sequence number of the kernel log's newest record.
+    """
+    return max((seq for seq, _ in _kernel_records()), default=-1)
+
+
+def _kernel_in_use_lines(since: int) -> list[str]:
+    """
+    The overlayfs "in-use" warnings the kernel logged after record C{since}.
+    """
+    return [m.strip() for seq, m in _kernel_records() if seq > since and IN_USE in m]
 
 
 def _stat_tree(stack: Stack, container: str, top: str) -> dict[str, tuple[str, ...]]:
@@ -339,7 +368,7 @@ def test_docker_diff_as_moby_overlay2(stack: Stack, tmp_path: Path) -> None:
         "chmod": (lambda c: docker("exec", c, "chmod", "600", "/t/dir1/b"), "C /t/dir1", True),
         "cp": (lambda c: docker("cp", str(source), f"{c}:/t/copied"), "C /t", True),
     }
-    warnings = _kernel_in_use_lines()
+    mark = _kernel_mark()
     for name, (change, line, reported) in cases.items():
         container = f"diff-{name}"
         docker("run", "-d", "--name", container, "--network", "none", "diffbase:1", "sleep", "300")
@@ -353,7 +382,7 @@ def test_docker_diff_as_moby_overlay2(stack: Stack, tmp_path: Path) -> None:
         finally:
             docker("rm", "-f", container)
     # Changes of a running container read it through its own mount.
-    assert _kernel_in_use_lines() == warnings
+    assert _kernel_in_use_lines(mark) == []
 
 
 def _image_layer_dirs(stack: Stack) -> list[Path]:
@@ -387,7 +416,7 @@ def test_concurrent_save_never_writes_image_layers(stack: Stack, tmp_path: Path)
     running = [f"saver-{i}" for i in range(2)]
     for name in running:
         docker("run", "-d", "--name", name, "--network", "none", "diffbase:1", "sleep", "300")
-    warnings = _kernel_in_use_lines()
+    mark = _kernel_mark()
     try:
         outputs = [tmp_path / f"save-{i}.tar" for i in range(2)]
         commands = [("save", "-o", str(out), "diffbase:1") for out in outputs]
@@ -412,7 +441,7 @@ def test_concurrent_save_never_writes_image_layers(stack: Stack, tmp_path: Path)
             layers = _image_layer_dirs(stack)
             assert len(layers) >= 2
             assert [x for d in layers for x in _overlay_xattrs(d)] == []
-        assert _kernel_in_use_lines() == warnings
+        assert _kernel_in_use_lines(mark) == []
     finally:
         docker("rm", "-f", *running)
     assert _stray_mounts(stack) == []
