@@ -367,6 +367,36 @@ def test_pax_sparse_formats(tmp_path: Path) -> None:
     assert not (tmp_path / "r" / "GNUSparseFile.0").exists()
 
 
+def test_content_bytes_as_moby_sums_them(tmp_path: Path) -> None:
+    """
+    content_bytes is what moby's UnpackLayer returns: the sum of Go's
+    hdr.Size over the entries, so a sparse file counts its logical size
+    (not its stored data, nor a PAX 1.0 map), links and directories their
+    header's 0, and PAX records and GNU long names nothing.  Python's
+    tarfile reports the same sizes, so it is the oracle.
+    """
+    size = 1 << 20
+    head, tail = b"H" * 4096, b"T" * 4096
+    sparse_map = b"2\n0\n4096\n%d\n4096\n" % (size - 4096)
+    v10 = entry("GNUSparseFile.0/v10", data=sparse_map + bytes(-len(sparse_map) % 512) + head + tail, pax={
+        "GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "v10",
+        "GNU.sparse.realsize": str(size)})
+    v01 = entry("GNUSparseFile.0/v01", data=head + tail, pax={
+        "GNU.sparse.map": f"0,4096,{size - 4096},4096", "GNU.sparse.name": "v01",
+        "GNU.sparse.size": str(size)})
+    tar = make_tar([
+        entry("d", tarfile.DIRTYPE), entry("d/" + "n" * 150, data=b"12345"), v10, v01,
+        entry("sym", tarfile.SYMTYPE, linkname="t" * 200), entry("hard", tarfile.LNKTYPE, linkname="d/" + "n" * 150),
+        entry(".wh.gone", data=b""),
+    ])
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        expected = sum(m.size for m in t.getmembers())
+    assert expected == 5 + 2 * size
+    stats = apply(tar, tmp_path / "r")
+    assert stats.content_bytes == expected
+    assert stats.entries == 7
+
+
 def test_long_names_gnu_format(tmp_path: Path) -> None:
     """GNU long names and long link names are applied in full."""
     name = "a" * 120 + "/" + "b" * 120
