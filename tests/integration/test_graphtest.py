@@ -53,20 +53,7 @@ class TestOverlayGraphtest(make_graphtest()):
     backend = "overlay"
 
 
-class TestRBDGraphtest(
-    make_graphtest(
-        known_divergences={
-            "diff_apply_size": (
-                "the rbd backend's ApplyDiff answers the size of the changes against the "
-                "parent (archive's rule for full trees, so that it equals DiffSize against "
-                "the parent), where moby's naive drivers answer the tar's content size; a "
-                "file rewritten with the same size in the same second as its parent's "
-                "copy (graphtest writes base and upper within a second) is no change by "
-                "moby's sameFsTime rule, so the sizes differ when the test runs fast"
-            )
-        }
-    )
-):
+class TestRBDGraphtest(make_graphtest()):
     """
     moby's graphtest against the rbd backend (quota required).
     """

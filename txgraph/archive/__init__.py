@@ -23,7 +23,6 @@ The modules, bottom up, each with one job:
     removal (the safety rules are in its docstring);
   - L{reader}: the streaming tar parser;
   - L{changes}: moby's Changes and sizes (the size rules are there);
-  - L{tracking}: what an in-place apply changed, tracked as it goes;
   - L{apply}: L{apply_layer} (the error rules are there);
   - L{writer}: tar headers and the stream writer;
   - L{export}: L{export_overlay} and L{export_changes}.

@@ -42,7 +42,6 @@ from txgraph.archive.tarformat import (
     WH_OPAQUE,
     WH_PREFIX,
 )
-from txgraph.archive.tracking import ChangeTracker
 from txgraph.errors import ArchiveError
 from txgraph.model import IDMap
 
@@ -67,23 +66,22 @@ class ApplyMode(enum.Enum):
 @dataclass(frozen=True)
 class ApplyStats:
     """
-    What L{apply_layer} read, for logs and metrics.  Not the layer's size:
-    see L{txgraph.archive.changes} for that.
+    What L{apply_layer} read.  C{content_bytes} is the size a backend that
+    answers ApplyDiff as moby's naive-diff drivers do returns (see
+    L{txgraph.archive.changes} for the sizes of trees).
 
     @ivar entries: tar entries applied or skipped (headers of real files,
         not PAX or GNU extension records).
     @ivar tar_bytes: bytes of the tar up to its end-of-archive marker.
-    @ivar content_bytes: the sum of the entries' sizes, as moby's
-        C{UnpackLayer} counts them.
-    @ivar changes_size: see L{apply_layer}'s C{track_changes}.
+    @ivar content_bytes: the sum of the entries' sizes as Go's tar reader
+        gives them (a sparse file's logical size; links, directories and
+        whiteouts their header's size, 0 as Go writes them; extension
+        records nothing): what moby's C{UnpackLayer} returns.
     """
 
     entries: int
     tar_bytes: int
     content_bytes: int
-    #: with C{track_changes}: C{changes_size} of the tree against the tree
-    #: it was applied to, or None if only comparing the trees can tell
-    changes_size: int | None = None
 
 
 _OVERLAY_XATTRS = b"trusted.overlay."
@@ -137,19 +135,8 @@ class _Applier:
         self.unpacked: set[bytes] | None = set() if mode is ApplyMode.INPLACE else None
         self._plnk_dir: str | None = None
         self._plnk: dict[bytes, Entry] = {}
-        self.changes: ChangeTracker | None = None
-
-    def track_changes(self) -> None:
-        """
-        Record what each path was before this layer first touched it (see
-        L{apply_layer}'s C{track_changes}); in place only.
-        """
-        assert self.mode is ApplyMode.INPLACE
-        self.changes = ChangeTracker(self.tree)
 
     def close(self) -> None:
-        if self.changes is not None:
-            self.changes.close()
         self.tree.close()
         if self._plnk_dir is not None:
             shutil.rmtree(self._plnk_dir, ignore_errors=True)
@@ -195,8 +182,6 @@ class _Applier:
             return
         rel = b"/".join(parts)
         kind = e.kind
-        if self.changes is not None:
-            self.changes.touch(rel, replaced=kind != DIR)
         parent = self.tree.ensure(b"/".join(parts[:-1]), self.owner())
         if kind == REG:
             self._regular(parent, base, e, reader)
@@ -324,9 +309,6 @@ class _Applier:
         if target[0] == WH_LINKDIR:
             self._plnk_link(self.tree.lookup(b"/".join(parts[:-1])), name, target, e)
             return
-        if self.changes is not None:
-            # The link changes the target's inode (owner, mode, times).
-            self.changes.touch(b"/".join(target), replaced=False)
         target_dir = b"/".join(target[:-1])
         missing = ArchiveError(
             f"layer tar entry {e.display!r}: hard link target "
@@ -427,8 +409,6 @@ class _Applier:
             # re-export of the layer reproducible.
             os.utime(original, ns=(e.atime_ns, e.mtime_ns), dir_fd=parent, follow_symlinks=False)
             return
-        if self.changes is not None:
-            self.changes.touch(dir_rel + b"/" + original if dir_rel else original, replaced=True)
         try:
             parent = self.tree.ensure(dir_rel, self.owner())
             st = os.stat(original, dir_fd=parent, follow_symlinks=False)
@@ -456,8 +436,6 @@ class _Applier:
                         except FileNotFoundError:
                             continue
                         if child not in self.unpacked:
-                            if self.changes is not None:
-                                self.changes.touch(child, replaced=True)
                             remove(None, fd, name, st)
                             removed = True
                         elif stat.S_ISDIR(st.st_mode):
@@ -494,7 +472,6 @@ def apply_layer(
     mode: ApplyMode,
     id_map: IDMap | None = None,
     scratch_dir: str | None = None,
-    track_changes: bool = False,
 ) -> ApplyStats:
     """
     Apply a layer tar, read from C{stream} in bounded memory, to C{root}.
@@ -515,10 +492,6 @@ def apply_layer(
         removed); None for the default temporary directory (C{/tmp}).
         Backends pass a directory on the layer's own filesystem, so that
         those files count against it rather than against C{/tmp}.
-    @param track_changes: (L{ApplyMode.INPLACE} onto a copy of the tree
-        the layer applies to) return in L{ApplyStats.changes_size} what
-        C{changes_size(root, changes_dirs(root, parent))} would, or None
-        where that takes comparing the trees.
     @raise ArchiveError: the tar is malformed or reaches outside C{root};
         the message names the entry.
     @raise OSError: the host failed (no space, I/O error...).
@@ -527,9 +500,6 @@ def apply_layer(
     inp = Input(stream)
     reader = TarReader(inp)
     applier = _Applier(root, mode, ids, scratch_dir)
-    if track_changes:
-        applier.track_changes()
-    changes_size = None
     try:
         while True:
             entry = reader.next()
@@ -554,10 +524,8 @@ def apply_layer(
                     raise
                 raise ArchiveError(f"layer tar entry {entry.display!r}: {err}") from None
         applier.finish()
-        if applier.changes is not None:
-            changes_size = applier.changes.size()
     finally:
         applier.close()
     inp.drain()
-    return ApplyStats(reader.entries, reader.tar_bytes, reader.content_bytes, changes_size)
+    return ApplyStats(reader.entries, reader.tar_bytes, reader.content_bytes)
 

@@ -2,15 +2,17 @@
 moby's Changes and sizes: C{archive.ChangesDirs} (the changes from one full
 tree to another), C{archive.ChangesSize} and C{pkg/directory.Size}.
 
-Sizes (the rule callers follow for DiffSize and ApplyDiff, which must agree):
+Sizes (the rule callers follow for DiffSize):
 
   - an overlay layer's size is C{directory_size(upper)};
   - a full tree's size is C{changes_size(root, changes_dirs(root,
     parent_root))}.
 
-ApplyDiff returns that same number, computed after
-L{txgraph.archive.apply.apply_layer}, or by it with C{track_changes} (see
-L{txgraph.archive.tracking}).
+ApplyDiff answers as the backend's moby counterpart does: the overlay
+backend, like overlay2, the size of the layer's own directory (so, against
+its parent, its DiffSize); the rbd backend, like moby's naive-diff drivers
+(devicemapper, vfs, btrfs, zfs), the tar's content size
+(L{txgraph.archive.apply.ApplyStats.content_bytes}).
 """
 
 from __future__ import annotations
@@ -104,7 +106,8 @@ def changes_size(root: str, changes: list[Change]) -> int:
     added and modified non-directories, files with several links counted
     once.
     """
-    sizes = ChangedSizes()
+    total = 0
+    seen: set[int] = set()
     root_fd = os.open(root, WALK_FLAGS)
     try:
         for change in changes:
@@ -126,28 +129,14 @@ def changes_size(root: str, changes: list[Change]) -> int:
                 continue
             if stat.S_ISDIR(st.st_mode):
                 continue
-            sizes.add(st)
+            if st.st_nlink > 1:
+                if st.st_ino in seen:
+                    continue
+                seen.add(st.st_ino)
+            total += st.st_size
     finally:
         os.close(root_fd)
-    return sizes.total
-
-
-class ChangedSizes:
-    """
-    moby's C{ChangesSize} sum: the sizes of changed non-directories, a
-    file with several links counted once.
-    """
-
-    def __init__(self) -> None:
-        self.total = 0
-        self._seen: set[int] = set()
-
-    def add(self, st: os.stat_result) -> None:
-        if st.st_nlink > 1:
-            if st.st_ino in self._seen:
-                return
-            self._seen.add(st.st_ino)
-        self.total += st.st_size
+    return total
 
 
 def _same_fs_time(a: int, b: int) -> bool:
@@ -260,7 +249,7 @@ def _register(dirfd: int, rel: str, name: str, parent: _Node | None) -> _Node | 
     return node
 
 
-def stat_different(old: os.stat_result, new: os.stat_result) -> bool:
+def _stat_different(old: os.stat_result, new: os.stat_result) -> bool:
     # moby's statDifferent: sizes and times of directories are ignored.
     return (
         old.st_mode != new.st_mode
@@ -307,7 +296,7 @@ def changes_dirs(new: str, old: str | None) -> list[Change]:
             if old_child is not None:
                 assert old_child.st is not None and child.st is not None
                 if (
-                    stat_different(old_child.st, child.st)
+                    _stat_different(old_child.st, child.st)
                     or old_child.capability != child.capability
                 ):
                     changes.append(Change(child.path, ChangeKind.MODIFY))

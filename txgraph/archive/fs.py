@@ -88,9 +88,6 @@ class Tree:
         self._cache: OrderedDict[bytes, int] = OrderedDict()
         self._cache_size = cache_size
         self._retired: list[int] = []
-        #: how many times the cache was dropped (a directory or symlink
-        #: was removed)
-        self.generation = 0
         try:
             os.close(openat2(self.root_fd, b".", DIR_FLAGS))
         except OSError as e:
@@ -114,7 +111,6 @@ class Tree:
         descriptors stay open until L{release}, so that those the caller
         still holds stay valid.
         """
-        self.generation += 1
         self._retired.extend(self._cache.values())
         self._cache.clear()
 

@@ -386,7 +386,9 @@ class TarReader:
         if entry.sparse is not None:
             self._check_sparse(entry)
         self.entries += 1
-        self.content_bytes += entry.size
+        # moby's UnpackLayer sums Go's hdr.Size: a sparse file's logical
+        # size (Go's reader sets it from the real size), not its data's.
+        self.content_bytes += entry.realsize if entry.sparse is not None else entry.size
         return entry
 
     def _apply_pax(
@@ -415,7 +417,8 @@ class TarReader:
             raise ValueError("negative size")
         if b"GNU.sparse.name" in pax:
             entry.name = pax[b"GNU.sparse.name"]
-        realsize = pax.get(b"GNU.sparse.realsize", pax.get(b"GNU.sparse.size"))
+        # Go's order: the 0.x size record first, then 1.0's real size.
+        realsize = pax.get(b"GNU.sparse.size", pax.get(b"GNU.sparse.realsize"))
         if pax.get(b"GNU.sparse.major") == b"1" and pax.get(b"GNU.sparse.minor") == b"0":
             entry.sparse = []
         elif b"GNU.sparse.map" in pax:

@@ -607,7 +607,11 @@ class Backend(abc.ABC):
     def apply(self, layer: LayerInfo, stream: BinaryIO, id_map: IDMap) -> int:
         """
         Replace the layer's content with the layer tar read from C{stream}
-        and return its size, equal to what L{diff_size} reports for it.
+        and return its size as the backend's moby counterpart answers
+        ApplyDiff: the size of the layer's own directory, equal to what
+        L{diff_size} reports against its parent (overlay2), or the tar's
+        content size, the sum of its entries' sizes (the naive-diff drivers:
+        devicemapper, vfs, btrfs, zfs), as each backend documents.
         The tar is an ordinary one: whether it is a thin image's descriptor
         is decided once, above the backends (L{txgraph.backends.threaded}).
         """

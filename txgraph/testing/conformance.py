@@ -10,8 +10,8 @@ The tests drive the synchronous L{txgraph.backends.Backend} interface the
 way the layer machines do, and check what dockerd relies on, after moby's
 graphtest: an empty layer is an empty 0755 root-owned directory; a child
 sees its parent's files with their modes and owners; Diff then ApplyDiff
-reproduces a layer, with ApplyDiff's size
-equal to DiffSize; Changes are exact; removal and the other life-cycle
+reproduces a layer, with ApplyDiff's size answered as the backend's moby
+counterpart answers it (L{make_backend_tests}'s C{apply_size}); Changes are exact; removal and the other life-cycle
 calls are idempotent, as crash recovery needs.  They need root (mounts).
 The 129-layer chain (128 lowers) is read through the whole daemon, in
 moby's own suite over the socket (L{txgraph.testing.graphtest}), once per
@@ -25,6 +25,7 @@ import inspect
 import io
 import os
 import stat
+import tarfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -275,12 +276,22 @@ def make_contract_tests(factory: Callable[[str], Backend]) -> type:
     return BackendContractTests
 
 
-def make_backend_tests(factory: Callable[[str], Backend]) -> type:
+def make_backend_tests(factory: Callable[[str], Backend], apply_size: str = "tree") -> type:
     """
     The conformance test class for backends made by C{factory(state_dir)}:
     the contract tests (L{make_contract_tests}) and those of the layers'
     content, which need real storage.
+
+    C{apply_size} is the rule the backend's ApplyDiff size follows, as its
+    moby counterpart's does: C{"tree"}, the size of the layer's own tree,
+    equal to DiffSize against its parent (overlay2); C{"content"}, the
+    tar's content size, the sum of its entries' sizes as Go's tar reader
+    gives them (moby's naive-diff drivers, whose C{ApplyDiff} returns
+    C{UnpackLayer}'s sum).  The two differ for the same tar: a symlink
+    counts its target's length in DiffSize and 0 in the tar.
     """
+    if apply_size not in ("tree", "content"):
+        raise ValueError(f"apply_size must be 'tree' or 'content', not {apply_size!r}")
 
     class BackendConformanceTests(make_contract_tests(factory)):  # type: ignore[misc]
         """
@@ -374,7 +385,8 @@ def make_backend_tests(factory: Callable[[str], Backend]) -> type:
         def test_diff_apply(self, layers: Layers) -> None:
             """
             Diff against the parent, applied to a new child of the parent,
-            reproduces the layer; ApplyDiff's size equals DiffSize.
+            reproduces the layer; ApplyDiff's size follows the backend's
+            rule (C{apply_size}): DiffSize, or the tar's content size.
             """
             base, upper = self._base_and_upper(layers)
             info = layers.infos[upper]
@@ -385,10 +397,13 @@ def make_backend_tests(factory: Callable[[str], Backend]) -> type:
             out.seek(0)
             applied = layers.backend.apply(layers.infos[copy], out, IDENTITY)
             layers.commit(copy)
-            assert applied == size
-            assert applied == layers.backend.diff_size(
-                layers.infos[copy], layers.chain(copy), base
-            )
+            assert size == layers.backend.diff_size(layers.infos[copy], layers.chain(copy), base)
+            out.seek(0)
+            with tarfile.open(fileobj=out) as tar:
+                content = sum(member.size for member in tar.getmembers())
+            # The symlink: its target's length is in DiffSize, not in the tar.
+            assert size == content + len("keep")
+            assert applied == (size if apply_size == "tree" else content)
             expected = _tree(layers.get(upper))
             layers.put(upper)
             actual = _tree(layers.get(copy))

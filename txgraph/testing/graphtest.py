@@ -372,22 +372,13 @@ def _check_removed(driver: PluginClient, layer: str, name: str) -> None:
         assert not os.path.lexists(os.path.join(root, name)), f"{name} still exists"
 
 
-def make_graphtest(
-    driver_name: str = "txgraph",
-    quota_required: bool = True,
-    known_divergences: dict[str, str] | None = None,
-) -> type:
+def make_graphtest(driver_name: str = "txgraph", quota_required: bool = True) -> type:
     """
     The ported graphtest class.  The test module provides a C{graphdriver}
     fixture (a L{PluginClient}); C{driver_name} makes the quota test's
     layer name (C{<driver>Test}); C{quota_required} is moby's C{required}:
     whether a driver answering "not supported" fails rather than skips.
-    C{known_divergences} names checks (C{diff_apply_size}) where the
-    backend is known to answer otherwise than moby's drivers, and why: such
-    a check, when it fails, marks the test as an expected failure (after
-    every other check of the test passed), with the numbers.
     """
-    divergences = dict(known_divergences or {})
 
     class GraphDriverTests:
         """
@@ -476,11 +467,6 @@ def make_graphtest(
             check_many_files(graphdriver, diff, file_count, 6)
             _check_removed(graphdriver, diff, delete_file)
             _check_removed(graphdriver, diff, delete_dir)
-            if applied != diff_size and "diff_apply_size" in divergences:
-                pytest.xfail(
-                    f"Apply diff size different, got {applied}, expected {diff_size}: "
-                    + divergences["diff_apply_size"]
-                )
             assert applied == diff_size, (
                 f"Apply diff size different, got {applied}, expected {diff_size}"
             )

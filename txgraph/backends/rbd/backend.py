@@ -37,8 +37,10 @@ background purge deletes it).  C{apply}, C{diff}, C{changes} and
 C{diff_size} work on temporary mappings of their own, so they need the
 layer to be neither mapped nor mounted; the views they compare are
 read-only (a layer that is mounted is seen through a read-only bind mount
-of its mount).  Sizes follow the shared rule for full trees:
-C{changes_size(root, changes_dirs(root, parent_root))}.
+of its mount).  DiffSize follows the shared rule for full trees:
+C{changes_size(root, changes_dirs(root, parent_root))}; ApplyDiff answers
+the tar's content size, as moby's naive-diff drivers (devicemapper, vfs,
+btrfs, zfs) do.
 
 Depth: librbd opens a clone's whole ancestry (about 3.5 ms per level
 here), so a layer committed C{flatten_depth} (32) clones below a flat image
@@ -468,8 +470,10 @@ class RBDBackend(Backend):
     def apply(self, layer: LayerInfo, stream: IO[bytes], id_map: IDMap) -> int:
         """
         Apply a layer tar to a fresh clone (a retried ApplyDiff starts from
-        the parent's content again) and return the size of the changes.
-        On failure the layer is a fresh clone again.
+        the parent's content again) and return the tar's content size (the
+        sum of its entries' sizes), which is what moby's naive-diff drivers
+        answer: C{NaiveDiffDriver.ApplyDiff} returns C{UnpackLayer}'s sum
+        of C{hdr.Size}.  On failure the layer is a fresh clone again.
 
         With C{share}, the layer is extracted into a candidate shared image
         instead, which is published under its chain ID, or discarded if the
@@ -484,10 +488,8 @@ class RBDBackend(Backend):
             self.cluster.set_meta(name, {K_STATE: "dirty"})
             with self.devices.work_mount(name, readonly=False, bulk_write=True) as (top, _device):
                 root = os.path.join(top, ROOTFS)
-                stats = archive.apply_layer(
-                    cast(BinaryIO, reader), root, ApplyMode.INPLACE, id_map, track_changes=True
-                )
-                return self.devices.size_against_parent(layer, root, stats)
+                stats = archive.apply_layer(cast(BinaryIO, reader), root, ApplyMode.INPLACE, id_map)
+                return stats.content_bytes
 
     def apply_thin(self, layer: LayerInfo, descriptor: bytes, id_map: IDMap) -> int:
         """
@@ -559,7 +561,7 @@ class RBDBackend(Backend):
         self, layer: LayerInfo, chain: list[LayerInfo], parent: str | None
     ) -> int:
         """
-        The size of the changed files, as ApplyDiff reported it.
+        The size of the changed files (moby's C{ChangesSize}).
         """
         name = self.names.image_name(layer.id)
         with self.cluster.op("diff size", layer.id, name):

@@ -18,7 +18,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from txgraph import archive, mounts
+from txgraph import mounts
 from txgraph.backends import LayerInfo
 from txgraph.backends.rbd.cluster import Cluster
 from txgraph.backends.rbd.mappers import AUTO_ORDER, MAPPERS
@@ -362,23 +362,6 @@ class Devices:
         """
         for point in mounts.mounted_under(self.names.mountpoint(layer_id)):
             mounts.unmount(point)
-
-    def size_against_parent(
-        self, layer: LayerInfo, root: str, stats: archive.ApplyStats
-    ) -> int:
-        """
-        The size of the layer's changes: as the extraction tracked them
-        (the clone held its parent's tree), or, where it could not tell,
-        by comparing the tree with its parent's (a read-only mapping of
-        the parent, and a walk of both trees).
-        """
-        if stats.changes_size is not None:
-            return stats.changes_size
-        log.info("layer {id}: sizing its changes against its parent's tree", id=layer.id)
-        if layer.parent is None:
-            return archive.changes_size(root, archive.changes_dirs(root, None))
-        with self.view(layer.parent) as old:
-            return archive.changes_size(root, archive.changes_dirs(root, old))
 
     def mapping_tags(self, mapper: Mapper) -> list[tuple[str, str]]:
         """

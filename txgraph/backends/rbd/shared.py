@@ -136,12 +136,12 @@ class SharedLayers:
 
     def build_candidate(
         self, key: str, parent_chain: str, body: Any, reader: thin.HashingReader,
-        id_map: IDMap, measure: LayerInfo | None,
+        id_map: IDMap,
     ) -> tuple[str, str, int]:
         """
         Extract a layer tar into a new candidate cloned from the shared
         image of C{parent_chain}, snapshot it, and return (candidate, chain
-        ID, size of the changes against C{measure}'s parent, or 0).
+        ID, the tar's content size, as L{RBDBackend.apply} answers it).
         """
         assert self.cluster.rbd is not None
         if parent_chain:
@@ -172,14 +172,9 @@ class SharedLayers:
             {K_OWNER: self.names.node_id, K_LAYER: "candidate", K_PARENT: parent_chain or NONE,
              K_STATE: "dirty", K_DEPTH: str(depth), K_CHAIN: NONE},
         )
-        size = 0
         with self.devices.work_mount(candidate, readonly=False, bulk_write=True) as (top, _device):
             root = os.path.join(top, ROOTFS)
-            stats = archive.apply_layer(
-                body, root, ApplyMode.INPLACE, id_map, track_changes=measure is not None
-            )
-            if measure is not None:
-                size = self.devices.size_against_parent(measure, root, stats)
+            stats = archive.apply_layer(body, root, ApplyMode.INPLACE, id_map)
         reader.drain()
         chain = thin.chain_id(parent_chain or None, reader.digest())
         if self.settings.flatten_depth and depth >= self.settings.flatten_depth:
@@ -188,7 +183,7 @@ class SharedLayers:
             depth = 0
         self.cluster.set_meta(candidate, {K_CHAIN: chain, K_DEPTH: str(depth)})
         self.cluster.snapshot(candidate)
-        return candidate, chain, size
+        return candidate, chain, stats.content_bytes
 
     def settle(self, candidate: str, chain: str, layer: LayerInfo | None, name: str) -> bool:
         """
@@ -239,10 +234,10 @@ class SharedLayers:
         """
         Extract the layer tar into a candidate, publish it (or use the pool's
         image of that chain) and make the layer a clone of the shared image;
-        return the size of the changes.
+        return the tar's content size (as L{RBDBackend.apply}).
         """
         candidate, chain, size = self.build_candidate(
-            self.names.key(layer.id), parent_chain, body, reader, id_map, layer
+            self.names.key(layer.id), parent_chain, body, reader, id_map
         )
         existed = self.settle(candidate, chain, layer, name)
         log.info(
@@ -258,7 +253,9 @@ class SharedLayers:
         """
         Make the layer a clone of the snapshot a thin descriptor names (no
         extraction), with the descriptor written at its path so that the
-        layer reads back as the tar it was loaded from.
+        layer reads back as the tar it was loaded from.  Returns the
+        descriptor's length: the content size of the thin layer's tar
+        (its one entry), as L{RBDBackend.apply} answers any tar.
         """
         descriptor = thin.parse(raw)
         if layer.parent is not None:
@@ -403,7 +400,7 @@ class SharedLayers:
                 reader = thin.HashingReader(cast(BinaryIO, f), progress)
                 try:
                     candidate, built, _size = self.build_candidate(
-                        key, parent_chain, reader, reader, IDMap(), None
+                        key, parent_chain, reader, reader, IDMap()
                     )
                     if built != chain:
                         raise BackendError(
