@@ -2016,16 +2016,8 @@ class RBDBackend(Backend):
         snapshotter reports a thin device's; inodes are not counted (0).
         """
         name = self.image_name(layer.id)
-        with self._op("usage", layer.id, name), self._open(name) as image:
-            total = 0
-
-            def count(offset: int, length: int, exists: bool) -> None:
-                nonlocal total
-                if exists:
-                    total += length
-
-            image.diff_iterate(0, image.size(), None, count, include_parent=False)
-            return total, 0
+        with self._op("usage", layer.id, name):
+            return self._own_bytes(name), 0
 
     # -- content --------------------------------------------------------------------------
 
@@ -2196,12 +2188,14 @@ class RBDBackend(Backend):
 
     def _build_candidate(
         self, key: str, parent_chain: str, body: Any, reader: thin.HashingReader,
-        id_map: IDMap, measure: LayerInfo | None,
+        id_map: IDMap, measure: LayerInfo | None, chain: str | None = None,
     ) -> tuple[str, str, int]:
         """
         Extract a layer tar into a new candidate cloned from the shared
         image of C{parent_chain}, snapshot it, and return (candidate, chain
-        ID, size of the changes against C{measure}'s parent, or 0).
+        ID, size of the changes against C{measure}'s parent, or 0).  The
+        chain ID follows from the tar's digest, unless C{chain} gives it (a
+        tar txgraph wrote itself from a layer containerd filled).
         """
         assert self._rbd is not None
         if parent_chain:
@@ -2241,7 +2235,8 @@ class RBDBackend(Backend):
             if measure is not None:
                 size = self._size_against_parent(measure, root, stats)
         reader.drain()
-        chain = thin.chain_id(parent_chain or None, reader.digest())
+        if chain is None:
+            chain = thin.chain_id(parent_chain or None, reader.digest())
         if self.flatten_depth and depth >= self.flatten_depth:
             with self._open(candidate) as image:
                 image.flatten()
@@ -2413,6 +2408,160 @@ class RBDBackend(Backend):
                     self._discard_image(self._candidate(key))
                     raise
             return {"chain_id": chain, "image": target, "existed": existed}
+
+    # -- containerd's chains: the remote-snapshot shortcut ---------------------------
+
+    def shared_chain_parent(self, chain: str) -> str | None:
+        """
+        The chain the pool's shared image of C{chain} was made on ("" for
+        the shared base), read from its RBD parent; None if the pool has no
+        such image, or if its parent is no shared image (flattened at
+        C{flatten_depth}: then it is not offered to containerd).
+        """
+        if not self.share:
+            return None
+        target = self.shared_image(chain)
+        with self._op("look up of a shared layer", None, target):
+            state = self._shared_state(target)
+            if state is None or state.meta.get(K_CHAIN) != chain or state.parent is None:
+                return None
+            if state.parent == self.shared_base:
+                return ""
+            parent = self._shared_state(state.parent)
+            if parent is None or not state.parent.startswith(self._shared_stem):
+                return None
+            parent_chain = parent.meta.get(K_CHAIN, NONE)
+            if not parent_chain.startswith("sha256:"):
+                return None
+            return parent_chain
+
+    def adopt_shared(self, layer: LayerInfo, chain: str) -> int:
+        """
+        Make the layer (new, uncommitted) a clone of the pool's shared image
+        of C{chain}, as an ApplyDiff whose chain the pool has already ends
+        (L{_settle}): nothing is extracted, nothing written.  Returns the
+        bytes the shared image holds of its own.  On failure the layer is a
+        fresh clone of its parent again.
+        """
+        name = self.image_name(layer.id)
+        target = self.shared_image(chain)
+        with self._op("adoption of a shared layer", layer.id, name):
+            self._release(layer.id, name, layer.mapping)
+            state = self._require(name)
+            if state.committed:
+                self._drop_snapshot(name)
+            try:
+                shared = self._shared_state(target)
+                if shared is None or shared.meta.get(K_CHAIN) != chain:
+                    raise BackendError(
+                        f"the pool has no shared image {self.spec(target)} of chain {chain}"
+                    )
+                try:
+                    self._replace_by_clone(
+                        layer, name, target, {K_CHAIN: chain, K_STATE: "shared"}
+                    )
+                except _SharedGone:
+                    raise BackendError(
+                        f"the shared image {self.spec(target)} of chain {chain} was removed "
+                        "while the layer was made from it"
+                    ) from None
+            except BaseException:
+                try:
+                    self._reclone(layer, name)
+                except Exception as e:
+                    log.error(
+                        "cannot empty layer {id} again after a failed adoption: {error}",
+                        id=layer.id,
+                        error=e,
+                    )
+                raise
+            log.info(
+                "layer {id}: chain {chain} taken from the pool's {image}",
+                id=layer.id, chain=chain, image=self.spec(target),
+            )
+            return self._own_bytes(target)
+
+    def publish_chain(
+        self, layer: LayerInfo, chain: list[LayerInfo], chain_id: str, parent_chain: str
+    ) -> bool:
+        """
+        Publish a committed layer that containerd filled through its mount
+        as the shared image of C{chain_id}: its changes against its parent
+        (a tar txgraph writes, streamed through a pipe) are extracted into
+        a candidate cloned from the shared image of C{parent_chain}, which
+        is then settled like an ApplyDiff's (L{_settle}).  The layer itself
+        stays as it is.  Returns whether it was published now.
+        """
+        if not self.share or tuple(layer.root_ids) != (0, 0):
+            return False
+        target = self.shared_image(chain_id)
+        key = self._key(layer.id)
+        with self._op("publication of a containerd layer", layer.id, target):
+            if self._shared_state(target) is not None:
+                return False
+            try:
+                with self._views(layer, chain, layer.parent) as (new, old):
+                    candidate = self._candidate_from_tree(key, parent_chain, chain_id, new, old)
+                existed = self._settle(candidate, chain_id, None, "")
+            except BaseException:
+                self._discard_image(self._candidate(key))
+                raise
+            log.info(
+                "layer {id}: chain {chain} {how} {image}",
+                id=layer.id,
+                chain=chain_id,
+                how="was published meanwhile as" if existed else "published as",
+                image=self.spec(target),
+            )
+            return not existed
+
+    def _candidate_from_tree(
+        self, key: str, parent_chain: str, chain_id: str, new: str, old: str | None
+    ) -> str:
+        """
+        A candidate of C{chain_id} holding the changes from tree C{old} to
+        tree C{new}: a thread writes their tar into a pipe that
+        L{_build_candidate} extracts.
+        """
+        changes = archive.changes_dirs(new, old)
+        read_fd, write_fd = os.pipe()
+        failure: list[BaseException] = []
+
+        def produce() -> None:
+            try:
+                with os.fdopen(write_fd, "wb") as out:
+                    archive.export_changes(new, changes, cast(BinaryIO, out), IDMap())
+            except BaseException as e:  # handed to the reading thread
+                failure.append(e)
+
+        writer = threading.Thread(target=produce, name=f"txgraph-publish-{key[:12]}")
+        writer.start()
+        try:
+            with os.fdopen(read_fd, "rb") as inp:
+                reader = thin.HashingReader(cast(BinaryIO, inp))
+                candidate, _chain, _size = self._build_candidate(
+                    key, parent_chain, reader, reader, IDMap(), None, chain=chain_id
+                )
+        finally:
+            writer.join()
+        if failure:
+            raise BackendError(f"cannot write the changes of {new}: {_describe(failure[0])}")
+        return candidate
+
+    def _own_bytes(self, name: str) -> int:
+        """
+        The bytes an image holds of its own (written since it was cloned).
+        """
+        with self._open(name) as image:
+            total = 0
+
+            def count(offset: int, length: int, exists: bool) -> None:
+                nonlocal total
+                if exists:
+                    total += length
+
+            image.diff_iterate(0, image.size(), None, count, include_parent=False)
+            return total
 
     def shared_info(self) -> dict[str, str]:
         """

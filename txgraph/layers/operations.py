@@ -115,6 +115,21 @@ def _apply(inputs: LayerInputs, core: LayerCore, stream: BinaryIO) -> Deferred[i
     return pending
 
 
+@created.upon(LayerInputs.adoptShared).to(applying)
+def _adopt(inputs: LayerInputs, core: LayerCore, chain: str) -> Deferred[int]:
+    # The same write-ahead state as an ApplyDiff: a crash recovers by
+    # emptying the layer again (a fresh clone of its parent).
+    pending = core.begin()
+    core.step(
+        inputs,
+        "applying",
+        lambda: core.backend.adopt_shared(core.info(), chain),
+        committed=False,
+        size=None,
+    )
+    return pending
+
+
 @applying.upon(LayerInputs._succeeded).to(committing)
 def _applied(inputs: LayerInputs, core: LayerCore, result: Any) -> None:
     size: int = result
@@ -339,6 +354,11 @@ def _applyMounted(inputs: LayerInputs, core: LayerCore, stream: BinaryIO) -> Def
     return _invalid(core, "cannot ApplyDiff: it is mounted")
 
 
+@mounted.upon(LayerInputs.adoptShared).loop()
+def _adoptMounted(inputs: LayerInputs, core: LayerCore, chain: str) -> Deferred[int]:
+    return _invalid(core, "cannot make it a clone of a shared layer: it is mounted")
+
+
 def _putUnheld(inputs: LayerInputs, core: LayerCore) -> Deferred[None]:
     return _invalid(core, "Put without Get: nothing holds this layer")
 
@@ -361,4 +381,5 @@ def _faultyRefuses(what: str) -> Callable[..., Deferred[Any]]:
 faulty.upon(LayerInputs.get).loop()(_faultyRefuses("Get"))
 faulty.upon(LayerInputs.put).loop()(_faultyRefuses("Put"))
 faulty.upon(LayerInputs.applyDiff).loop()(_faultyRefuses("ApplyDiff"))
+faulty.upon(LayerInputs.adoptShared).loop()(_faultyRefuses("adopt a shared layer"))
 faulty.upon(LayerInputs.commit).loop()(_faultyRefuses("commit"))
