@@ -683,7 +683,8 @@ class Bench:
         """
         import mmap
 
-        from txgraph.backends.mappers import ClusterAccess, FuseMapper
+        from txgraph.backends.rbd.mappers.base import ClusterAccess
+        from txgraph.backends.rbd.mappers.fuse import FuseMapper
 
         cluster = system.cluster
         assert cluster is not None

@@ -52,7 +52,7 @@ import images  # noqa: E402
 from dockerd import Dockerd  # noqa: E402
 from txgraphd import Txgraphd, admin  # noqa: E402
 
-from txgraph.backends.mappers import admin_socket_command  # noqa: E402
+from txgraph.backends.rbd.mappers.base import admin_socket_command  # noqa: E402
 from txgraph.testing.ceph import DevCluster  # noqa: E402
 
 DEBIAN = (images.DEBIAN_TAG, "bench/debian:thin", ("cat", "/etc/debian_version"))

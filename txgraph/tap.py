@@ -403,7 +403,7 @@ class TxgraphService(Service):
         def finish(result: object) -> object:
             self._dbthread.stop()
             if self.driver is not None:
-                self.driver.backend.sync.stop()
+                self.driver.backend.stop_now()
             self._lock.release()
             return result
 

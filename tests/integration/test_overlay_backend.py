@@ -15,6 +15,7 @@ import pytest
 
 from txgraph import mounts, thin
 from txgraph.backends.overlay import OverlayBackend
+from txgraph.backends.threaded import apply_layer_tar
 from txgraph.model import IDMap
 from txgraph.testing.conformance import Layers, make_backend_tests
 from txgraph.testing.tars import files_tar
@@ -57,7 +58,8 @@ def test_thin_image_layers_are_refused(tmp_path: Path) -> None:
     """
     A thin image's layer (a lone descriptor) names why overlay cannot use
     it and leaves the layer empty; a layer that merely starts with a file of
-    that name is an ordinary layer, extracted in full.
+    that name is an ordinary layer, extracted in full.  Both go through the
+    one place that tells them apart, as every ApplyDiff does.
     """
     backend = OverlayBackend(str(tmp_path), {"mountopt": ""})
     backend.start()
@@ -65,7 +67,7 @@ def test_thin_image_layers_are_refused(tmp_path: Path) -> None:
     try:
         layer = layers.create(readwrite=False)
         with pytest.raises(ThinDescriptorError, match="thin images need the rbd backend"):
-            backend.apply(layers.infos[layer], io.BytesIO(thin.layer_tar(b"{}")), IDMap())
+            apply_layer_tar(backend, layers.infos[layer], io.BytesIO(thin.layer_tar(b"{}")), IDMap())
         assert os.listdir(backend.diff_dir(layer)) == []
         ordinary = io.BytesIO()
         with tarfile.open(fileobj=ordinary, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -74,7 +76,7 @@ def test_thin_image_layers_are_refused(tmp_path: Path) -> None:
                 info.size = 2
                 tar.addfile(info, io.BytesIO(b"{}"))
         ordinary.seek(0)
-        backend.apply(layers.infos[layer], ordinary, IDMap())
+        apply_layer_tar(backend, layers.infos[layer], ordinary, IDMap())
         assert sorted(os.listdir(backend.diff_dir(layer))) == [thin.DESCRIPTOR_PATH, "bin"]
     finally:
         layers.cleanup()

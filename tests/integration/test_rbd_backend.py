@@ -34,7 +34,8 @@ from dockerd import host_leftovers, pid_alive
 from txgraph import mounts
 from txgraph.backends import LayerInfo, parse_options
 from txgraph.backends.catalog import backend_class
-from txgraph.backends.rbd import K_OWNER, K_STATE, SNAP, RBDBackend
+from txgraph.backends.rbd import RBDBackend
+from txgraph.backends.rbd.metadata import K_OWNER, K_STATE, SNAP
 from txgraph.errors import ArchiveError, BackendError, ConfigurationError
 from txgraph.model import ChangeKind
 from txgraph.testing.ceph import DevCluster
@@ -417,7 +418,7 @@ def test_mapper_unavailable(ceph: Ceph, tmp_path: Path) -> None:
     backend = ceph.backend(str(tmp_path), mapper="krbd")
     with pytest.raises(BackendError, match="mapper krbd is not available here: .*rbd module"):
         backend.start()
-    assert backend._cluster is None
+    assert backend.cluster.handle is None
 
 
 def test_auto_mapper_is_fuse_here(started: Started) -> None:
@@ -608,7 +609,7 @@ def test_extraction_is_written_back_as_it_goes(started: Started) -> None:
     class Watching(io.BytesIO):
         def read(self, n: int | None = -1) -> bytes:
             devices = [e.source for e in mounts.mount_table()
-                       if e.mountpoint.startswith(backend._work + os.sep)]
+                       if e.mountpoint.startswith(backend.names.work + os.sep)]
             if devices and not baseline:
                 baseline[devices[0]] = _sectors_written(devices[0])
             if baseline and not written and self.tell() > len(body) // 2:
@@ -660,19 +661,19 @@ def test_read_write_layer_is_mapped_as_it_is_made(
     nor is any layer with unmap_delay=0.
     """
     backend, layers = started.backend, started.layers
-    assert backend.mapper is not None
+    assert backend.devices.mapper is not None
     base = layers.create(readwrite=False)
     assert layers.infos[base].mapping is None
     layers.write(base, {"from-base": b"b"})
     child = layers.create(base)
     mapping = layers.infos[child].mapping
     assert mapping is not None and mapping["readonly"] is False
-    assert backend.mapper.alive(mapping)
+    assert backend.devices.mapper.alive(mapping)
     root = layers.get(child)
     assert layers.infos[child].mapping == mapping
     assert _read(root, "from-base") == b"b"
     layers.put(child)
-    assert not backend.mapper.alive(mapping)
+    assert not backend.devices.mapper.alive(mapping)
     zero = ceph.backend(str(tmp_path / "zero"), started.namespace, node_id="node-z",
                         unmap_delay="0")
     zero.start()
@@ -725,10 +726,10 @@ def test_mapping_process_found_from_its_record(
     trusted, and the mounted mapping is then found by a pass over /proc.
     The record goes with the mapping.
     """
-    from txgraph.backends.mappers import FuseMapper
+    from txgraph.backends.rbd.mappers.fuse import FuseMapper
 
     backend, layers = started.backend, started.layers
-    mapper = backend.mapper
+    mapper = backend.devices.mapper
     assert isinstance(mapper, FuseMapper)
     layer = layers.create()
     layers.get(layer)
@@ -843,7 +844,7 @@ def test_restart_keeps_base(started: Started, ceph: Ceph, tmp_path: Path) -> Non
     backend, namespace, layers = started.backend, started.namespace, started.layers
     layer = layers.create()
     layers.write(layer, {"f": b"data"})
-    base = backend.base_image
+    base = backend.names.base_image
     snaps_before = ceph.snaps(namespace, base)
     second = RBDBackend(str(tmp_path / "state2"), dict(backend.config))
     second.start()
@@ -877,7 +878,7 @@ def test_restart_with_mounted_layer(started: Started) -> None:
         assert _read(root, "f") == b"kept"
         # The same mapping (device and rbd-fuse process) is still in use.
         assert info.mapping is not None
-        assert [m["device"] for m in again._mappings(again.image_name(layer), layer)] == [
+        assert [m["device"] for m in again.devices.mappings(again.image_name(layer), layer)] == [
             info.mapping["device"]
         ]
         again.unmount(info)

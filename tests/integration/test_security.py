@@ -613,7 +613,9 @@ def test_fuzz_running_daemon(populated: Txgraphd) -> None:
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
     )
-    @given(calls=st.lists(malformed() | refused_in_state, min_size=5, max_size=30))
+    # At least 8 calls an example, so that the 150 examples send the 1000
+    # calls asserted below whatever sizes hypothesis draws.
+    @given(calls=st.lists(malformed() | refused_in_state, min_size=8, max_size=30))
     def fuzz(calls: list[tuple[str, bytes, str, bool, str, str]]) -> None:
         for method, body, query, chunked, verb, expected in calls:
             status, raw, content_type = _send(daemon, method, body, query, chunked, verb)

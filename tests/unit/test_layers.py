@@ -16,14 +16,14 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from txgraph.backends import Backend, LayerInfo, MountSpec
+from txgraph.backends import Backend
 from txgraph.backends.threaded import AsyncBackend
 from txgraph.errors import BackendError, BadRequest, InvalidLayerState, LayerExists, UnknownLayer
 from txgraph.layers.machine import transitions
 from txgraph.layers.registry import LayerRegistry
 from txgraph.layers.states import STATES
-from txgraph.model import IDMap
 from txgraph.store import LAYER_STATES, LayerRow, Store
+from txgraph.testing.fake import FakeBackend
 
 A = "a" * 64
 B = "b" * 64
@@ -40,102 +40,6 @@ class InlineThread:
             return succeed(fn(*args))
         except Exception:
             return fail(Failure())
-
-
-class FakeBackend(Backend):
-    """
-    A backend that records each call with the layer's persisted state at
-    that moment, and fails the calls named in C{failing}.
-    """
-
-    name = "fake"
-
-    def __init__(self, store: Store, maps: bool = True, commits: bool = True) -> None:
-        super().__init__("/nonexistent", {})
-        self.store = store
-        self.maps = maps  # type: ignore[misc]
-        self.commits = commits  # type: ignore[misc]
-        self.calls: list[tuple[str, str, str | None]] = []
-        self.failing: set[str] = set()
-        self.existing: set[str] = set()
-
-    def _call(self, name: str, layer: LayerInfo) -> None:
-        rows = {r.id: r.state for r in self.store.load_layers_thd()}
-        self.calls.append((name, layer.id, rows.get(layer.id)))
-        if name in self.failing:
-            raise BackendError(f"{name} of {layer.id[:6]} failed (injected)")
-
-    def status(self) -> list[tuple[str, str]]:
-        return [("Fake", "yes")]
-
-    def prepare(self, layer: LayerInfo) -> dict[str, Any] | None:
-        self._call("prepare", layer)
-        self.existing.add(layer.id)
-        if layer.readwrite and self.unmap_delay > 0:
-            # Maps a read-write layer too, as the rbd backend does.
-            return {"device": f"/dev/fake-{layer.id[:4]}"}
-        return None
-
-    def commit(self, layer: LayerInfo) -> None:
-        self._call("commit", layer)
-
-    def remove(self, layer: LayerInfo) -> None:
-        self._call("remove", layer)
-        self.existing.discard(layer.id)
-
-    def reset(self, layer: LayerInfo) -> None:
-        self._call("reset", layer)
-
-    def exists(self, layer: LayerInfo) -> bool:
-        return layer.id in self.existing
-
-    def map(self, layer: LayerInfo) -> dict[str, Any] | None:
-        self._call("map", layer)
-        return {"device": f"/dev/fake-{layer.id[:4]}"}
-
-    def unmap(self, layer: LayerInfo) -> None:
-        self._call("unmap", layer)
-
-    def mount(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
-        self._call("mount", layer)
-        return f"/mnt/{layer.id}"
-
-    def unmount(self, layer: LayerInfo) -> None:
-        self._call("unmount", layer)
-
-    def ensure_mounted(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
-        self._call("ensure_mounted", layer)
-        return f"/mnt/{layer.id}"
-
-    def list_layers(self) -> list[str]:
-        return sorted(self.existing)
-
-    def apply(self, layer: LayerInfo, stream: Any, id_map: IDMap) -> int:
-        self._call("apply", layer)
-        return len(stream.read())
-
-    def diff(self, layer: LayerInfo, chain: list[LayerInfo], parent: str | None, out: Any, id_map: IDMap) -> None:
-        self._call("diff", layer)
-
-    def changes(self, layer: LayerInfo, chain: list[LayerInfo], parent: str | None) -> list[Any]:
-        self._call("changes", layer)
-        return []
-
-    def diff_size(self, layer: LayerInfo, chain: list[LayerInfo], parent: str | None) -> int:
-        self._call("diff_size", layer)
-        return 0
-
-    def metadata(self, layer: LayerInfo, chain: list[LayerInfo]) -> dict[str, str]:
-        return {}
-
-    def mount_specs(self, layer: LayerInfo, chain: list[LayerInfo], view: bool) -> list[MountSpec]:
-        self._call("mount_specs", layer)
-        lowers = ":".join(f"/fake/{a.id}" for a in chain)
-        return [MountSpec("fake", f"/fake/{layer.id}", ("ro" if view else "rw", f"lowerdir={lowers}"))]
-
-    def usage(self, layer: LayerInfo) -> tuple[int, int]:
-        self._call("usage", layer)
-        return 4096, 1
 
 
 class InlineBackend(AsyncBackend):

@@ -18,13 +18,6 @@ PACKAGE = Path(__file__).resolve().parents[2] / "txgraph"
 #: The longest module allowed, in lines.
 MAX_LINES = 800
 
-#: Modules still longer than that, to be split next (each must still be
-#: longer, so that this list only shrinks).
-TOO_LONG_FOR_NOW = {
-    "txgraph/backends/rbd.py",
-    "txgraph/backends/mappers.py",
-}
-
 #: The layers, top first: a module may import only from its own layer or
 #: those below it.  The first matching prefix decides a module's layer.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
@@ -200,13 +193,9 @@ def test_daemon_does_not_import_the_admin_command_line() -> None:
 @pytest.mark.parametrize("name", sorted(_modules()))
 def test_module_is_short(name: str) -> None:
     """
-    No module is longer than MAX_LINES, except those listed to be split
-    next, which must still be longer (so that the list only shrinks).
+    No module is longer than MAX_LINES.
     """
     path = _modules()[name]
     lines = len(path.read_text().splitlines())
     relative = str(path.relative_to(PACKAGE.parent))
-    if relative in TOO_LONG_FOR_NOW:
-        assert lines > MAX_LINES, f"{relative} is short now: drop it from TOO_LONG_FOR_NOW"
-    else:
-        assert lines <= MAX_LINES, f"{relative} has {lines} lines (at most {MAX_LINES})"
+    assert lines <= MAX_LINES, f"{relative} has {lines} lines (at most {MAX_LINES})"

@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from txgraph.backends.rbd import decode_string, encode_metadata
+from txgraph.backends.rbd.metadata import decode_string, encode_metadata
 from txgraph.errors import BackendError
 
 

@@ -104,7 +104,7 @@ def offline(args: argparse.Namespace, work: Callable[[Any, Any], Any]) -> Any:
         finally:
             dbthread.stop()
             pool.stop()
-            driver.backend.sync.stop()
+            driver.backend.stop_now()
             lock.release()
 
     try:

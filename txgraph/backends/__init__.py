@@ -45,7 +45,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, ClassVar
+from typing import Any, BinaryIO, ClassVar, Protocol
 
 from txgraph.errors import BadRequest, ConfigurationError
 from txgraph.model import Change, IDMap
@@ -243,9 +243,174 @@ def parse_options(
     return result
 
 
+class BackendContract(Protocol):
+    """
+    The backend contract as a type: what the layers above call on a
+    backend, and what each backend declares.  A C{typing.Protocol} (not a
+    C{zope.interface} Interface): mypy checks every backend against it
+    statically (L{txgraph.backends.catalog}, L{txgraph.testing.fake}), and
+    the conformance suite checks each backend object against it at run
+    time, member by member and signature by signature
+    (L{txgraph.testing.conformance.check_contract}), with no dependency
+    beyond the standard library.  L{Backend} is the base class that gives
+    the shared default behaviour; the meaning of each call is documented
+    there.
+    """
+
+    @property
+    def name(self) -> str:
+        """The backend's name (C{--backend NAME})."""
+
+    @property
+    def maps(self) -> bool:
+        """Whether layers are mapped to block devices before mounting."""
+
+    @property
+    def commits(self) -> bool:
+        """Whether C{commit} does anything."""
+
+    @property
+    def shares_layers(self) -> bool:
+        """Whether the backend keeps shared layers and serves thin images."""
+
+    @property
+    def holds_client_mounts(self) -> bool:
+        """Whether C{mount_specs} describes the backend's own mount of the layer."""
+
+    unmap_delay: float
+    state_dir: str
+    config: dict[str, Any]
+
+    def start(self) -> None:
+        """Check the environment and connect."""
+
+    def traverse_paths(self) -> list[str]:
+        """The backend's directories on the way to layer roots."""
+
+    def allow_traverse(self, gid: int | None) -> None:
+        """Let the containers' root search the way to layer roots."""
+
+    def stop(self) -> None:
+        """Release connections."""
+
+    def status(self) -> list[tuple[str, str]]:
+        """Lines for C{docker info}."""
+
+    def prepare(self, layer: LayerInfo) -> dict[str, Any] | None:
+        """Make the storage of a new, empty layer."""
+
+    def commit(self, layer: LayerInfo) -> None:
+        """Make the layer a possible parent."""
+
+    def remove(self, layer: LayerInfo) -> None:
+        """Remove the layer's storage, whatever state it is in."""
+
+    def reset(self, layer: LayerInfo) -> None:
+        """Make the layer empty (equal to its parent) again."""
+
+    def exists(self, layer: LayerInfo) -> bool:
+        """Whether the layer's storage exists."""
+
+    def map(self, layer: LayerInfo) -> dict[str, Any] | None:
+        """Attach the layer's block device (mapping backends)."""
+
+    def unmap(self, layer: LayerInfo) -> None:
+        """Detach the layer's block device."""
+
+    def mount(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
+        """Mount the layer; return its root."""
+
+    def unmount(self, layer: LayerInfo) -> None:
+        """Unmount the layer."""
+
+    def ensure_mounted(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
+        """Mount the layer again if its mount is gone; return its root."""
+
+    def list_layers(self) -> list[str]:
+        """The layers the backend holds."""
+
+    def orphans(self, layers: dict[str, LayerView]) -> list[Orphan]:
+        """The backend's leftovers that no layer holds."""
+
+    def shared_orphans(self, min_age: float) -> list[Orphan]:
+        """Shared layers that nothing uses."""
+
+    def cluster_reads(self) -> dict[str, dict[str, Any]]:
+        """Per mounted layer, what its storage read from a remote store."""
+
+    def repair(self, orphan: Orphan) -> None:
+        """Undo one leftover that C{orphans} found."""
+
+    def apply(self, layer: LayerInfo, stream: BinaryIO, id_map: IDMap) -> int:
+        """Replace the layer's content with a layer tar; return its size."""
+
+    def apply_thin(self, layer: LayerInfo, descriptor: bytes, id_map: IDMap) -> int:
+        """Make the layer the thin image layer a descriptor names; return its size."""
+
+    def diff(
+        self,
+        layer: LayerInfo,
+        chain: list[LayerInfo],
+        parent: str | None,
+        out: BinaryIO,
+        id_map: IDMap,
+    ) -> None:
+        """Write the layer tar of the changes between C{parent} and the layer."""
+
+    def changes(
+        self, layer: LayerInfo, chain: list[LayerInfo], parent: str | None
+    ) -> list[Change]:
+        """The changes between C{parent} and the layer."""
+
+    def diff_size(
+        self, layer: LayerInfo, chain: list[LayerInfo], parent: str | None
+    ) -> int:
+        """The size of the changes between C{parent} and the layer."""
+
+    def metadata(self, layer: LayerInfo, chain: list[LayerInfo]) -> dict[str, str]:
+        """GetMetadata's answer."""
+
+    def shared_info(self) -> dict[str, str]:
+        """Where this node's shared layers live."""
+
+    def publish_layer(
+        self,
+        parent_chain: str,
+        path: str | None,
+        diff_id: str,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Store a layer tar file as the shared layer of its chain."""
+
+    def shared_chain_parent(self, chain: str) -> str | None:
+        """The chain the pool's shared layer of C{chain} was made on, if held."""
+
+    def adopt_shared(self, layer: LayerInfo, chain: str) -> int:
+        """Make a new layer a clone of the pool's shared layer of C{chain}."""
+
+    def publish_chain(
+        self, layer: LayerInfo, chain: list[LayerInfo], chain_id: str, parent_chain: str
+    ) -> bool:
+        """Publish a layer a client filled as the shared layer of its chain."""
+
+    def mount_specs(
+        self, layer: LayerInfo, chain: list[LayerInfo], view: bool
+    ) -> list[MountSpec]:
+        """The mounts a client (containerd) makes to see the layer."""
+
+    def cleanup(self) -> None:
+        """Release what removals left for later."""
+
+    def usage(self, layer: LayerInfo) -> tuple[int, int]:
+        """The layer's own bytes and inodes."""
+
+
 class Backend(abc.ABC):
     """
-    A synchronous layer store.  See the module docstring for the contract.
+    A synchronous layer store, and the default behaviour backends share
+    (no-op start and stop, traversal grants, no orphans, no shared
+    layers).  See the module docstring for the contract, and
+    L{BackendContract} for it as a type.
 
     @cvar name: the backend's name (C{--backend NAME}).
     @cvar options: the options it accepts.
@@ -454,7 +619,17 @@ class Backend(abc.ABC):
         """
         Replace the layer's content with the layer tar read from C{stream}
         and return its size, equal to what L{diff_size} reports for it.
+        The tar is an ordinary one: whether it is a thin image's descriptor
+        is decided once, above the backends (L{txgraph.backends.threaded}).
         """
+
+    def apply_thin(self, layer: LayerInfo, descriptor: bytes, id_map: IDMap) -> int:
+        """
+        Make the layer the thin image layer that C{descriptor} (the bytes
+        of a thin descriptor, L{txgraph.thin}) names; only backends that
+        declare C{shares_layers} are given one.
+        """
+        raise BadRequest(self._no_shared_layers())
 
     @abc.abstractmethod
     def diff(

@@ -7,7 +7,7 @@ module does, each only when it is asked for.
 
 from __future__ import annotations
 
-from txgraph.backends import Backend
+from txgraph.backends import Backend, BackendContract
 from txgraph.errors import ConfigurationError
 
 BACKEND_NAMES = ("overlay", "rbd")
@@ -22,11 +22,15 @@ def backend_class(name: str) -> type[Backend]:
     if name == "overlay":
         from txgraph.backends.overlay import OverlayBackend
 
+        overlay: type[BackendContract] = OverlayBackend  # mypy checks the contract
+        del overlay
         return OverlayBackend
     if name == "rbd":
         try:
             from txgraph.backends.rbd import RBDBackend
         except ImportError as e:
             raise ConfigurationError(f"the rbd backend is not available: {e}") from None
+        rbd: type[BackendContract] = RBDBackend  # mypy checks the contract
+        del rbd
         return RBDBackend
     raise ConfigurationError(f"unknown backend {name!r} (known: {', '.join(BACKEND_NAMES)})")

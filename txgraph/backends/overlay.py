@@ -63,7 +63,7 @@ from typing import Any, BinaryIO, TypeVar, cast
 
 from twisted.logger import Logger
 
-from txgraph import archive, mounts, thin
+from txgraph import archive, mounts
 from txgraph.archive import ApplyMode
 from txgraph.backends import (
     HASHED_KEY,
@@ -81,7 +81,6 @@ from txgraph.backends import (
 )
 from txgraph.errors import BackendError, BadRequest, ConfigurationError
 from txgraph.model import Change, IDMap
-from txgraph.thin import ThinDescriptorError
 
 #: The file of a hashed layer directory that holds the layer's ID.
 ID_FILE = "layer-id"
@@ -668,21 +667,14 @@ class OverlayBackend(Backend):
         """
         Extract the tar into the layer's diff directory (AUFS whiteouts
         become overlay whiteouts), after emptying it (ApplyDiff may be a
-        retry); on failure the layer is emptied again.  A thin image's
-        layer (a lone descriptor) is refused: its data is in Ceph.
+        retry); on failure the layer is emptied again.  (A thin image's
+        layer never reaches it: the backend declares no C{shares_layers}.)
         """
         diff = self.diff_dir(layer.id)
         if os.listdir(diff):
             self.reset(layer)
-        descriptor, body = thin.sniff(stream)
-        if descriptor is not None:
-            raise ThinDescriptorError(
-                f"this layer is a txgraph thin image (its only file is /{thin.DESCRIPTOR_PATH}): "
-                "thin images need the rbd backend, their layers are in Ceph; load the full "
-                "image on this node"
-            )
         try:
-            archive.apply_layer(body, diff, ApplyMode.OVERLAY, id_map, scratch_dir=self._tmp)
+            archive.apply_layer(stream, diff, ApplyMode.OVERLAY, id_map, scratch_dir=self._tmp)
         except BaseException:
             self.reset(layer)
             raise

@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from txgraph import thin
 from txgraph.backends import Backend, LayerInfo, LayerView, MountSpec, Orphan
 from txgraph.errors import BackendError
 from txgraph.model import Change, IDMap
@@ -86,6 +87,15 @@ class AsyncBackend:
         return self.sync.unmap_delay if self.sync.maps else 0.0
 
     # -- the thread pool ---------------------------------------------------
+
+    def stop_now(self) -> None:
+        """
+        Stop the backend synchronously, in the calling thread: only at the
+        end of the process's life (the daemon's stopService, the admin
+        tool's exit), after the thread pool has stopped, as start-up
+        started it.
+        """
+        self.sync.stop()
 
     def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """
@@ -229,9 +239,10 @@ class AsyncBackend:
 
     def apply(self, layer: LayerInfo, stream: BinaryIO, id_map: IDMap) -> Deferred[int]:
         """
-        L{Backend.apply}.
+        L{Backend.apply}, or L{Backend.apply_thin} when the tar holds only a
+        thin descriptor: the one place that decides (L{apply_layer_tar}).
         """
-        return self._call("apply", self.sync.apply, layer, stream, id_map)
+        return self._call("apply", apply_layer_tar, self.sync, layer, stream, id_map)
 
     def diff(
         self,
@@ -309,3 +320,23 @@ class AsyncBackend:
         return self._call(
             "publish_layer", self.sync.publish_layer, parent_chain, path, diff_id, progress
         )
+
+
+def apply_layer_tar(backend: Backend, layer: LayerInfo, stream: BinaryIO, id_map: IDMap) -> int:
+    """
+    Apply a layer tar to C{backend}, in a backend thread.  A tar that holds
+    only a thin descriptor (L{thin.sniff}) is a thin image's layer: it goes
+    to L{Backend.apply_thin} on a backend that declares C{shares_layers},
+    and is refused, naming why, on any other (its data is in a Ceph pool).
+    Every other tar goes to L{Backend.apply}, replayed from its first byte.
+    """
+    descriptor, body = thin.sniff(stream)
+    if descriptor is None:
+        return backend.apply(layer, body, id_map)
+    if not backend.shares_layers:
+        raise thin.ThinDescriptorError(
+            f"this layer is a txgraph thin image (its only file is /{thin.DESCRIPTOR_PATH}): "
+            "thin images need the rbd backend, their layers are in Ceph; load the full "
+            "image on this node"
+        )
+    return backend.apply_thin(layer, descriptor, id_map)

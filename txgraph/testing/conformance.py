@@ -21,6 +21,7 @@ backend: on rbd it takes about two minutes.
 from __future__ import annotations
 
 import errno
+import inspect
 import io
 import os
 import stat
@@ -32,7 +33,7 @@ from typing import Any
 import pytest
 
 from txgraph.api.containerd.proto import mount_pb2
-from txgraph.backends import Backend, LayerInfo
+from txgraph.backends import Backend, BackendContract, LayerInfo
 from txgraph.model import Change, ChangeKind, IDMap
 from txgraph.testing.snapshotter.mount import mount_all, unmount_all
 
@@ -167,14 +168,60 @@ def _tree(root: str) -> dict[str, tuple[int, int, int, bytes | str | None]]:
     return result
 
 
-def make_backend_tests(factory: Callable[[str], Backend]) -> type:
+def contract_members() -> dict[str, Any]:
     """
-    The conformance test class for backends made by C{factory(state_dir)}.
+    Every member of L{BackendContract}: its methods (as functions) and
+    declared attributes and properties (as None), by name.
+    """
+    members: dict[str, Any] = {name: None for name in BackendContract.__annotations__}
+    for name, value in vars(BackendContract).items():
+        if name.startswith("_"):
+            continue
+        if isinstance(value, property):
+            members[name] = None
+        elif inspect.isfunction(value):
+            members[name] = value
+    return members
+
+
+def check_contract(backend: object) -> list[str]:
+    """
+    How C{backend} differs from L{BackendContract}, member by member: a
+    missing attribute or method, or a method whose parameters (names,
+    kinds, which have defaults) differ from the contract's.  Empty when it
+    conforms.  Annotations are not compared here: mypy compares them.
+    """
+    problems = []
+    for name, spec in sorted(contract_members().items()):
+        if not hasattr(backend, name):
+            problems.append(f"{name} is missing")
+            continue
+        if spec is None:
+            continue
+        method = getattr(backend, name)
+        if not callable(method):
+            problems.append(f"{name} is not a method")
+            continue
+        wanted = list(inspect.signature(spec).parameters.values())[1:]
+        got = list(inspect.signature(method).parameters.values())
+        shape = [(p.name, p.kind, p.default is inspect.Parameter.empty) for p in wanted]
+        have = [(p.name, p.kind, p.default is inspect.Parameter.empty) for p in got]
+        if shape != have:
+            problems.append(f"{name}{inspect.signature(method)} is not {name}{inspect.signature(spec)}")
+    return problems
+
+
+def make_contract_tests(factory: Callable[[str], Backend]) -> type:
+    """
+    The part of the conformance suite that needs no storage: the backend
+    object against the contract, its status, and the idempotency of
+    removal and of unmounting, as crash recovery needs.  A fake backend
+    passes these (tests/unit/test_fake_backend.py).
     """
 
-    class BackendConformanceTests:
+    class BackendContractTests:
         """
-        The contract every backend keeps (see L{txgraph.backends}).
+        The contract every backend keeps, as far as it needs no storage.
         """
 
         @pytest.fixture
@@ -196,6 +243,49 @@ def make_backend_tests(factory: Callable[[str], Backend]) -> type:
             assert lines and all(
                 isinstance(k, str) and isinstance(v, str) for k, v in lines
             )
+
+        def test_contract(self, layers: Layers) -> None:
+            """
+            The backend has every member of the contract, each method with
+            the contract's parameters.
+            """
+            assert check_contract(layers.backend) == []
+
+        def test_remove_is_idempotent(self, layers: Layers) -> None:
+            """
+            Removing removes the storage; removing again succeeds.
+            """
+            layer = layers.create()
+            info = layers.infos.pop(layer)
+            layers.backend.remove(info)
+            assert not layers.backend.exists(info)
+            assert layer not in layers.backend.list_layers()
+            layers.backend.remove(info)
+
+        def test_unmount_is_idempotent(self, layers: Layers) -> None:
+            """
+            Unmounting and unmapping what is not mounted or mapped succeeds.
+            """
+            base = layers.create()
+            child = layers.create(base)
+            layers.get(child)
+            layers.put(child)
+            layers.put(child)
+
+    return BackendContractTests
+
+
+def make_backend_tests(factory: Callable[[str], Backend]) -> type:
+    """
+    The conformance test class for backends made by C{factory(state_dir)}:
+    the contract tests (L{make_contract_tests}) and those of the layers'
+    content, which need real storage.
+    """
+
+    class BackendConformanceTests(make_contract_tests(factory)):  # type: ignore[misc]
+        """
+        The contract every backend keeps (see L{txgraph.backends}).
+        """
 
         def test_create_empty(self, layers: Layers) -> None:
             """
@@ -413,17 +503,6 @@ def make_backend_tests(factory: Callable[[str], Backend]) -> type:
             assert [n for n in os.listdir(layers.get(layer)) if n != "lost+found"] == []
             layers.put(layer)
 
-        def test_remove_is_idempotent(self, layers: Layers) -> None:
-            """
-            Removing removes the storage; removing again succeeds.
-            """
-            layer = layers.create()
-            info = layers.infos.pop(layer)
-            layers.backend.remove(info)
-            assert not layers.backend.exists(info)
-            assert layer not in layers.backend.list_layers()
-            layers.backend.remove(info)
-
         def test_remove_mounted(self, layers: Layers) -> None:
             """
             Remove also tears down a mount left behind (crash recovery).
@@ -447,16 +526,6 @@ def make_backend_tests(factory: Callable[[str], Backend]) -> type:
             layers.prepare(layers.infos[layer])
             assert [n for n in os.listdir(layers.get(layer)) if n != "lost+found"] == []
             layers.put(layer)
-
-        def test_unmount_is_idempotent(self, layers: Layers) -> None:
-            """
-            Unmounting and unmapping what is not mounted or mapped succeeds.
-            """
-            base = layers.create()
-            child = layers.create(base)
-            layers.get(child)
-            layers.put(child)
-            layers.put(child)
 
         def test_ensure_mounted(self, layers: Layers) -> None:
             """
