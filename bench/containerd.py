@@ -62,7 +62,7 @@ sys.path.append(str(REPO / "bench"))
 
 import images  # noqa: E402
 from containerd import CRI_NAMESPACE, Containerd, Registry  # noqa: E402
-from run import LoopFS, machine  # noqa: E402
+from run import LoopFS, _text_table, machine  # noqa: E402
 from thin import osd_bytes  # noqa: E402
 from txgraphd import Txgraphd  # noqa: E402
 
@@ -270,11 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(["rbd pull, node A / node B (s)", f"{first:.3f}", f"{second:.3f}",
                       f"{first / second:.1f}x faster", ">= 10x",
                       "yes" if first / second >= 10 else "no"])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     print(f"\nimage {tarball.name}; medians of {reps} (import, concurrent10, rbd) "
           f"and {runs} (run_rm)")
-    for line in lines:
-        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)))
+    print(_text_table(lines))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -102,32 +102,27 @@ def _removeFailed(inputs: LayerInputs, core: LayerCore, failure: Failure) -> Non
 # -- apply and commit -------------------------------------------------------
 
 
+def _startApplying(
+    inputs: LayerInputs, core: LayerCore, work: Callable[[], Deferred[int]]
+) -> Deferred[int]:
+    # Write-ahead "applying", uncommitted: a crash recovers by emptying the
+    # layer again (a fresh clone of its parent).
+    pending = core.begin()
+    core.step(inputs, "applying", work, committed=False, size=None)
+    return pending
+
+
 @created.upon(LayerInputs.applyDiff).to(applying)
 def _apply(inputs: LayerInputs, core: LayerCore, stream: BinaryIO) -> Deferred[int]:
-    pending = core.begin()
-    core.step(
-        inputs,
-        "applying",
-        lambda: core.backend.apply(core.info(), stream, core.registry.id_map),
-        committed=False,
-        size=None,
+    return _startApplying(
+        inputs, core, lambda: core.backend.apply(core.info(), stream, core.registry.id_map)
     )
-    return pending
 
 
 @created.upon(LayerInputs.adoptShared).to(applying)
 def _adopt(inputs: LayerInputs, core: LayerCore, chain: str) -> Deferred[int]:
-    # The same write-ahead state as an ApplyDiff: a crash recovers by
-    # emptying the layer again (a fresh clone of its parent).
-    pending = core.begin()
-    core.step(
-        inputs,
-        "applying",
-        lambda: core.backend.adopt_shared(core.info(), chain),
-        committed=False,
-        size=None,
-    )
-    return pending
+    # containerd's remote-snapshot shortcut, in the same state as an ApplyDiff.
+    return _startApplying(inputs, core, lambda: core.backend.adopt_shared(core.info(), chain))
 
 
 @applying.upon(LayerInputs._succeeded).to(committing)
