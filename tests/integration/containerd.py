@@ -44,8 +44,9 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import grpc
 from dockerd import (
@@ -514,6 +515,54 @@ class Containerd:
 
     def __exit__(self, *exc_info: object) -> None:
         self.cleanup()
+
+
+@dataclass(frozen=True)
+class PushedImage:
+    """An image in the local registry: its reference and its layers' chain IDs."""
+
+    reference: str
+    chain_ids: list[str]
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    """OCI chain IDs of the layers (image-spec identity.ChainIDs)."""
+    chain: list[str] = []
+    for diff_id in diff_ids:
+        if not chain:
+            chain.append(diff_id)
+        else:
+            chain.append("sha256:" + hashlib.sha256(f"{chain[-1]} {diff_id}".encode()).hexdigest())
+    return chain
+
+
+def registry_json(registry: Registry, path: str, accept: str) -> Any:
+    """A JSON document of the registry's API (``/v2/<path>``)."""
+    request = urllib.request.Request(
+        f"http://{registry.host}/v2/{path}", headers={"Accept": accept}
+    )
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        return json.load(reply)
+
+
+def push_image(
+    containerd: Containerd, registry: Registry, tarball: Path, repository: str
+) -> PushedImage:
+    """A ``docker save`` tarball imported into ``containerd`` (a namespace of
+    its own) and pushed over plain HTTP to ``registry`` as
+    ``<repository>:<pid>``; its chain IDs read back from the registry."""
+    tag = str(os.getpid())
+    namespace = f"push-{repository.replace('/', '-')}-{tag}"
+    [local] = containerd.import_image(tarball, namespace=namespace)
+    reference = f"{registry.host}/{repository}:{tag}"
+    containerd.ctr("images", "tag", "--force", local, reference, namespace=namespace)
+    containerd.ctr("images", "push", "--plain-http", reference, namespace=namespace, timeout=600)
+    manifest = registry_json(
+        registry, f"{repository}/manifests/{tag}",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    )
+    config = registry_json(registry, f"{repository}/blobs/{manifest['config']['digest']}", "*/*")
+    return PushedImage(reference, chain_ids(config["rootfs"]["diff_ids"]))
 
 
 def free_port() -> int:

@@ -22,12 +22,9 @@ Debian 12 has no nerdctl or crictl, so the harness calls CRI's
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import os
 import threading
-import urllib.request
 import zlib
 from collections.abc import Iterator
 from concurrent import futures
@@ -37,7 +34,7 @@ from typing import Any
 
 import grpc
 import pytest
-from containerd import CONTAINERD, CRI_NAMESPACE, Containerd, Registry
+from containerd import CONTAINERD, CRI_NAMESPACE, Containerd, PushedImage, Registry, push_image
 from google.protobuf import descriptor_pb2, json_format
 
 from txgraph.api.containerd.proto import snapshots_pb2, snapshots_pb2_grpc
@@ -131,50 +128,11 @@ def test_cri_config_is_private(tmp_path: Path) -> None:
 # -- the image in the registry -------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PushedImage:
-    """An image in the local registry: its reference and its layers' chain IDs."""
-
-    reference: str
-    chain_ids: list[str]
-
-
-def chain_ids(diff_ids: list[str]) -> list[str]:
-    """OCI chain IDs of the layers (image-spec identity.ChainIDs)."""
-    chain: list[str] = []
-    for diff_id in diff_ids:
-        if not chain:
-            chain.append(diff_id)
-        else:
-            chain.append("sha256:" + hashlib.sha256(f"{chain[-1]} {diff_id}".encode()).hexdigest())
-    return chain
-
-
-def _registry_json(registry: Registry, path: str, accept: str) -> Any:
-    request = urllib.request.Request(
-        f"http://{registry.host}/v2/{path}", headers={"Accept": accept}
-    )
-    with urllib.request.urlopen(request, timeout=30) as reply:
-        return json.load(reply)
-
-
 @pytest.fixture(scope="module")
 def pushed_busybox(containerd: Containerd, registry: Registry, busybox_image: Path) -> PushedImage:
     """busybox:local imported into the session containerd and pushed (plain HTTP)
     to the session registry; its chain IDs read back from the registry."""
-    namespace = f"cri-push-{os.getpid()}"
-    [local] = containerd.import_image(busybox_image, namespace=namespace)
-    reference = f"{registry.host}/txgraph-test/cri-busybox:{os.getpid()}"
-    containerd.ctr("images", "tag", local, reference, namespace=namespace)
-    containerd.ctr("images", "push", "--plain-http", reference, namespace=namespace)
-    manifest = _registry_json(
-        registry, f"txgraph-test/cri-busybox/manifests/{os.getpid()}",
-        "application/vnd.docker.distribution.manifest.v2+json",
-    )
-    config = _registry_json(
-        registry, f"txgraph-test/cri-busybox/blobs/{manifest['config']['digest']}", "*/*"
-    )
-    return PushedImage(reference, chain_ids(config["rootfs"]["diff_ids"]))
+    return push_image(containerd, registry, busybox_image, "txgraph-test/cri-busybox")
 
 
 @pytest.fixture

@@ -112,3 +112,26 @@ def test_import_run_snapshots_and_sigkill(node: tuple[Txgraphd, Containerd], bus
     assert host_leftovers(daemon.state_dir) == []
     result = admin(daemon.state_dir, "gc", "--json", "--min-age", "0")
     assert json.loads(result.stdout)["findings"] == [], result.stdout
+
+
+def test_import_and_check_debian(node: tuple[Txgraphd, Containerd], debian_image: Path) -> None:
+    """``ctr images import --snapshotter txgraph`` of the Debian image unpacks it:
+    ``ctr images check --snapshotter txgraph`` says ``unpacked`` (column UNPACKED
+    true), a container runs on it, and removing the image leaves no layer."""
+    daemon, ctrd = node
+    namespace = f"debian-{os.getpid()}"
+    [image] = ctrd.import_image(debian_image, snapshotter="txgraph", namespace=namespace)
+    lines = ctrd.ctr(
+        "images", "check", "--snapshotter", "txgraph", f"name=={image}", namespace=namespace
+    ).stdout.splitlines()
+    header, [row] = lines[0].split(), [line.split() for line in lines[1:] if line.strip()]
+    assert header[-1] == "UNPACKED" and row[0] == image and row[-1] == "true", lines
+    out = ctrd.ctr("run", "--rm", "--snapshotter", "txgraph", image, f"debian-{os.getpid()}",
+                   "cat", "/etc/debian_version", namespace=namespace).stdout
+    assert out.strip()[:2].isdigit(), out
+    ctrd.ctr("images", "rm", "--sync", image, namespace=namespace)
+    # Not referenced any more: containerd's gc removes the snapshots.
+    deadline = time.monotonic() + 60
+    while _layers(daemon):
+        assert time.monotonic() < deadline, (_layers(daemon), ctrd.log_tail(3000))
+        time.sleep(0.5)

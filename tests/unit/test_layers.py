@@ -61,11 +61,12 @@ class Harness:
     """
 
     def __init__(
-        self, tmp_path: Any, maps: bool = True, commits: bool = True, unmap_delay: float = 0.0
+        self, tmp_path: Any, maps: bool = True, commits: bool = True, unmap_delay: float = 0.0,
+        fake_class: type[FakeBackend] = FakeBackend,
     ) -> None:
         self.store = Store(str(tmp_path / "state.db"), InlineThread())  # type: ignore[arg-type]
         self.store.open_thd()
-        self.fake = FakeBackend(self.store, maps=maps, commits=commits)
+        self.fake = fake_class(self.store, maps=maps, commits=commits)
         self.fake.unmap_delay = unmap_delay
         self.clock = Clock()
         self.registry = LayerRegistry(self.store, InlineBackend(self.fake), self.clock)

@@ -12,13 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_layers import Harness
+from test_layers import FakeBackend, Harness
 
 from txgraph import filters
+from txgraph.backends import LayerInfo
 from txgraph.errors import BadRequest, InvalidLayerState, SnapshotExists, UnknownSnapshot
 from txgraph.layers.registry import LayerRegistry
 from txgraph.snapshotstore import SnapshotStore
-from txgraph.snapshotter import Info, Snapshotter
+from txgraph.snapshotter import TARGET_REF, Info, Snapshotter
 
 
 class Clock:
@@ -35,8 +36,10 @@ class Clock:
 class SnapshotHarness(Harness):
     """A snapshotter over the layer harness's registry and store."""
 
-    def __init__(self, tmp_path: Any, holds: bool = False) -> None:
-        super().__init__(tmp_path, maps=holds, commits=True)
+    def __init__(
+        self, tmp_path: Any, holds: bool = False, fake_class: type[FakeBackend] = FakeBackend
+    ) -> None:
+        super().__init__(tmp_path, maps=holds, commits=True, fake_class=fake_class)
         self.fake.holds_client_mounts = holds  # type: ignore[misc]
         self.snapshots = SnapshotStore(self.store)
         self.clock_ns = Clock()
@@ -259,3 +262,124 @@ def test_held_layers(tmp_path: Any) -> None:
     assert view not in s.registry
     calls = [name for name, layer_id, _ in s.fake.calls if layer_id == view]
     assert calls[:3] == ["prepare", "commit", "map"] and calls[-1] == "remove"
+
+
+# -- the remote-snapshot shortcut ----------------------------------------------------
+
+CHAIN_1 = "sha256:" + "1" * 64
+CHAIN_2 = "sha256:" + "2" * 64
+
+
+class SharingBackend(FakeBackend):
+    """
+    The fake backend with a pool of shared layers: chain ID -> the chain
+    it was made on.
+    """
+
+    shares_layers = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pool: dict[str, str] = {}
+
+    def shared_chain_parent(self, chain: str) -> str | None:
+        return self.pool.get(chain)
+
+    def adopt_shared(self, layer: LayerInfo, chain: str) -> int:
+        self._call("adopt_shared", layer)
+        return 0
+
+    def publish_chain(
+        self, layer: LayerInfo, chain: list[LayerInfo], chain_id: str, parent_chain: str
+    ) -> bool:
+        self._call("publish_chain", layer)
+        if chain_id in self.pool:
+            return False
+        self.pool[chain_id] = parent_chain
+        return True
+
+
+@pytest.fixture
+def shared(tmp_path: Any) -> SnapshotHarness:
+    return SnapshotHarness(tmp_path, fake_class=SharingBackend)
+
+
+def _pool(s: SnapshotHarness) -> dict[str, str]:
+    assert isinstance(s.fake, SharingBackend)
+    return s.fake.pool
+
+
+def _unpack(s: SnapshotHarness, name: str, parent: str, chain: str) -> None:
+    """What containerd's unpacker does on a node that unpacks a layer."""
+    labels = {TARGET_REF: chain}
+    s.run(s.sn.prepare(f"extract-{name}", parent, labels))
+    s.run(s.sn.commit(name, f"extract-{name}", labels))
+
+
+def test_commit_with_chain_label_publishes(shared: SnapshotHarness) -> None:
+    """A layer containerd unpacked is published under its chain ID, on its
+    parent's chain, once; a commit without the label publishes nothing."""
+    _unpack(shared, "one", "", CHAIN_1)
+    _unpack(shared, "two", "one", CHAIN_2)
+    assert _pool(shared) == {CHAIN_1: "", CHAIN_2: CHAIN_1}
+    assert shared.sn.published == 2
+    _prepare_commit(shared, "plain")
+    assert shared.sn.published == 2
+
+
+def test_prepare_of_pooled_chain_takes_the_shortcut(shared: SnapshotHarness) -> None:
+    """A Prepare labelled with a chain the pool holds (on the right parent
+    chain) answers AlreadyExists and leaves a committed snapshot, named by
+    the Prepare's key, that containerd's List filter finds; its layer is
+    the shared one (adopted, committed); children are made on it."""
+    _pool(shared).update({CHAIN_1: "", CHAIN_2: CHAIN_1})
+    with pytest.raises(SnapshotExists, match=CHAIN_1):
+        shared.run(shared.sn.prepare("k8s.io/1/extract-1 " + CHAIN_1, "", {TARGET_REF: CHAIN_1}))
+    key = "k8s.io/1/extract-1 " + CHAIN_1
+    found = shared.sn.list([f'labels."{TARGET_REF}"=={CHAIN_1},parent==""'])
+    assert [(i.name, i.kind, i.labels) for i in found] == [(key, "committed", {TARGET_REF: CHAIN_1})]
+    layer = shared.sn._by_key[key].row.layer_id
+    assert ("adopt_shared", layer, "applying") in shared.fake.calls
+    assert shared.registry.lookup(layer).row.committed
+    assert shared.rows() == {key: "committed"}
+    with pytest.raises(SnapshotExists):
+        shared.run(shared.sn.prepare("extract-2", key, {TARGET_REF: CHAIN_2}))
+    assert shared.sn.stat("extract-2").parent == key
+    assert shared.sn.adopted == 2
+    # A restart keeps both, committed.
+    sn = shared.restart()
+    assert {i.name: i.kind for i in sn.list([])} == {key: "committed", "extract-2": "committed"}
+
+
+def test_shortcut_needs_the_same_parent_chain(shared: SnapshotHarness) -> None:
+    """A chain the pool holds on another parent chain, a parent without a
+    chain label, or a chain the pool lacks: the layer is unpacked as
+    usual (an active snapshot with mounts)."""
+    _pool(shared)[CHAIN_2] = CHAIN_1
+    _prepare_commit(shared, "unlabelled")
+    for key, parent, chain in [
+        ("on-nothing", "", CHAIN_2),
+        ("on-unlabelled", "unlabelled", CHAIN_2),
+        ("missing", "", CHAIN_1),
+    ]:
+        assert shared.run(shared.sn.prepare(key, parent, {TARGET_REF: chain}))
+        assert shared.sn.stat(key).kind == "active"
+    assert shared.sn.adopted == 0
+
+
+def test_failed_adoption_falls_back_to_unpacking(shared: SnapshotHarness) -> None:
+    """If the shared layer cannot be taken (removed meanwhile), nothing is
+    left of the attempt and the Prepare is served as usual."""
+    _pool(shared)[CHAIN_1] = ""
+    shared.fake.failing.add("adopt_shared")
+    mounts = shared.run(shared.sn.prepare("x", "", {TARGET_REF: CHAIN_1}))
+    assert mounts
+    assert shared.sn.stat("x").kind == "active"
+    assert shared.rows() == {"x": "active"}
+    assert len(shared.registry.rows()) == 1
+
+
+def test_overlay_like_backend_never_shortcuts(s: SnapshotHarness) -> None:
+    """A backend without shared layers ignores the label: unpacked, not published."""
+    _unpack(s, "one", "", CHAIN_1)
+    assert (s.sn.adopted, s.sn.published) == (0, 0)

@@ -382,6 +382,17 @@ class BackendContract(Protocol):
     ) -> dict[str, Any]:
         """Store a layer tar file as the shared layer of its chain."""
 
+    def shared_chain_parent(self, chain: str) -> str | None:
+        """The chain the pool's shared layer of C{chain} was made on, if held."""
+
+    def adopt_shared(self, layer: LayerInfo, chain: str) -> int:
+        """Make a new layer a clone of the pool's shared layer of C{chain}."""
+
+    def publish_chain(
+        self, layer: LayerInfo, chain: list[LayerInfo], chain_id: str, parent_chain: str
+    ) -> bool:
+        """Publish a layer a client filled as the shared layer of its chain."""
+
     def mount_specs(
         self, layer: LayerInfo, chain: list[LayerInfo], view: bool
     ) -> list[MountSpec]:
@@ -682,6 +693,36 @@ class Backend(abc.ABC):
         C{txgraph-admin make-thin}.
         """
         raise BadRequest(self._no_shared_layers())
+
+    # -- containerd's chains in the shared layers (the remote-snapshot shortcut)
+
+    def shared_chain_parent(self, chain: str) -> str | None:
+        """
+        If the pool holds the shared layer of OCI chain ID C{chain}, the
+        chain it was made on ("" for the first layer of an image); None
+        when it does not (or when this backend shares nothing).
+        """
+        return None
+
+    def adopt_shared(self, layer: LayerInfo, chain: str) -> int:
+        """
+        Make a new, uncommitted layer a clone of the pool's shared layer of
+        C{chain}, instead of applying its tar; return its size.  On
+        failure the layer is empty again (as after a failed L{apply}).
+        """
+        raise BadRequest(self._no_shared_layers())
+
+    def publish_chain(
+        self, layer: LayerInfo, chain: list[LayerInfo], chain_id: str, parent_chain: str
+    ) -> bool:
+        """
+        Make a committed layer that a client (containerd) filled itself
+        findable by other nodes: the shared layer of OCI chain ID
+        C{chain_id}, on the shared layer of C{parent_chain} ("" for none).
+        Returns whether it was published now (False: the pool had it, or
+        this backend shares nothing).
+        """
+        return False
 
     def _no_shared_layers(self) -> str:
         return f"thin images need the rbd backend; this txgraph runs the {self.name} backend"

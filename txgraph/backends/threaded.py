@@ -285,6 +285,28 @@ class AsyncBackend:
         """
         return self._call("shared_info", self.sync.shared_info)
 
+    def shared_chain_parent(self, chain: str) -> Deferred[str | None]:
+        """
+        L{Backend.shared_chain_parent}.
+        """
+        return self._call("shared_chain_parent", self.sync.shared_chain_parent, chain)
+
+    def adopt_shared(self, layer: LayerInfo, chain: str) -> Deferred[int]:
+        """
+        L{Backend.adopt_shared}.
+        """
+        return self._call("adopt_shared", self.sync.adopt_shared, layer, chain)
+
+    def publish_chain(
+        self, layer: LayerInfo, chain: list[LayerInfo], chain_id: str, parent_chain: str
+    ) -> Deferred[bool]:
+        """
+        L{Backend.publish_chain}.
+        """
+        return self._call(
+            "publish_chain", self.sync.publish_chain, layer, chain, chain_id, parent_chain
+        )
+
     def publish_layer(
         self,
         parent_chain: str,

@@ -82,6 +82,13 @@ class LayerInputs(Protocol):
         Replace the layer's content with a layer tar; fire with its size.
         """
 
+    def adoptShared(self, chain: str) -> Deferred[int]:
+        """
+        Make the layer a clone of the shared layer of an OCI chain ID that
+        the pool already holds (containerd's remote-snapshot shortcut),
+        as an ApplyDiff of that layer would; fire with its size.
+        """
+
     def commit(self) -> Deferred[None]:
         """
         Make the layer immutable so that children can be made from it.

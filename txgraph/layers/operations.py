@@ -102,17 +102,27 @@ def _removeFailed(inputs: LayerInputs, core: LayerCore, failure: Failure) -> Non
 # -- apply and commit -------------------------------------------------------
 
 
+def _startApplying(
+    inputs: LayerInputs, core: LayerCore, work: Callable[[], Deferred[int]]
+) -> Deferred[int]:
+    # Write-ahead "applying", uncommitted: a crash recovers by emptying the
+    # layer again (a fresh clone of its parent).
+    pending = core.begin()
+    core.step(inputs, "applying", work, committed=False, size=None)
+    return pending
+
+
 @created.upon(LayerInputs.applyDiff).to(applying)
 def _apply(inputs: LayerInputs, core: LayerCore, stream: BinaryIO) -> Deferred[int]:
-    pending = core.begin()
-    core.step(
-        inputs,
-        "applying",
-        lambda: core.backend.apply(core.info(), stream, core.registry.id_map),
-        committed=False,
-        size=None,
+    return _startApplying(
+        inputs, core, lambda: core.backend.apply(core.info(), stream, core.registry.id_map)
     )
-    return pending
+
+
+@created.upon(LayerInputs.adoptShared).to(applying)
+def _adopt(inputs: LayerInputs, core: LayerCore, chain: str) -> Deferred[int]:
+    # containerd's remote-snapshot shortcut, in the same state as an ApplyDiff.
+    return _startApplying(inputs, core, lambda: core.backend.adopt_shared(core.info(), chain))
 
 
 @applying.upon(LayerInputs._succeeded).to(committing)
@@ -339,6 +349,11 @@ def _applyMounted(inputs: LayerInputs, core: LayerCore, stream: BinaryIO) -> Def
     return _invalid(core, "cannot ApplyDiff: it is mounted")
 
 
+@mounted.upon(LayerInputs.adoptShared).loop()
+def _adoptMounted(inputs: LayerInputs, core: LayerCore, chain: str) -> Deferred[int]:
+    return _invalid(core, "cannot make it a clone of a shared layer: it is mounted")
+
+
 def _putUnheld(inputs: LayerInputs, core: LayerCore) -> Deferred[None]:
     return _invalid(core, "Put without Get: nothing holds this layer")
 
@@ -361,4 +376,5 @@ def _faultyRefuses(what: str) -> Callable[..., Deferred[Any]]:
 faulty.upon(LayerInputs.get).loop()(_faultyRefuses("Get"))
 faulty.upon(LayerInputs.put).loop()(_faultyRefuses("Put"))
 faulty.upon(LayerInputs.applyDiff).loop()(_faultyRefuses("ApplyDiff"))
+faulty.upon(LayerInputs.adoptShared).loop()(_faultyRefuses("adopt a shared layer"))
 faulty.upon(LayerInputs.commit).loop()(_faultyRefuses("commit"))

@@ -392,6 +392,20 @@ class LayerRegistry:
         await self._release(layer)
         return await self._run(layer, lambda: layer.machine.applyDiff(stream))
 
+    async def adopt_shared(self, layer_id: str, chain: str) -> int:
+        """
+        Make a new layer the pool's shared layer of OCI chain ID C{chain}
+        (a clone of it, committed), as an ApplyDiff of that layer would;
+        return its size.  For containerd's remote-snapshot shortcut.
+        """
+        layer = self.lookup(layer_id)
+        if layer.children:
+            raise InvalidLayerState(
+                f"cannot make layer {layer_id} a shared layer: other layers are made from it"
+            )
+        await self._release(layer)
+        return await self._run(layer, lambda: layer.machine.adoptShared(chain))
+
     async def read(
         self,
         layer_id: str,

@@ -645,6 +645,31 @@ class RBDBackend(Backend):
         """
         return self.shared.publish_layer(parent_chain, path, diff_id, progress)
 
+    def shared_chain_parent(self, chain: str) -> str | None:
+        """
+        The chain the pool's shared image of C{chain} was made on
+        (L{SharedLayers.chain_parent}).
+        """
+        return self.shared.chain_parent(chain)
+
+    def adopt_shared(self, layer: LayerInfo, chain: str) -> int:
+        """
+        Make the layer a clone of the pool's shared image of C{chain}
+        (L{SharedLayers.adopt}), from a fresh clone as L{apply} does.
+        """
+        name = self.names.image_name(layer.id)
+        with self._applying(layer, name):
+            return self.shared.adopt(layer, name, chain)
+
+    def publish_chain(
+        self, layer: LayerInfo, chain: list[LayerInfo], chain_id: str, parent_chain: str
+    ) -> bool:
+        """
+        Publish a layer containerd filled as the shared image of its chain
+        (L{SharedLayers.publish_chain}).
+        """
+        return self.shared.publish_chain(layer, chain, chain_id, parent_chain)
+
     def shared_orphans(self, min_age: float) -> list[Orphan]:
         """
         Shared images that nothing uses, older than C{min_age} seconds

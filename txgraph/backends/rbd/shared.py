@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, BinaryIO, cast
@@ -41,6 +42,7 @@ from txgraph.backends.rbd.metadata import (
     SNAP,
     ImageState,
     SharedGone,
+    describe,
     remove_snap,
 )
 from txgraph.backends.rbd.names import Names
@@ -136,12 +138,14 @@ class SharedLayers:
 
     def build_candidate(
         self, key: str, parent_chain: str, body: Any, reader: thin.HashingReader,
-        id_map: IDMap,
+        id_map: IDMap, chain: str | None = None,
     ) -> tuple[str, str, int]:
         """
         Extract a layer tar into a new candidate cloned from the shared
         image of C{parent_chain}, snapshot it, and return (candidate, chain
-        ID, the tar's content size, as L{RBDBackend.apply} answers it).
+        ID, the tar's content size, as L{RBDBackend.apply} answers it).  The
+        chain ID follows from the tar's digest, unless C{chain} gives it (a
+        tar txgraph wrote itself from a layer containerd filled).
         """
         assert self.cluster.rbd is not None
         if parent_chain:
@@ -176,7 +180,8 @@ class SharedLayers:
             root = os.path.join(top, ROOTFS)
             stats = archive.apply_layer(body, root, ApplyMode.INPLACE, id_map)
         reader.drain()
-        chain = thin.chain_id(parent_chain or None, reader.digest())
+        if chain is None:
+            chain = thin.chain_id(parent_chain or None, reader.digest())
         if self.settings.flatten_depth and depth >= self.settings.flatten_depth:
             with self.cluster.open(candidate) as image:
                 image.flatten()
@@ -412,6 +417,124 @@ class SharedLayers:
                     self.clones.discard_image(self.names.candidate(key))
                     raise
             return {"chain_id": chain, "image": target, "existed": existed}
+
+    # -- containerd's chains: the remote-snapshot shortcut ---------------------------
+
+    def chain_parent(self, chain: str) -> str | None:
+        """
+        The chain the pool's shared image of C{chain} was made on ("" for
+        the shared base), read from its RBD parent; None if the pool has no
+        such image, or if its parent is no shared image (flattened at
+        C{flatten_depth}: then it is not offered to containerd).
+        """
+        if not self.settings.share:
+            return None
+        target = self.names.shared_image(chain)
+        with self.cluster.op("look up of a shared layer", None, target):
+            state = self.cluster.shared_state(target)
+            if state is None or state.meta.get(K_CHAIN) != chain or state.parent is None:
+                return None
+            if state.parent == self.names.shared_base:
+                return ""
+            if not state.parent.startswith(self.names.shared_stem):
+                return None
+            parent = self.cluster.shared_state(state.parent)
+            parent_chain = parent.meta.get(K_CHAIN, NONE) if parent is not None else NONE
+            return parent_chain if parent_chain.startswith("sha256:") else None
+
+    def adopt(self, layer: LayerInfo, name: str, chain: str) -> int:
+        """
+        Make the layer (a fresh clone) a clone of the pool's shared image of
+        C{chain}, as an ApplyDiff whose chain the pool already has ends
+        (L{settle}): nothing is extracted, nothing written.  Returns 0, the
+        bytes the layer holds of its own (measuring the shared image would
+        take a diff_iterate over it, ~0.4 s).
+        """
+        target = self.names.shared_image(chain)
+        shared = self.cluster.shared_state(target)
+        if shared is None or shared.meta.get(K_CHAIN) != chain:
+            raise BackendError(
+                f"the pool has no shared image {self.names.spec(target)} of chain {chain}"
+            )
+        try:
+            self.clones.replace_by_clone(layer, name, target, {K_CHAIN: chain, K_STATE: "shared"})
+        except SharedGone:
+            raise BackendError(
+                f"the shared image {self.names.spec(target)} of chain {chain} was removed "
+                "while the layer was made from it"
+            ) from None
+        log.info(
+            "layer {id}: chain {chain} taken from the pool's {image}",
+            id=layer.id, chain=chain, image=self.names.spec(target),
+        )
+        return 0
+
+    def publish_chain(
+        self, layer: LayerInfo, chain: list[LayerInfo], chain_id: str, parent_chain: str
+    ) -> bool:
+        """
+        Publish a committed layer that containerd filled through its mount
+        as the shared image of C{chain_id}: its changes against its parent
+        (a tar txgraph writes, streamed through a pipe) are extracted into
+        a candidate cloned from the shared image of C{parent_chain}, which
+        is then settled like an ApplyDiff's (L{settle}).  The layer itself
+        stays as it is.  Returns whether it was published now.
+        """
+        if not self.settings.share or tuple(layer.root_ids) != (0, 0):
+            return False
+        target = self.names.shared_image(chain_id)
+        key = self.names.key(layer.id)
+        with self.cluster.op("publication of a containerd layer", layer.id, target):
+            if self.cluster.shared_state(target) is not None:
+                return False
+            try:
+                with self.devices.views(layer, chain, layer.parent) as (new, old):
+                    candidate = self._candidate_from_tree(key, parent_chain, chain_id, new, old)
+                existed = self.settle(candidate, chain_id, None, "")
+            except BaseException:
+                self.clones.discard_image(self.names.candidate(key))
+                raise
+            log.info(
+                "layer {id}: chain {chain} {how} {image}",
+                id=layer.id,
+                chain=chain_id,
+                how="was published meanwhile as" if existed else "published as",
+                image=self.names.spec(target),
+            )
+            return not existed
+
+    def _candidate_from_tree(
+        self, key: str, parent_chain: str, chain_id: str, new: str, old: str | None
+    ) -> str:
+        """
+        A candidate of C{chain_id} holding the changes from tree C{old} to
+        tree C{new}: a thread writes their tar into a pipe that
+        L{build_candidate} extracts.
+        """
+        changes = archive.changes_dirs(new, old)
+        read_fd, write_fd = os.pipe()
+        failure: list[BaseException] = []
+
+        def produce() -> None:
+            try:
+                with os.fdopen(write_fd, "wb") as out:
+                    archive.export_changes(new, changes, cast(BinaryIO, out), IDMap())
+            except BaseException as e:  # handed to the reading thread
+                failure.append(e)
+
+        writer = threading.Thread(target=produce, name=f"txgraph-publish-{key[:12]}")
+        writer.start()
+        try:
+            with os.fdopen(read_fd, "rb") as inp:
+                reader = thin.HashingReader(cast(BinaryIO, inp))
+                candidate, _chain, _size = self.build_candidate(
+                    key, parent_chain, reader, reader, IDMap(), chain=chain_id
+                )
+        finally:
+            writer.join()
+        if failure:
+            raise BackendError(f"cannot write the changes of {new}: {describe(failure[0])}")
+        return candidate
 
     def info(self) -> dict[str, str]:
         """
