@@ -10,6 +10,11 @@ what a crash left in flight.  Requests that arrive before that finishes
 wait for it; dockerd itself waits for the socket.  Anything wrong up to
 listening stops the start with an error naming it.
 
+With C{--listen systemd:domain=UNIX:index=0}, the plugin socket is the one
+a systemd socket unit made and passed (L{txgraph.systemd.activation}):
+txgraph checks its mode and owner instead of setting them, and leaves it
+in place when it stops, so systemd keeps it open across restarts.
+
 With C{--containerd-listen unix:PATH}, containerd's snapshotter protocol
 is served on that socket too (L{txgraph.api.containerd.server}), on the
 same layers; C{--listen none} turns the graph driver socket off, for a
@@ -46,15 +51,17 @@ from txgraph.errors import ConfigurationError, TxgraphError
 from txgraph.snapshotter import Snapshotter
 from txgraph.statedir import StateDirLock, open_driver, open_snapshotter
 from txgraph.store import DatabaseThread
+from txgraph.systemd.activation import (
+    SOCKET_MODE,
+    InheritedSocket,
+    InheritedUnixEndpoint,
+    inherited_socket,
+)
 
 log = Logger()
 
 DEFAULT_LISTEN = "unix:/run/docker/plugins/txgraph.sock:mode=660:lockfile=1"
 DEFAULT_STATE_DIR = "/var/lib/txgraph"
-
-#: The plugin socket's mode when C{--listen} gives none, and the widest
-#: it may give: root and C{--socket-group} only.
-SOCKET_MODE = 0o660
 
 
 def _endpoint_fields(description: str) -> list[str]:
@@ -77,22 +84,30 @@ def _endpoint_fields(description: str) -> list[str]:
     return fields
 
 
-def plugin_endpoint(description: str) -> tuple[str, int]:
+def plugin_endpoint(
+    description: str, socket_group: str | None = None
+) -> tuple[str, int, InheritedSocket | None]:
     """
-    Check C{--listen} and return the description to listen with and the
-    socket's mode.  The plugin socket lets its users mount and write
-    layers as root, so it must be a UNIX socket that only root and
-    C{--socket-group} can open: C{mode=} may be at most 0660, and is 0660
-    when not given (Twisted's own default is 0666).  Anything else is a
-    L{ValueError} saying what is wrong.
+    Check C{--listen} and return the description to listen with, the
+    socket's mode, and the socket systemd passed for a C{systemd:} one.
+    The plugin socket lets its users mount and write layers as root, so it
+    must be a UNIX socket that only root and C{--socket-group} can open:
+    C{mode=} may be at most 0660, and is 0660 when not given (Twisted's own
+    default is 0666); a socket systemd made must already be so
+    (L{inherited_socket}).  Anything else is a L{ValueError} saying what is
+    wrong.
     """
     fields = _endpoint_fields(description)
+    options = dict(f.split("=", 1) for f in fields[1:] if "=" in f)
+    if fields[0] == "systemd":
+        inherited = inherited_socket(global_reactor, description, options, socket_group)
+        return description, inherited.mode, inherited
     if fields[0].lower() != "unix":
         raise ValueError(
-            f"the plugin socket must be a UNIX socket (unix:PATH...), not {fields[0]!r}: "
+            f"the plugin socket must be a UNIX socket (unix:PATH... or "
+            f"systemd:domain=UNIX:index=N), not {fields[0]!r}: "
             "anyone who reaches it can mount and write layers as root"
         )
-    options = dict(f.split("=", 1) for f in fields[1:] if "=" in f)
     mode = SOCKET_MODE
     if "mode" in options:
         try:
@@ -111,7 +126,7 @@ def plugin_endpoint(description: str) -> tuple[str, int]:
         serverFromString(global_reactor, description)
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(str(e)) from None
-    return description, mode
+    return description, mode, None
 
 
 def _backend_flags() -> list[list[Any]]:
@@ -195,10 +210,14 @@ class Options(usage.Options):
             raise usage.UsageError(
                 "--listen none leaves nothing to serve: give --containerd-listen too"
             )
-        try:
-            self["listen"], self["socket-mode"] = plugin_endpoint(self["listen"])
-        except ValueError as e:
-            raise usage.UsageError(f"invalid --listen {self['listen']!r}: {e}") from None
+        self["inherited-socket"] = None
+        if self["listen"] != "none":
+            try:
+                self["listen"], self["socket-mode"], self["inherited-socket"] = plugin_endpoint(
+                    self["listen"], self["socket-group"]
+                )
+            except ValueError as e:
+                raise usage.UsageError(f"invalid --listen {self['listen']!r}: {e}") from None
         try:
             cls = backend_class(self["backend"])
         except ConfigurationError as e:
@@ -270,7 +289,10 @@ class TxgraphService(Service):
     def _start(self) -> None:
         listen = self.options["listen"]
         self._endpoint: Any = None
-        if listen != "none":
+        inherited = self.options.get("inherited-socket")
+        if inherited is not None:
+            self._endpoint = InheritedUnixEndpoint(self.reactor, inherited)
+        elif listen != "none":
             try:
                 self._endpoint = serverFromString(self.reactor, listen)
             except (ValueError, KeyError) as e:
@@ -352,7 +374,7 @@ class TxgraphService(Service):
         self.port = port
         group = self.options["socket-group"]
         address = getattr(port.getHost(), "name", None)
-        if address:
+        if address and self.options.get("inherited-socket") is None:
             gid = 0
             if group:
                 try:

@@ -807,6 +807,8 @@ def test_bare_listen_socket_is_root_only(components: Components) -> None:
         ("tcp:0", "the plugin socket must be a UNIX socket"),
         ("unix:{path}:bogus=1", "unexpected keyword argument 'bogus'"),
         ("unix:{path}:mode=rw", "mode=rw is not an octal file mode"),
+        ("systemd:domain=UNIX:index=0", "systemd passed txgraph no socket of index 0"),
+        ("systemd:domain=INET:index=0", "must be a UNIX socket (systemd:domain=UNIX:...), not domain=INET"),
     ],
 )
 def test_unsafe_or_invalid_listen_exits(components: Components, listen: str, message: str) -> None:

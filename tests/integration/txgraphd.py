@@ -78,6 +78,13 @@ class Txgraphd:
         """
         Start the daemon and wait until it answers the handshake.
         """
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """
+        Start the daemon's process, without waiting for it.
+        """
         PLUGIN_DIR.mkdir(parents=True, exist_ok=True)
         env = {
             **os.environ,
@@ -95,6 +102,13 @@ class Txgraphd:
             cwd=self.workdir,
         )
         log.close()
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        """
+        Wait until the daemon answers the handshake; a L{RuntimeError} with
+        its log's tail if it exits or does not answer within C{timeout}.
+        """
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -261,3 +275,65 @@ def admin(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
         timeout=300,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
+
+
+class ActivatedTxgraphd(Txgraphd):
+    """
+    txgraph socket-activated as under C{txgraph.socket}: Debian's
+    C{systemd-socket-activate} makes the plugin socket (the harness's
+    unique plugin name) and holds it; L{socket_holder} runs txgraph on it
+    with C{--listen systemd:domain=UNIX:index=0} from the first connection
+    on, and again after txgraph is killed.
+
+    @ivar socket_mode: the mode given to the socket before anything
+        connects (the unit's C{SocketMode=}: C{systemd-socket-activate}
+        has no such option and makes it 0644).
+    """
+
+    socket_mode = 0o660
+
+    def command(self) -> list[str]:
+        """
+        systemd-socket-activate, the holder, and twistd on the inherited socket.
+        """
+        env = {"PYTHONPATH": str(REPO), **self.env}
+        return [
+            "systemd-socket-activate",
+            "--fdname=txgraph",
+            *(f"--setenv={key}={value}" for key, value in env.items()),
+            "-l",
+            str(self.socket),
+            sys.executable,
+            str(Path(__file__).with_name("socket_holder.py")),
+            str(self.workdir / "txgraph.pid"),
+            self.twistd,
+            "-n",
+            "--pidfile=",
+            "txgraph",
+            "--listen",
+            "systemd:domain=UNIX:index=0",
+            "--state-dir",
+            str(self.state_dir),
+            *self.extra,
+        ]
+
+    def launch(self) -> None:
+        """
+        Start systemd-socket-activate, and give its socket L{socket_mode}
+        before anything connects (which starts txgraph).
+        """
+        super().launch()
+        assert self.process is not None
+        deadline = time.monotonic() + 10
+        while not self.socket.is_socket():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"systemd-socket-activate made no socket:\n{self.log_tail()}")
+            time.sleep(0.02)
+        os.chmod(self.socket, self.socket_mode)
+
+    @property
+    def txgraph_pid(self) -> int:
+        """
+        The PID of the txgraph the holder runs now.
+        """
+        return int((self.workdir / "txgraph.pid").read_text())

@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "txgraph.statedir",
             "txgraph.testing",
             "txgraph.gc",
+            "txgraph.systemd",
         ),
     ),
     ("api", ("txgraph.api",)),

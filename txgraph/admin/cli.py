@@ -1,7 +1,9 @@
 """
 The C{txgraph-admin} command line: C{status}, C{ls}, C{gc} and
 C{make-thin} (L{txgraph.admin.make_thin}), each through the running
-daemon's admin socket or on a stopped daemon's state.
+daemon's admin socket or on a stopped daemon's state; and
+C{install-units} (L{txgraph.systemd.install}), which writes the systemd
+units.
 
 Exit codes: 0 clean, 1 orphans found (C{gc}), 2 error.
 """
@@ -21,6 +23,7 @@ from txgraph.admin.make_thin import cmd_make_thin
 from txgraph.admin.progress import Progress
 from txgraph.admin.tasks import layer_list, run_gc, status_report
 from txgraph.errors import TxgraphError
+from txgraph.systemd.install import UNIT_DIR, default_twistd, install_units
 
 DEFAULT_STATE_DIR = "/var/lib/txgraph"
 
@@ -145,6 +148,24 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 1 if final else 0
 
 
+def cmd_install_units(args: argparse.Namespace) -> int:
+    """
+    Write txgraph's systemd units, and say how to enable them.
+    """
+    written = install_units(
+        args.prefix,
+        args.twistd or default_twistd(),
+        os.path.abspath(args.state_dir),
+        plain=args.plain,
+        force=args.force,
+    )
+    for unit in written:
+        print(f"{'wrote' if unit.changed else 'unchanged'} {unit.path}")
+    first = "txgraph.service" if args.plain else "txgraph.socket"
+    print(f"now run: systemctl daemon-reload && systemctl enable --now {first}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """
     The command line.
@@ -212,6 +233,23 @@ def parser() -> argparse.ArgumentParser:
     )
     make.add_argument("--json", action="store_true", help="machine-readable output")
     make.set_defaults(func=cmd_make_thin)
+    units = sub.add_parser(
+        "install-units",
+        help="write txgraph's systemd units (socket-activated, or --plain)",
+        description="Write txgraph.socket and txgraph.service (socket-activated: systemd "
+        "makes the plugin socket) or, with --plain, a txgraph.service that makes its own "
+        "socket, with this installation's twistd and --state-dir filled in. A differing "
+        "unit file already there is kept unless --force.",
+    )
+    units.add_argument(
+        "--prefix", default=UNIT_DIR, help=f"the unit directory (default {UNIT_DIR})"
+    )
+    units.add_argument(
+        "--twistd", help=f"the twistd that runs txgraph (default: {default_twistd()})"
+    )
+    units.add_argument("--plain", action="store_true", help="no socket activation")
+    units.add_argument("--force", action="store_true", help="replace differing unit files")
+    units.set_defaults(func=cmd_install_units)
     return p
 
 

@@ -303,8 +303,16 @@ class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
 def socket_path(listen: str) -> str:
     """
     The path of C{--containerd-listen unix:PATH} (C{unix://PATH} too); a
-    L{ConfigurationError} naming the value otherwise.
+    L{ConfigurationError} naming the value otherwise.  A C{systemd:} socket
+    is refused: grpcio (1.85) has no server call that serves on a listening
+    descriptor it did not make, only C{add_insecure_port} on an address.
     """
+    if listen.startswith("systemd:"):
+        raise ConfigurationError(
+            f"invalid --containerd-listen {listen!r}: grpcio's server binds its own socket "
+            "and cannot adopt one systemd passed; give unix:/path/to/snapshotter.sock (txgraph "
+            "creates it 0660, and a socket-activated txgraph is started by its plugin socket)"
+        )
     if not listen.startswith("unix:"):
         raise ConfigurationError(
             f"invalid --containerd-listen {listen!r}: containerd reaches proxy snapshotters "
