@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import Components, rbd_cli, rbd_flags, rbd_namespace
 from containerd import CRI_NAMESPACE, Containerd, PushedImage, Registry, push_image
+from dockerd import rbd_fuse_processes
 from txgraphd import Txgraphd
 
 from txgraph.snapshotter import TARGET_REF
@@ -76,6 +77,27 @@ def nodes(
     finally:
         for _daemon, ctrd in reversed(made):
             ctrd.cleanup()
+        # What containerd left (the images' snapshots: a held rbd layer keeps
+        # its device and rbd-fuse until Remove) goes before the daemons stop.
+        for daemon, _ctrd in made:
+            _remove_snapshots(daemon)
+            assert rbd_fuse_processes(os.path.realpath(daemon.state_dir)) == [], daemon.state_dir
+
+
+def _remove_snapshots(daemon: Txgraphd) -> None:
+    """Remove every snapshot a txgraph holds, children before their parents."""
+    from txgraph.testing.snapshotter.client import Snapshotter, Target
+
+    client = Snapshotter(Target(f"unix://{daemon.containerd_socket}", "txgraph", CRI_NAMESPACE))
+    try:
+        while infos := client.walk():
+            parents = {info.parent for info in infos}
+            leaves = [info.name for info in infos if info.name not in parents]
+            assert leaves, f"cannot remove snapshots {infos}"
+            for name in leaves:
+                client.remove(name)
+    finally:
+        client.close()
 
 
 def _snapshots(daemon: Txgraphd) -> list[tuple[str, int, dict[str, str]]]:
