@@ -400,7 +400,11 @@ class TxgraphService(Service):
 
         def listening(port: IListeningPort) -> None:
             self.metrics_port = port
-            log.info("txgraph serving metrics on {address}/metrics", address=port.getHost())
+            host = port.getHost()
+            address = (
+                f"http://{host.host}:{host.port}" if hasattr(host, "port") else str(host)
+            )
+            log.info("txgraph serving metrics at {address}/metrics", address=address)
 
         def failed(failure: Any) -> None:
             log.critical(
