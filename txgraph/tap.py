@@ -35,6 +35,7 @@ from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import reactor as global_reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
@@ -400,9 +401,9 @@ class TxgraphService(Service):
 
         def listening(port: IListeningPort) -> None:
             self.metrics_port = port
-            host = port.getHost()
+            host: Any = port.getHost()
             address = (
-                f"http://{host.host}:{host.port}" if hasattr(host, "port") else str(host)
+                f"http://{host.host}:{host.port}" if isinstance(host, IPv4Address) else str(host)
             )
             log.info("txgraph serving metrics at {address}/metrics", address=address)
 
