@@ -325,3 +325,23 @@ def test_bad_metrics_listen_is_refused() -> None:
         Options().parseOptions(["--listen", "unix:/tmp/x.sock", "--metrics-listen", "bogus:9495"])
     assert "invalid --metrics-listen 'bogus:9495'" in str(e.value)
     assert "Unknown endpoint type" in str(e.value)
+
+
+def test_trash_waiting_gauge(recorder: metrics.Metrics) -> None:
+    """
+    A purge pass sets the gauge to the removed images it could not purge.
+    """
+    from txgraph.backends.rbd.trash import Trash
+
+    entries = [{"id": "1", "name": "txgraph.x1"}, {"id": "2", "name": "txgraph.x2"}]
+    rbd = type("RBDModule", (), {"RBD": lambda self: type("R", (), {"trash_list": lambda s, io: entries})()})()
+    cluster: Any = type("C", (), {"rbd": rbd, "ioctx": None, "lock": threading.Lock()})()
+    names: Any = type("N", (), {"stem": "txgraph.", "base_image": "txgraph.base",
+                                "spec": lambda self, n: n})()
+    trash = Trash(None, names, cluster, None)  # type: ignore[arg-type]
+    trash.purge_one = lambda image_id, name: "busy" if image_id == "2" else None  # type: ignore[method-assign]
+    assert trash.purge() is True
+    assert value(recorder, "txgraph_rbd_trash_waiting_images") == 1
+    trash.purge_one = lambda image_id, name: None  # type: ignore[method-assign]
+    assert trash.purge() is False
+    assert value(recorder, "txgraph_rbd_trash_waiting_images") == 0
