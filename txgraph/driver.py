@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from txgraph import faults
+from txgraph import faults, metrics
 from txgraph.backends import Backend, LayerInfo, parse_options, set_traverse
 from txgraph.backends.threaded import AsyncBackend
 from txgraph.errors import BadRequest, ConfigurationError, InvalidLayerState
@@ -496,6 +496,8 @@ def watch_reactor_lag(
         lag = now - Watch.expected
         if lag > driver.max_lag:
             driver.max_lag = lag
+        if metrics.current is not None:
+            metrics.current.reactor_lag.observe(max(lag, 0.0))
         if Watch.running:
             Watch.expected = now + interval
             Watch.call = clock.callLater(interval, tick)

@@ -43,6 +43,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from txgraph import metrics
 from txgraph.backends import LayerView, Orphan
 from txgraph.layers.core import REST_STATES
 
@@ -164,6 +165,9 @@ async def collect(
     findings += [
         Finding(o.kind, o.id, o.detail) for o in await driver.backend.shared_orphans(min_age)
     ]
+    if metrics.current is not None:
+        for finding in findings:
+            metrics.current.gc_findings.labels(finding.kind).inc()
     return findings
 
 

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from time import perf_counter
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -35,6 +36,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from txgraph import metrics
 from txgraph.errors import SchemaTooNew
 
 T = TypeVar("T")
@@ -422,7 +424,13 @@ class Store:
 
     def _commit_thd(self, conn: sqlite3.Connection) -> None:
         # A frame of its own, so that profiles show the commit (the fsync).
+        m = metrics.current
+        if m is None:
+            conn.commit()
+            return
+        start = perf_counter()
         conn.commit()
+        m.commit(self._sync, perf_counter() - start)
 
     def _execute_thd(self, write: _Write) -> None:
         """
@@ -448,6 +456,8 @@ class Store:
         is gone, a constraint) fails alone.  Returns each write's error, or
         None; an error of the commit itself is every write's.
         """
+        if metrics.current is not None:
+            metrics.current.db_group.observe(len(writes))
         if len(writes) == 1:
             only = writes[0]
             try:

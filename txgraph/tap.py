@@ -20,6 +20,10 @@ is served on that socket too (L{txgraph.api.containerd.server}), on the
 same layers; C{--listen none} turns the graph driver socket off, for a
 node served only to containerd.  After the layers' recovery, the
 containerd snapshots are checked against them (L{Snapshotter.start}).
+
+With C{--metrics-listen ENDPOINT}, metrics are counted (L{txgraph.metrics})
+and served at C{/metrics} on that endpoint (L{txgraph.api.metrics}) and on
+the admin socket, for C{txgraph-admin top}; without it, nothing is counted.
 """
 
 from __future__ import annotations
@@ -31,15 +35,17 @@ from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import reactor as global_reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Site
 
-from txgraph import __version__, faults
+from txgraph import __version__, faults, metrics
 from txgraph.admin.service import AdminAPI
 from txgraph.api.containerd.server import ContainerdServer, socket_path
 from txgraph.api.graphdriver import GraphDriverAPI
@@ -189,6 +195,13 @@ class Options(usage.Options):
             "group that may use the plugin socket (default: root only)",
         ],
         ["threads", None, 16, "size of the backend thread pool", int],
+        [
+            "metrics-listen",
+            None,
+            None,
+            "serve Prometheus metrics at /metrics on this Twisted server endpoint, e.g. "
+            "tcp:9495:interface=127.0.0.1 (default: off, and nothing is counted)",
+        ],
     ] + _backend_flags()
 
     def opt_version(self) -> None:
@@ -210,6 +223,13 @@ class Options(usage.Options):
             raise usage.UsageError(
                 "--listen none leaves nothing to serve: give --containerd-listen too"
             )
+        if self["metrics-listen"] is not None:
+            try:
+                serverFromString(global_reactor, self["metrics-listen"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise usage.UsageError(
+                    f"invalid --metrics-listen {self['metrics-listen']!r}: {e}"
+                ) from None
         self["inherited-socket"] = None
         if self["listen"] != "none":
             try:
@@ -255,6 +275,7 @@ class TxgraphService(Service):
         self.state_dir = os.path.abspath(options["state-dir"])
         self.port: IListeningPort | None = None
         self.admin_port: IListeningPort | None = None
+        self.metrics_port: IListeningPort | None = None
         self.driver: Driver | None = None
         self.snapshotter: Snapshotter | None = None
         self.containerd: ContainerdServer | None = None
@@ -288,6 +309,9 @@ class TxgraphService(Service):
 
     def _start(self) -> None:
         listen = self.options["listen"]
+        if self.options.get("metrics-listen") is not None:
+            # Before any front end starts: they record only while it is on.
+            metrics.enable()
         self._endpoint: Any = None
         inherited = self.options.get("inherited-socket")
         if inherited is not None:
@@ -319,6 +343,8 @@ class TxgraphService(Service):
                 )
                 self.containerd.start()
             self._listen_admin()
+            if self.options.get("metrics-listen") is not None:
+                self._listen_metrics()
         except BaseException:
             # Threads would keep a failed start's process alive.
             self._pool.stop()
@@ -337,7 +363,8 @@ class TxgraphService(Service):
         assert self.driver is not None
         path = os.path.join(self.state_dir, "admin.sock")
         endpoint = serverFromString(self.reactor, f"unix:{path}:mode=600:lockfile=1")
-        site = Site(AdminAPI(self.driver, self.snapshotter).app.resource())
+        self.admin_api = AdminAPI(self.driver, self.snapshotter)
+        site = Site(self.admin_api.app.resource())
         site.requestFactory = UnixSocketRequest
         d = endpoint.listen(site)
 
@@ -351,6 +378,39 @@ class TxgraphService(Service):
             log.critical(
                 "txgraph cannot listen on its admin socket {path}: {error}",
                 path=path,
+                error=failure.getErrorMessage(),
+            )
+            self._fatal()
+
+        d.addCallbacks(listening, failed)
+
+    def _listen_metrics(self) -> None:
+        from txgraph.api.metrics import StateCollector, metrics_site
+
+        assert self.driver is not None
+        recorder = metrics.enable()
+        collector = StateCollector(self.driver, self.snapshotter)
+        recorder.registry.register(collector)  # type: ignore[arg-type]
+        self.admin_api.collectors.append(collector)
+        description = self.options["metrics-listen"]
+        pool = self.reactor.getThreadPool()
+        site = metrics_site(
+            recorder, collector, lambda f: deferToThreadPool(self.reactor, pool, f)
+        )
+        d = serverFromString(self.reactor, description).listen(site)
+
+        def listening(port: IListeningPort) -> None:
+            self.metrics_port = port
+            host: Any = port.getHost()
+            address = (
+                f"http://{host.host}:{host.port}" if isinstance(host, IPv4Address) else str(host)
+            )
+            log.info("txgraph serving metrics at {address}/metrics", address=address)
+
+        def failed(failure: Any) -> None:
+            log.critical(
+                "txgraph cannot listen on --metrics-listen {listen}: {error}",
+                listen=description,
                 error=failure.getErrorMessage(),
             )
             self._fatal()
@@ -435,7 +495,7 @@ class TxgraphService(Service):
     async def _stop(self) -> None:
         if self.containerd is not None:
             self.containerd.stop()
-        for port in (self.port, self.admin_port):
+        for port in (self.port, self.admin_port, self.metrics_port):
             if port is not None:
                 stopped = port.stopListening()
                 if stopped is not None:

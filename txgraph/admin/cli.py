@@ -3,7 +3,8 @@ The C{txgraph-admin} command line: C{status}, C{ls}, C{gc} and
 C{make-thin} (L{txgraph.admin.make_thin}), each through the running
 daemon's admin socket or on a stopped daemon's state; and
 C{install-units} (L{txgraph.systemd.install}), which writes the systemd
-units.
+units; and C{top} (L{txgraph.admin.top}), the running daemon's busiest
+operations from its metrics.
 
 Exit codes: 0 clean, 1 orphans found (C{gc}), 2 error.
 """
@@ -22,6 +23,7 @@ from txgraph.admin.client import Daemon, offline
 from txgraph.admin.make_thin import cmd_make_thin
 from txgraph.admin.progress import Progress
 from txgraph.admin.tasks import layer_list, run_gc, status_report
+from txgraph.admin.top import cmd_top
 from txgraph.errors import TxgraphError
 from txgraph.systemd.install import UNIT_DIR, default_twistd, install_units
 
@@ -233,6 +235,21 @@ def parser() -> argparse.ArgumentParser:
     )
     make.add_argument("--json", action="store_true", help="machine-readable output")
     make.set_defaults(func=cmd_make_thin)
+    top = sub.add_parser(
+        "top",
+        help="the busiest operations and their latencies, refreshed (needs --metrics-listen)",
+        description="Show, per front end and method, calls per second over each interval, "
+        "calls and errors since start, and latency (mean, p50, p90 from the histogram "
+        "buckets), from the running daemon's metrics read through its admin socket. The "
+        "daemon counts only when started with --metrics-listen.",
+    )
+    top.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between refreshes (default 2)"
+    )
+    top.add_argument("--once", action="store_true", help="one refresh, then exit")
+    top.add_argument("--iterations", type=int, help="this many refreshes, then exit")
+    top.add_argument("--limit", type=int, default=20, help="rows shown (default 20)")
+    top.set_defaults(func=cmd_top)
     units = sub.add_parser(
         "install-units",
         help="write txgraph's systemd units (socket-activated, or --plain)",

@@ -13,6 +13,7 @@ from typing import Any
 from klein import Klein
 from twisted.web.iweb import IRequest
 
+from txgraph import metrics
 from txgraph.admin.tasks import (
     layer_list,
     publish_layers,
@@ -33,6 +34,8 @@ class AdminAPI:
     def __init__(self, driver: Any, snapshotter: Any = None) -> None:
         self.driver = driver
         self.snapshotter = snapshotter
+        #: Collectors of in-memory state to count before rendering metrics.
+        self.collectors: list[Any] = []
 
     async def _ready(self) -> None:
         if not self.driver.ready.called:
@@ -100,6 +103,30 @@ class AdminAPI:
         except TxgraphError as e:
             emit({"event": "error", "error": e.message})
         return b""
+
+    @app.route("/metrics", methods=["POST"])
+    async def metrics(self, request: IRequest) -> bytes:
+        """
+        The metrics' text exposition, as at C{--metrics-listen}'s
+        C{/metrics} (rendered in a thread), for C{txgraph-admin top}; 404
+        when metrics are off.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.threads import deferToThreadPool
+
+        recorder = metrics.current
+        if recorder is None:
+            request.setResponseCode(404)
+            return (
+                b"metrics are off: start txgraph with --metrics-listen "
+                b"(e.g. tcp:9495:interface=127.0.0.1)"
+            )
+        for collector in self.collectors:
+            collector.snapshot()
+        pool = reactor.getThreadPool()  # type: ignore[attr-defined]
+        body: bytes = await deferToThreadPool(reactor, pool, recorder.render)  # type: ignore[arg-type]
+        request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
+        return body
 
     @app.route("/gc", methods=["POST"])
     async def gc(self, request: IRequest) -> bytes:

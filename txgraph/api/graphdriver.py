@@ -37,6 +37,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import Request as ServerRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
+from txgraph import metrics
 from txgraph.api.site import MAX_JSON_BODY, OversizedBody
 from txgraph.api.streams import ApplyStream, ResponseStream
 from txgraph.driver import Driver, check_id
@@ -154,6 +155,17 @@ def _error(request: IRequest, failure: Failure) -> bytes:
     )
 
 
+def _outcome(result: Any) -> tuple[str, str | None]:
+    """
+    A call's HTTP status and, for an error, its kind (for L{metrics.timed}).
+    """
+    if isinstance(result, Failure):
+        error = result.value
+        status = error.status if isinstance(error, TxgraphError) else 500
+        return str(status), type(error).__name__
+    return "200", None
+
+
 Handler = Callable[[Any, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 #: The routes; bound per instance of L{GraphDriverAPI} (Klein's descriptor).
@@ -174,7 +186,7 @@ def _endpoint(method: str) -> Callable[[Handler], Callable[[Any, IRequest], Defe
                     await self.driver_ready()
                 return _respond(request, 200, await handler(self, body))
 
-            d = ensureDeferred(serve())
+            d = metrics.timed("graphdriver", method, lambda: ensureDeferred(serve()), _outcome)
             d.addErrback(lambda f: _error(request, f))
             return d
 
@@ -225,6 +237,8 @@ class GraphDriverAPI:
         else:
             message = f"cannot serve {method!r} {path!r}: {getattr(error, 'description', error)}"
         status = getattr(error, "code", None) or 400
+        if metrics.current is not None:
+            metrics.current.request("graphdriver", "unknown", None, str(status), type(error).__name__)
         log.info("{uri} failed ({status}): {message}", uri=path, status=status, message=message)
         return _respond(request, status, {"Err": message})
 
@@ -385,9 +399,11 @@ class GraphDriverAPI:
                 await self.driver.backend.run(stream.flush)
             finally:
                 request.unregisterProducer()
+            if metrics.current is not None:
+                metrics.current.diffed_bytes.inc(stream.written)
             return b""
 
-        d = ensureDeferred(serve())
+        d = metrics.timed("graphdriver", "GraphDriver.Diff", lambda: ensureDeferred(serve()), _outcome)
 
         def failed(failure: Failure) -> bytes:
             if stream.started:
@@ -447,9 +463,14 @@ class GraphDriverAPI:
                 if parent is not None:
                     check_id(parent, "parent")
                 await self.driver_ready()
-                return await self.driver.apply_diff(layer_id, parent, stream)  # type: ignore[arg-type]
+                size = await self.driver.apply_diff(layer_id, parent, stream)  # type: ignore[arg-type]
+                if metrics.current is not None:
+                    metrics.current.applied_bytes.inc(stream.received)
+                return size
             finally:
                 stream.done()
 
-        stream.result = ensureDeferred(apply())
+        stream.result = metrics.timed(
+            "graphdriver", "GraphDriver.ApplyDiff", lambda: ensureDeferred(apply()), _outcome
+        )
         return stream

@@ -33,6 +33,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Callable, Coroutine, Iterator
+from time import perf_counter
 from typing import Any, TypeVar
 
 import grpc
@@ -41,6 +42,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from txgraph import metrics
 from txgraph.api.containerd.proto import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
 from txgraph.backends import MountSpec
 from txgraph.errors import (
@@ -300,6 +302,64 @@ class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
         return empty_pb2.Empty()
 
 
+class MetricsInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """
+    The containerd front end's choke point for metrics: every call's time
+    and gRPC status code (its error kind too: the code is what containerd
+    sees of an error), by method, into L{metrics.current}.  Installed only
+    when metrics are on.
+    """
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = continuation(details)
+        m = metrics.current
+        if handler is None or m is None:
+            return handler
+        # The service's own methods (grpcio answers unknown ones itself).
+        method = details.method.rpartition("/")[2]
+
+        def record(start: float, context: Any, error: BaseException | None) -> None:
+            code = context.code() if hasattr(context, "code") else None
+            if code is None:
+                code = grpc.StatusCode.UNKNOWN if error is not None else grpc.StatusCode.OK
+            name = code.name
+            m.request("containerd", method, perf_counter() - start, name,
+                      None if code == grpc.StatusCode.OK else name)
+
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            def unary(request: Any, context: Any) -> Any:
+                start = perf_counter()
+                try:
+                    reply = inner(request, context)
+                except BaseException as e:
+                    record(start, context, e)
+                    raise
+                record(start, context, None)
+                return reply
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            def streaming(request: Any, context: Any) -> Iterator[Any]:
+                start = perf_counter()
+                try:
+                    yield from inner_stream(request, context)
+                except BaseException as e:
+                    record(start, context, e)
+                    raise
+                record(start, context, None)
+
+            return grpc.unary_stream_rpc_method_handler(
+                streaming, handler.request_deserializer, handler.response_serializer
+            )
+        return handler
+
+
 def socket_path(listen: str) -> str:
     """
     The path of C{--containerd-listen unix:PATH} (C{unix://PATH} too); a
@@ -379,7 +439,8 @@ class ContainerdServer:
             server = grpc.server(
                 concurrent.futures.ThreadPoolExecutor(
                     max_workers=MAX_WORKERS, thread_name_prefix="txgraph-grpc"
-                )
+                ),
+                interceptors=[MetricsInterceptor()] if metrics.current is not None else None,
             )
             snapshots_pb2_grpc.add_SnapshotsServicer_to_server(self._service, server)
             if server.add_insecure_port(f"unix:{staged}") == 0:

@@ -14,11 +14,13 @@ import errno
 import math
 import threading
 from collections.abc import Callable, Iterator
+from time import perf_counter
 from types import ModuleType
 from typing import Any
 
 from twisted.logger import Logger
 
+from txgraph import metrics
 from txgraph.backends.rbd.metadata import (
     K_OWNER,
     SHARED,
@@ -34,6 +36,18 @@ from txgraph.backends.rbd.options import Settings
 from txgraph.errors import BackendError, TxgraphError
 
 log = Logger()
+
+
+def timed_out(error: BaseException) -> bool:
+    """
+    Whether an error is the cluster not answering in time (librados's
+    C{TimedOut}, or an C{ETIMEDOUT} errno from librbd).
+    """
+    while error is not None:
+        if type(error).__name__ == "TimedOut" or getattr(error, "errno", None) == errno.ETIMEDOUT:
+            return True
+        error = error.__cause__  # type: ignore[assignment]
+    return False
 
 
 class Cluster:
@@ -83,11 +97,16 @@ class Cluster:
     @contextlib.contextmanager
     def op(self, op: str, layer_id: str | None, image: str | None = None) -> Iterator[None]:
         """
-        Name the operation, layer and image in any error raised inside.
+        Name the operation, layer and image in any error raised inside;
+        time it (L{txgraph.metrics}: C{op} is one of a few fixed names).
         """
+        m = metrics.current
+        start = perf_counter() if m is not None else 0.0
         try:
             yield
         except Exception as e:
+            if m is not None:
+                m.cluster_call(op, perf_counter() - start, timed_out(e))
             if image is not None:
                 # What this node believed of the image may be wrong now.
                 self.forget(image)
@@ -99,6 +118,8 @@ class Cluster:
                     raise
                 raise type(e)(f"{prefix}: {e.message}") from e
             raise BackendError(f"{prefix}: {describe(e)}") from e
+        if m is not None:
+            m.cluster_call(op, perf_counter() - start, False)
 
     def connect(self) -> None:
         """

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 
-from txgraph import faults
+from txgraph import faults, metrics
 from txgraph.backends.background import BackgroundPasses
 from txgraph.backends.rbd.cluster import Cluster
 from txgraph.backends.rbd.devices import Devices
@@ -109,6 +109,8 @@ class Trash:
                         image=self.names.spec(name), id=image_id, why=why,
                     )
             self.left = left
+        if metrics.current is not None:
+            metrics.current.trash_waiting.set(len(left))
         return bool(left)
 
     def purge_one(self, image_id: str, name: str) -> str | None:
