@@ -963,6 +963,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="no Debian image: no load_debian row, save busybox")
     parser.add_argument("--rbd", action="store_true",
                         help="also measure txgraph's rbd backend on a Ceph dev cluster")
+    parser.add_argument("--old", type=Path,
+                        help="also measure txgraph's overlay backend from this other source "
+                        "tree (e.g. an extracted older commit), as the system txgraph-old, "
+                        "alternating with the others: an A/B of two versions in one run")
     parser.add_argument("--threads", type=int, help="txgraph --threads (default: its own)")
     parser.add_argument("--fs-size", default=None,
                         help="size of each fresh filesystem (default 8G, 2G with --quick)")
@@ -1047,7 +1051,12 @@ def main(argv: list[str] | None = None) -> int:
         d.start()
         systems.append(System("builtin", "built-in overlay2", fs, d))
 
-        # txgraph, overlay backend
+        # txgraph, overlay backend (an older source tree first, for an A/B)
+        if args.old is not None:
+            systems.append(_txgraph_system(
+                stack, fresh_fs("txgraph-old"), logs, "txgraph-old",
+                f"txgraph overlay ({args.old.name})", ["--backend", "overlay"], args,
+                env={"PYTHONPATH": str(args.old.resolve())}))
         systems.append(_txgraph_system(stack, fresh_fs("txgraph"), logs, "txgraph",
                                        "txgraph overlay", ["--backend", "overlay"], args))
         if args.rbd:

@@ -333,6 +333,7 @@ class Driver:
         Create or CreateReadWrite.
         """
         await self.registry.create(layer_id, parent, readwrite, storage_opt)
+        faults.point("create.committed")
 
     async def remove(self, layer_id: str) -> None:
         """

@@ -37,8 +37,9 @@ TRYING_STATES = (
 
 #: Get and Put once their new reference count is committed, before dockerd
 #: has its answer: the one window that is neither a trying state's before
-#: nor its after (a Get of a mounted layer calls no backend at all).
-ANSWER_POINTS = ("get.committed", "put.committed")
+#: nor its after (a Get of a mounted layer calls no backend at all); and
+#: Create once its layer is durably created, unanswered.
+ANSWER_POINTS = ("get.committed", "put.committed", "create.committed")
 
 _known: set[str] = {
     f"{state}.{when}" for state in TRYING_STATES for when in ("before", "after")

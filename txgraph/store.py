@@ -369,11 +369,14 @@ class Store:
                 for r in conn.execute(sa.select(layers).order_by(layers.c.created_at))
             ]
 
-    def insert_layer_thd(self, row: LayerRow) -> None:
+    def insert_layer_thd(self, row: LayerRow, durable: bool = True) -> None:
         """
-        Persist a new layer, durably.
+        Persist a new layer, durably unless told otherwise: the layer
+        machine's C{creating} record is not durable on a backend whose
+        C{prepare} is atomic (L{txgraph.backends.Backend.prepare_is_atomic}),
+        since the durable commit of its outcome follows before any answer.
         """
-        self._execute_thd(_insert(row))
+        self._execute_thd(_insert(row, durable))
 
     def update_layer_thd(self, row: LayerRow, durable: bool = True) -> None:
         """
@@ -554,13 +557,16 @@ class Store:
         """
         return self._run(self.load_layers_thd)
 
-    def insert_layer(self, row: LayerRow) -> Deferred[None]:
+    def insert_layer(self, row: LayerRow, durable: bool = True) -> Deferred[None]:
         """
-        Persist a new layer (a copy of C{row} as it is now).
+        Persist a new layer (a copy of C{row} as it is now); see
+        L{insert_layer_thd} for C{durable}.
         """
         row.created_at = row.updated_at = time.time()
         copy = _copy(row)
-        return self._write(_insert(copy, lambda: self.insert_layer_thd(copy)))
+        return self._write(
+            _insert(copy, durable, lambda: self.insert_layer_thd(copy, durable))
+        )
 
     def update_layer(self, row: LayerRow, durable: bool = True) -> Deferred[None]:
         """
@@ -631,8 +637,10 @@ class _Write:
             raise LookupError(f"layer {self.layer_id} is not in the database")
 
 
-def _insert(row: LayerRow, thd: Callable[[], None] | None = None) -> _Write:
-    return _Write(INSERT_LAYER_SQL, True, row, row.id, thd=thd)
+def _insert(
+    row: LayerRow, durable: bool = True, thd: Callable[[], None] | None = None
+) -> _Write:
+    return _Write(INSERT_LAYER_SQL, durable, row, row.id, thd=thd)
 
 
 def _update(

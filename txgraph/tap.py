@@ -31,7 +31,7 @@ from __future__ import annotations
 import grp
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import reactor as global_reactor
@@ -47,7 +47,7 @@ from twisted.web.server import Site
 
 from txgraph import __version__, faults, metrics
 from txgraph.admin.service import AdminAPI
-from txgraph.api.containerd.server import ContainerdServer, socket_path
+from txgraph.api.containerd import socket_path
 from txgraph.api.graphdriver import GraphDriverAPI
 from txgraph.api.site import PluginSite, UnixSocketRequest
 from txgraph.backends import parse_options
@@ -63,6 +63,9 @@ from txgraph.systemd.activation import (
     InheritedUnixEndpoint,
     inherited_socket,
 )
+
+if TYPE_CHECKING:
+    from txgraph.api.containerd.server import ContainerdServer
 
 log = Logger()
 
@@ -337,6 +340,9 @@ class TxgraphService(Service):
                 self._listen()
             containerd = self.options["containerd-listen"]
             if containerd is not None:
+                # grpcio only when serving containerd (see txgraph.api.containerd).
+                from txgraph.api.containerd.server import ContainerdServer
+
                 self.containerd = ContainerdServer(
                     self.snapshotter, self.reactor, socket_path(containerd),
                     self.options["socket-group"],

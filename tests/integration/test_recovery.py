@@ -233,9 +233,10 @@ POINTS = {
         for when in ("before", "after")
     ],
 }
-# Get and Put with their new reference count committed, unanswered.
+# Get and Put with their new reference count committed, unanswered; Create
+# with its layer durably created, unanswered.
 for _points in POINTS.values():
-    _points += ["get.committed", "put.committed"]
+    _points += ["get.committed", "put.committed", "create.committed"]
 # An ApplyDiff replacing the layer's image by a clone of its shared image,
 # between the removal and the clone.
 POINTS["rbd"].append("rbd.replace.removed")
@@ -326,11 +327,13 @@ def _verify_nothing_leaked_or_lost(stack: Stack) -> None:
     assert (code, [(f["kind"], f["id"], f["detail"]) for f in findings]) == (0, [])
 
 
-def _crash_during(stack: Stack, point: str, args: list[str]) -> Any:
+def _crash_during(
+    stack: Stack, point: str, args: list[str], between: Callable[[], None] | None = None
+) -> Any:
     """
     Run a docker command while txgraph (armed at C{point}) dies there;
-    restart txgraph; return the command's result once dockerd gave up or
-    finished.
+    restart txgraph (after C{between}, if given, runs on the dead daemon's
+    state); return the command's result once dockerd gave up or finished.
     """
     daemon = stack.txgraph
     outcome: dict[str, Any] = {}
@@ -343,6 +346,8 @@ def _crash_during(stack: Stack, point: str, args: list[str]) -> Any:
     process.wait(timeout=60)
     assert process.returncode == -9, f"txgraph did not die at {point}"
     daemon.process = None
+    if between is not None:
+        between()
     daemon.start()
     worker.join(timeout=120)
     return outcome["result"]
@@ -419,6 +424,54 @@ def test_dockerd_sigkill_with_running_containers(
         time.sleep(0.2)
     assert stack.status()["Mounts"] == "0"
     docker("rm", "k1", "k2")
+    _verify_nothing_leaked_or_lost(stack)
+
+
+@pytest.mark.dockerd
+@pytest.mark.parametrize("point", ["creating.before", "creating.after"])
+def test_power_cut_loses_creating_record(
+    crash_stacks: Callable[[str], Stack], point: str, tmp_path: Path
+) -> None:
+    """
+    On overlay the write-ahead C{creating} record is committed without an
+    fsync (its prepare is atomic), so a power cut may lose it: txgraph dies
+    at the crash point and, before it restarts, the record is deleted, as
+    a power cut before the durable C{created} would leave the database.
+    Start and gc then clean what the half-done Create left (a layer
+    directory without a row is an C{object} orphan; a half-made one in
+    .tmp is deleted at start), and nothing dockerd knows is lost.
+    """
+    stack = crash_stacks("overlay")
+    daemon = stack.txgraph
+    lost: list[str] = []
+
+    def power_cut() -> None:
+        with sqlite3.connect(daemon.state_dir / "txgraph.db") as db:
+            lost.extend(r[0] for r in db.execute("SELECT id FROM layers WHERE state = 'creating'"))
+            db.execute("DELETE FROM layers WHERE state = 'creating'")
+
+    daemon.stop()
+    daemon.env["TXGRAPH_CRASH_AT"] = point
+    daemon.start()
+    del daemon.env["TXGRAPH_CRASH_AT"]
+    args = _workload(point, tmp_path)
+    result = _crash_during(stack, point, args, between=power_cut)
+    assert len(lost) == 1, lost
+    assert result.returncode != 0, result.stdout
+    leftover = stack.docker("ps", "-aq").stdout.split()
+    if leftover:
+        stack.docker("rm", "-f", *leftover)
+    code, findings = gc(
+        daemon.state_dir, "--apply", "--docker-root", str(stack.dockerd.data_root),
+        "--driver", daemon.name, "--min-age", "0",
+    )
+    kinds = {(f["kind"], f["id"]) for f in findings}
+    assert {k for k, _ in kinds} <= {"unknown", "object"}, findings
+    # The layer whose record was lost: its storage (made before the crash
+    # at creating.after) is an orphan object; at creating.before nothing.
+    assert (("object", lost[0]) in kinds) == (point == "creating.after"), findings
+    assert all(f["repaired"] for f in findings), findings
+    stack.docker(*args)
     _verify_nothing_leaked_or_lost(stack)
 
 

@@ -637,6 +637,33 @@ def test_missing_storage_is_faulty(h: Harness) -> None:
         h.run(h.registry.get(A))
 
 
+@pytest.mark.parametrize("atomic", [False, True])
+def test_durability_of_creating(tmp_path: Any, atomic: bool) -> None:
+    """
+    The write-ahead C{creating} record is fsynced unless the backend's
+    prepare is atomic (a power cut that loses it leaves only what start and
+    gc clean); either way the layer's C{created}, before the answer, is
+    durable, and so makes the record durable too.
+    """
+    h = Harness(tmp_path)
+    h.fake.prepare_is_atomic = atomic  # type: ignore[misc]
+    written: list[tuple[str, str, bool]] = []
+    insert, update = h.store.insert_layer_thd, h.store.update_layer_thd
+
+    def spy_insert(row: LayerRow, durable: bool = True) -> None:
+        written.append(("insert", row.state, durable))
+        insert(row, durable)
+
+    def spy_update(row: LayerRow, durable: bool = True) -> None:
+        written.append(("update", row.state, durable))
+        update(row, durable)
+
+    h.store.insert_layer_thd = spy_insert  # type: ignore[method-assign]
+    h.store.update_layer_thd = spy_update  # type: ignore[method-assign]
+    h.run(h.registry.create(A, None, False, {}))
+    assert written == [("insert", "creating", not atomic), ("update", "created", True)]
+
+
 def test_transitions_cover_persisted_states() -> None:
     """
     The transition table read from the machine reaches every persisted

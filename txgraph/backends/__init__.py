@@ -270,6 +270,10 @@ class BackendContract(Protocol):
         """Whether C{commit} does anything."""
 
     @property
+    def prepare_is_atomic(self) -> bool:
+        """Whether C{prepare} shows a layer whole or not at all (see L{Backend})."""
+
+    @property
     def shares_layers(self) -> bool:
         """Whether the backend keeps shared layers and serves thin images."""
 
@@ -418,6 +422,13 @@ class Backend(abc.ABC):
         (the layer machine skips the map/unmap steps otherwise).
     @cvar commits: whether C{commit} does anything (the machine skips the
         write-ahead record otherwise).
+    @cvar prepare_is_atomic: whether C{prepare} makes the layer out of
+        sight and shows it whole in one step, leaving a half-made one only
+        where L{start} deletes it, and whether L{orphans} lists storage that
+        has no layer row.  Then a power cut that loses an unsynced
+        C{creating} record leaves nothing that start and gc do not clean,
+        and the layer machine commits C{creating} without an fsync (the
+        durable commit of its outcome, before dockerd's answer, covers it).
     @cvar shares_layers: whether the backend keeps shared layers that
         several nodes use, and so serves thin images (L{shared_info},
         L{publish_layer}).
@@ -435,6 +446,7 @@ class Backend(abc.ABC):
     options: ClassVar[tuple[BackendOption, ...]] = ()
     maps: ClassVar[bool] = False
     commits: ClassVar[bool] = False
+    prepare_is_atomic: ClassVar[bool] = False
     shares_layers: ClassVar[bool] = False
     holds_client_mounts: ClassVar[bool] = False
     unmap_delay: float = 0.0

@@ -153,6 +153,9 @@ class OverlayBackend(Backend):
     """
 
     name = "overlay"
+    # Made in .tmp (which start empties) and renamed; orphans() lists
+    # layer directories without a row.
+    prepare_is_atomic = True
     options = (
         BackendOption(
             key="mountopt",

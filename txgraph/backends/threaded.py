@@ -66,6 +66,14 @@ class AsyncBackend:
         return self.sync.commits
 
     @property
+    def prepare_is_atomic(self) -> bool:
+        """
+        Whether C{prepare} shows a layer whole or not at all, and gc finds
+        storage without a row.
+        """
+        return self.sync.prepare_is_atomic
+
+    @property
     def shares_layers(self) -> bool:
         """
         Whether the backend keeps shared layers (thin images).

@@ -41,7 +41,12 @@ from txgraph.layers.states import (
 def _create(inputs: LayerInputs, core: LayerCore) -> Deferred[None]:
     pending = core.begin()
     core.row.state = "creating"
-    d = core.store.insert_layer(core.row)
+    # Not fsynced where a power cut that loses it leaves only what start
+    # and gc clean (prepare_is_atomic): "created", durable, covers it
+    # before the answer.
+    d = core.store.insert_layer(
+        core.row, durable=not core.registry.backend.prepare_is_atomic
+    )
     d.addCallback(lambda _: core._work("creating", lambda: core.backend.prepare(core.info())))
     d.addCallbacks(
         # A mapping: the backend mapped the new layer too (it keeps devices).
