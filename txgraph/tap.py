@@ -395,7 +395,13 @@ class TxgraphService(Service):
 
         assert self.driver is not None
         recorder = metrics.enable()
-        collector = StateCollector(self.driver, self.snapshotter)
+        backend = self.driver.backend
+        collector = StateCollector(
+            self.driver,
+            self.snapshotter,
+            # Remote storage only: the rbd backend's mappings count reads.
+            backend.sync.cluster_reads if backend.shares_layers else None,
+        )
         recorder.registry.register(collector)  # type: ignore[arg-type]
         self.admin_api.collectors.append(collector)
         description = self.options["metrics-listen"]

@@ -300,12 +300,14 @@ def two_nodes(
 ) -> tuple[Stack, Stack, str]:
     """
     Two Docker hosts sharing one pool and namespace: nodes A and B, each a
-    txgraph (node ids node-a, node-b) under its own dockerd.
+    txgraph (node ids node-a, node-b) under its own dockerd; B counts
+    metrics (its thin layers' lazy reads).
     """
     namespace = rbd_namespace(ceph_cluster)
     stacks = []
     for node in ("node-a", "node-b"):
-        txgraph = module_components.txgraph(*rbd_flags(ceph_cluster, namespace, node=node))
+        metrics = ("--metrics-listen", "tcp:0:interface=127.0.0.1") if node == "node-b" else ()
+        txgraph = module_components.txgraph(*rbd_flags(ceph_cluster, namespace, node=node), *metrics)
         dockerd = module_components.dockerd(txgraph.name)
         stack = Stack(txgraph, dockerd)
         stack.backend = "rbd"

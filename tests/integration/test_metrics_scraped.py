@@ -163,6 +163,10 @@ def test_counters_move_with_the_scenario(stack: tuple[Stack, Scraper], busybox_i
         }
         # Read-write layers are mapped as they are prepared: no "map" here.
         assert {"prepare", "commit", "mount"} <= ops, ops
+        # What the container's mapping read of its image from the cluster.
+        assert value(running, "txgraph_cluster_read_bytes", "txgraph_cluster_read_bytes_total") > 0
+    else:
+        assert "txgraph_cluster_read_bytes" not in running
     all_layers = s.layer_ids()
     assert len(all_layers) > len(image_layers)
 

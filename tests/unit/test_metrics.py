@@ -215,6 +215,17 @@ class FakeState:
         return self.rows_
 
 
+def in_thread(f: Any) -> Deferred[bytes]:
+    """
+    Run C{f} in a thread named C{render}, and wait for it.
+    """
+    result: list[bytes] = []
+    worker = threading.Thread(target=lambda: result.append(f()), name="render")
+    worker.start()
+    worker.join()
+    return succeed(result[0])
+
+
 def test_state_gauges_counted_on_caller_rendered_in_thread(recorder: metrics.Metrics) -> None:
     """
     A scrape counts the in-memory registries on the calling (reactor)
@@ -239,13 +250,6 @@ def test_state_gauges_counted_on_caller_rendered_in_thread(recorder: metrics.Met
     collector.snapshot = snapshot  # type: ignore[method-assign]
     collector.collect = collect  # type: ignore[method-assign]
     recorder.registry.register(collector)  # type: ignore[arg-type]
-
-    def in_thread(f: Any) -> Deferred[bytes]:
-        result: list[bytes] = []
-        worker = threading.Thread(target=lambda: result.append(f()), name="render")
-        worker.start()
-        worker.join()
-        return succeed(result[0])
 
     try:
         request = DummyRequest([b""])
@@ -345,3 +349,52 @@ def test_trash_waiting_gauge(recorder: metrics.Metrics) -> None:
     trash.purge_one = lambda image_id, name: None  # type: ignore[method-assign]
     assert trash.purge() is False
     assert value(recorder, "txgraph_rbd_trash_waiting_images") == 0
+
+
+def test_cluster_reads_counted_in_the_render_thread(recorder: metrics.Metrics) -> None:
+    """
+    The mappings' cluster reads (what thin layers fetch lazily) are asked
+    for in the render thread, without the image sizes (no cluster call),
+    and counted as totals: what each mounted layer's mapping read since
+    the last scrape; a mapping whose counters went down is a new one; a
+    layer unmounted keeps what it read counted; a failing read leaves the
+    counters out of that scrape, not the scrape.
+    """
+    answers: list[Any] = [
+        {"a": {"bytes_read": 100, "reads": 2}},
+        {"a": {"bytes_read": 150, "reads": 3}, "b": {"bytes_read": 10, "reads": 1}},
+        {"a": {"bytes_read": 40, "reads": 1}},  # a mapped again; b unmounted
+        OSError("admin socket gone"),
+        {},
+        {"b": {"bytes_read": 5, "reads": 1}},  # b mounted again
+    ]
+    asked: list[tuple[str, bool]] = []
+
+    def cluster_reads(sizes: bool = True) -> dict[str, dict[str, Any]]:
+        asked.append((threading.current_thread().name, sizes))
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer  # type: ignore[no-any-return]
+
+    collector = StateCollector(FakeState([Row("mounted", 1, "/m")]), None, cluster_reads)
+    recorder.registry.register(collector)  # type: ignore[arg-type]
+
+    def scrape() -> dict[str, float]:
+        request = DummyRequest([b""])
+        MetricsResource(recorder, collector, in_thread).render_GET(request)  # type: ignore[arg-type]
+        text = b"".join(request.written).decode()
+        return {
+            s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name.startswith("txgraph_cluster_read")
+        }
+
+    try:
+        seen = [scrape() for _ in range(6)]
+    finally:
+        recorder.registry.unregister(collector)  # type: ignore[arg-type]
+    assert asked == [("render", False)] * 6
+    bytes_total = [s.get("txgraph_cluster_read_bytes_total") for s in seen]
+    reads_total = [s.get("txgraph_cluster_reads_total") for s in seen]
+    assert bytes_total == [100, 160, 200, None, 200, 205]
+    assert reads_total == [2, 4, 5, None, 5, 6]

@@ -12,6 +12,7 @@ thread, from that snapshot.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -39,12 +40,59 @@ class StateCollector:
     references, mounts, mapped devices, containerd snapshots by kind, the
     worst reactor lag.  L{snapshot} (reactor thread) counts; L{collect}
     (any thread, when the registry renders) reports the last count.
+
+    With C{cluster_reads} (the rbd backend's synchronous
+    L{Backend.cluster_reads}), L{collect} also asks each mounted layer's
+    mapping what it read from the cluster (its rbd-fuse's admin socket:
+    local, but a call per mounted layer, so only in the render thread)
+    and counts what was read since the last scrape into two counters:
+    the bytes that thin layers (and every clone) fetch lazily.
+
+    @ivar cluster_reads: C{cluster_reads(sizes=False)}, or None.
     """
 
-    def __init__(self, driver: Any, snapshotter: Any = None) -> None:
+    def __init__(
+        self,
+        driver: Any,
+        snapshotter: Any = None,
+        cluster_reads: Callable[..., dict[str, dict[str, Any]]] | None = None,
+    ) -> None:
         self.driver = driver
         self.snapshotter = snapshotter
+        self.cluster_reads = cluster_reads
         self._last: dict[str, Any] = {}
+        self._reads_lock = threading.Lock()
+        # Per mounted layer, its mapping's counters at the last scrape.
+        self._seen: dict[str, tuple[int, int]] = {}
+        self._read_bytes = 0
+        self._reads = 0
+
+    def _count_cluster_reads(self) -> tuple[int, int] | None:
+        """
+        (Render thread.)  Add what each mounted layer's mapping read since
+        the last scrape to the totals; return the totals.  A mapping whose
+        counters went down is a new one (the layer was mapped again): all
+        it read is new.  Reads of a mapping that ended between two scrapes
+        after the first are not seen.
+        """
+        assert self.cluster_reads is not None
+        try:
+            reads = self.cluster_reads(sizes=False)
+        except Exception:
+            log.failure("cannot read the mappings' cluster reads")
+            return None
+        with self._reads_lock:
+            seen: dict[str, tuple[int, int]] = {}
+            for layer, r in reads.items():
+                now = (int(r["bytes_read"]), int(r["reads"]))
+                before = self._seen.get(layer, (0, 0))
+                if now[0] < before[0] or now[1] < before[1]:
+                    before = (0, 0)
+                self._read_bytes += now[0] - before[0]
+                self._reads += now[1] - before[1]
+                seen[layer] = now
+            self._seen = seen
+            return self._read_bytes, self._reads
 
     def snapshot(self) -> None:
         """
@@ -95,6 +143,23 @@ class StateCollector:
             "txgraph_reactor_max_lag_seconds", "The worst reactor lag since start.",
             value=last["max_lag"],
         )
+        if self.cluster_reads is not None:
+            totals = self._count_cluster_reads()
+            if totals is not None:
+                from prometheus_client.core import CounterMetricFamily
+
+                yield CounterMetricFamily(
+                    "txgraph_cluster_read_bytes",
+                    "Bytes the mounted layers' mappings read from the cluster (a thin "
+                    "image's data, fetched lazily), sampled at each scrape.",
+                    value=totals[0],
+                )
+                yield CounterMetricFamily(
+                    "txgraph_cluster_reads",
+                    "Reads the mounted layers' mappings made of the cluster, sampled at "
+                    "each scrape.",
+                    value=totals[1],
+                )
 
 
 def render(metrics: Metrics, collector: StateCollector, run_in_thread: RunInThread) -> Deferred[bytes]:

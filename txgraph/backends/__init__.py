@@ -339,7 +339,7 @@ class BackendContract(Protocol):
     def shared_orphans(self, min_age: float) -> list[Orphan]:
         """Shared layers that nothing uses."""
 
-    def cluster_reads(self) -> dict[str, dict[str, Any]]:
+    def cluster_reads(self, sizes: bool = True) -> dict[str, dict[str, Any]]:
         """Per mounted layer, what its storage read from a remote store."""
 
     def repair(self, orphan: Orphan) -> None:
@@ -582,10 +582,12 @@ class Backend(abc.ABC):
         """
         return []
 
-    def cluster_reads(self) -> dict[str, dict[str, Any]]:
+    def cluster_reads(self, sizes: bool = True) -> dict[str, dict[str, Any]]:
         """
         Per mounted layer, what its storage read from a remote store
         (lazily fetched data); backends that store locally report nothing.
+        With C{sizes} false, without the image sizes (no call to the remote
+        store: only local counters are read).
         """
         return {}
 

@@ -619,12 +619,12 @@ class RBDBackend(Backend):
         """
         return self.trash.settle()
 
-    def cluster_reads(self) -> dict[str, dict[str, Any]]:
+    def cluster_reads(self, sizes: bool = True) -> dict[str, dict[str, Any]]:
         """
         Per mounted layer, what its mapping read from the cluster
         (L{Devices.cluster_reads}).
         """
-        return self.devices.cluster_reads()
+        return self.devices.cluster_reads(sizes)
 
     def shared_info(self) -> dict[str, str]:
         """

@@ -94,11 +94,13 @@ class Devices:
         """
         return [m for n, m in self.mappers.items() if self.unavailable.get(n) is None]
 
-    def cluster_reads(self) -> dict[str, dict[str, Any]]:
+    def cluster_reads(self, sizes: bool = True) -> dict[str, dict[str, Any]]:
         """
         Per mounted layer: the bytes its mapping read from the cluster
         through librbd (lazily: a clone reads its parents' blocks only when
-        they are read), as the mapping's performance counters give them.
+        they are read), as the mapping's performance counters give them;
+        with C{sizes}, the image's size too (a cluster call per layer:
+        without it, nothing but the local admin sockets is asked).
         """
         result: dict[str, dict[str, Any]] = {}
         if not os.path.isdir(self.names.mnt):
@@ -112,7 +114,7 @@ class Devices:
             for mapper in self.usable():
                 counters = mapper.read_counters({"tag": key, "image": name})
                 if counters is not None:
-                    state = self.cluster.inspect(name)
+                    state = self.cluster.inspect(name) if sizes else None
                     result[self.names.layer_of(key)] = {
                         "image": self.names.spec(name),
                         "bytes_read": counters["rd_bytes"],
