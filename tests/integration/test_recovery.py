@@ -390,17 +390,27 @@ def test_crash_point(
         # A failed Remove leaves the container "Removal In Progress"; the
         # remedy is what a user does: docker rm again (Remove of a layer
         # recovery already removed succeeds).
-        leftover = stack.docker("ps", "-aq").stdout.split()
-        if leftover:
-            stack.docker("rm", "-f", *leftover)
-        code, findings = gc(
-            daemon.state_dir, "--apply", "--docker-root", str(stack.dockerd.data_root),
-            "--driver", daemon.name, "--min-age", "0",
-        )
+        findings = _remove_leftovers_and_gc(stack)
         assert {f["kind"] for f in findings} <= {"unknown", "shared"}, findings
         assert all(f["repaired"] for f in findings), findings
         stack.docker(*args)
     _verify_nothing_leaked_or_lost(stack)
+
+
+def _remove_leftovers_and_gc(stack: Stack) -> list[dict[str, Any]]:
+    """
+    What a user does after a failed operation: C{docker rm -f} what is
+    left, then C{txgraph-admin gc --apply}; gc's findings.
+    """
+    leftover = stack.docker("ps", "-aq").stdout.split()
+    if leftover:
+        stack.docker("rm", "-f", *leftover)
+    daemon = stack.txgraph
+    _, findings = gc(
+        daemon.state_dir, "--apply", "--docker-root", str(stack.dockerd.data_root),
+        "--driver", daemon.name, "--min-age", "0",
+    )
+    return findings
 
 
 @pytest.mark.dockerd
@@ -458,13 +468,7 @@ def test_power_cut_loses_creating_record(
     result = _crash_during(stack, point, args, between=power_cut)
     assert len(lost) == 1, lost
     assert result.returncode != 0, result.stdout
-    leftover = stack.docker("ps", "-aq").stdout.split()
-    if leftover:
-        stack.docker("rm", "-f", *leftover)
-    code, findings = gc(
-        daemon.state_dir, "--apply", "--docker-root", str(stack.dockerd.data_root),
-        "--driver", daemon.name, "--min-age", "0",
-    )
+    findings = _remove_leftovers_and_gc(stack)
     kinds = {(f["kind"], f["id"]) for f in findings}
     assert {k for k, _ in kinds} <= {"unknown", "object"}, findings
     # The layer whose record was lost: its storage (made before the crash
