@@ -30,8 +30,9 @@ from typing import Any
 
 import pytest
 from dockerd import host_leftovers, pid_alive
+from prometheus_client.parser import text_string_to_metric_families
 
-from txgraph import mounts
+from txgraph import metrics, mounts
 from txgraph.backends import LayerInfo, parse_options
 from txgraph.backends.catalog import backend_class
 from txgraph.backends.rbd import RBDBackend
@@ -438,8 +439,9 @@ def test_auto_mapper_is_fuse_here(started: Started) -> None:
 def test_cluster_down(ceph: Ceph, tmp_path: Path) -> None:
     """
     A cluster that goes down mid-run makes calls fail within the timeout
-    (not hang); a cluster that is down at start is a clear error naming the
-    conf and client, within the timeout.
+    (not hang), and the metrics count the operation as timed out (librados's
+    real error, as the daemon sees it); a cluster that is down at start is
+    a clear error naming the conf and client, within the timeout.
     """
     cluster = DevCluster(tmp_path / "c")
     cluster.up()
@@ -463,10 +465,20 @@ def test_cluster_down(ceph: Ceph, tmp_path: Path) -> None:
         layers.create(readwrite=False)  # nothing mapped when the cluster goes
         cluster.down()
         began = time.monotonic()
-        with pytest.raises(BackendError, match="rbd prepare of layer") as failed:
-            layers.create()
+        recorder = metrics.enable()
+        try:
+            with pytest.raises(BackendError, match="rbd prepare of layer") as failed:
+                layers.create()
+            timeouts = {
+                s.labels["op"]: s.value
+                for f in text_string_to_metric_families(recorder.render().decode())
+                for s in f.samples if s.name == "txgraph_cluster_timeouts_total"
+            }
+        finally:
+            metrics.disable()
         assert time.monotonic() - began < 30
         assert "timeout" in failed.value.message.lower()
+        assert timeouts.get("prepare") == 1, timeouts
         backend.stop()
         again = RBDBackend(str(tmp_path / "state"), parse_options(RBDBackend, values))
         began = time.monotonic()
