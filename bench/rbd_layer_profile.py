@@ -88,29 +88,38 @@ def instrument() -> None:
     timed(mounts, "unmount", "umount(2)")
 
 
-def main() -> int:
+def start_backend(dev: DevCluster, **options: str) -> RBDBackend:
+    """
+    An rbd backend on the dev cluster, in a namespace and state directory
+    of its own; C{options} add to or replace the defaults (32M base).
+    """
     import rados
     import rbd
 
+    conn = rados.Rados(conffile=dev.conf)
+    conn.connect(timeout=30)
+    ioctx = conn.open_ioctx(dev.pool)
+    namespace = f"p{uuid.uuid4().hex[:8]}"
+    rbd.RBD().namespace_create(ioctx, namespace)
+    ioctx.close()
+    conn.shutdown()
+    parsed = parse_options(RBDBackend, {
+        "conf": dev.conf, "client": DevCluster.client_id, "keyring": dev.client_keyring,
+        "pool": dev.pool, "namespace": namespace, "base_size": "32M",
+        "node_id": "node-a", "timeout": "20", **options,
+    })
+    backend = RBDBackend(tempfile.mkdtemp(prefix="txgraph-profile-state-"), parsed)
+    backend.start()
+    return backend
+
+
+def main() -> int:
     count = int(os.environ.get("N", "20"))
     instrument()
     dev = DevCluster(tempfile.mkdtemp(prefix="txgraph-profile-ceph-"))
     dev.up()
     try:
-        conn = rados.Rados(conffile=dev.conf)
-        conn.connect(timeout=30)
-        ioctx = conn.open_ioctx(dev.pool)
-        namespace = f"p{uuid.uuid4().hex[:8]}"
-        rbd.RBD().namespace_create(ioctx, namespace)
-        ioctx.close()
-        conn.shutdown()
-        options = parse_options(RBDBackend, {
-            "conf": dev.conf, "client": DevCluster.client_id, "keyring": dev.client_keyring,
-            "pool": dev.pool, "namespace": namespace, "base_size": "32M",
-            "node_id": "node-a", "timeout": "20",
-        })
-        backend = RBDBackend(tempfile.mkdtemp(prefix="txgraph-profile-state-"), options)
-        backend.start()
+        backend = start_backend(dev)
         infos: dict[str, LayerInfo] = {}
         steps: dict[str, list[float]] = collections.defaultdict(list)
 
