@@ -27,7 +27,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import replace
@@ -36,11 +35,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rbd_layer_profile import start_backend  # noqa: E402
+from rbd_layer_profile import dev_cluster_and_state, start_backend  # noqa: E402
 
 from txgraph.backends import LayerInfo  # noqa: E402
 from txgraph.backends.rbd import RBDBackend  # noqa: E402
-from txgraph.testing.ceph import DevCluster  # noqa: E402
 
 SMALL_FILES = 400
 SMALL_SIZE = 8 << 10
@@ -132,10 +130,8 @@ def main() -> int:
     reps = int(os.environ.get("REPS", "3"))
     big_mib = int(os.environ.get("BIG_MIB", "48"))
     measured = sorted({d for d in (0, 1, 4, 8, 16, 32, depth) if d <= depth})
-    dev = DevCluster(tempfile.mkdtemp(prefix="txgraph-depth-ceph-"))
-    dev.up()
-    try:
-        backend = start_backend(dev, base_size="256M", flatten_depth="0")
+    with dev_cluster_and_state("depth") as (dev, state):
+        backend = start_backend(dev, state, base_size="256M", flatten_depth="0")
         began = time.perf_counter()
         layers = _chain(backend, depth, big_mib)
         print(f"chain of {depth + 1} layers: {time.perf_counter() - began:.1f} s", flush=True)
@@ -160,8 +156,6 @@ def main() -> int:
             backend.remove(info)
         backend.settle_trash()
         backend.stop()
-    finally:
-        dev.down()
     return 0
 
 

@@ -15,13 +15,16 @@ count (nested calls are counted in their callers too).  Run as root.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -88,10 +91,11 @@ def instrument() -> None:
     timed(mounts, "unmount", "umount(2)")
 
 
-def start_backend(dev: DevCluster, **options: str) -> RBDBackend:
+def start_backend(dev: DevCluster, state_dir: str, **options: str) -> RBDBackend:
     """
-    An rbd backend on the dev cluster, in a namespace and state directory
-    of its own; C{options} add to or replace the defaults (32M base).
+    An rbd backend on the dev cluster, in a namespace of its own, with its
+    state in C{state_dir}; C{options} add to or replace the defaults (32M
+    base).
     """
     import rados
     import rbd
@@ -108,18 +112,36 @@ def start_backend(dev: DevCluster, **options: str) -> RBDBackend:
         "pool": dev.pool, "namespace": namespace, "base_size": "32M",
         "node_id": "node-a", "timeout": "20", **options,
     })
-    backend = RBDBackend(tempfile.mkdtemp(prefix="txgraph-profile-state-"), parsed)
+    backend = RBDBackend(state_dir, parsed)
     backend.start()
     return backend
+
+
+@contextlib.contextmanager
+def dev_cluster_and_state(name: str) -> Iterator[tuple[DevCluster, str]]:
+    """
+    A throwaway dev cluster and a state directory; afterwards, whatever
+    happened, the cluster is down and the directory unmounted and gone.
+    """
+    dev = DevCluster(tempfile.mkdtemp(prefix=f"txgraph-{name}-ceph-"))
+    state = tempfile.mkdtemp(prefix=f"txgraph-{name}-state-")
+    dev.up()
+    try:
+        yield dev, state
+    finally:
+        # The cluster's teardown releases every rbd-fuse started with its
+        # conf and the loop devices and mounts on them; then what is left.
+        dev.down()
+        for point in sorted(mounts.mounted_under(state), key=len, reverse=True):
+            mounts.unmount(point)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def main() -> int:
     count = int(os.environ.get("N", "20"))
     instrument()
-    dev = DevCluster(tempfile.mkdtemp(prefix="txgraph-profile-ceph-"))
-    dev.up()
-    try:
-        backend = start_backend(dev)
+    with dev_cluster_and_state("profile") as (dev, state):
+        backend = start_backend(dev, state)
         infos: dict[str, LayerInfo] = {}
         steps: dict[str, list[float]] = collections.defaultdict(list)
 
@@ -166,8 +188,6 @@ def main() -> int:
             backend.remove(infos[layer_id])
         backend.settle_trash()
         backend.stop()
-    finally:
-        dev.down()
     return 0
 
 
