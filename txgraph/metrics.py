@@ -29,7 +29,6 @@ from time import perf_counter
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 
 #: The recorder while metrics are on, else None.
 current: Metrics | None = None
@@ -215,12 +214,3 @@ def timed(frontend: str, method: str, run: Callable[[], Deferred[Any]], classify
         return result
 
     return d.addBoth(record)
-
-
-def failure_kind(result: Any) -> str | None:
-    """
-    The kind of a failed result (its error's class), None for a success.
-    """
-    if isinstance(result, Failure):
-        return type(result.value).__name__
-    return None
