@@ -11,9 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 from klein import Klein
+from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
 
-from txgraph import metrics
 from txgraph.admin.tasks import (
     layer_list,
     publish_layers,
@@ -21,6 +21,7 @@ from txgraph.admin.tasks import (
     status_report,
     thin_info,
 )
+from txgraph.api.metrics import CONTENT_TYPE
 from txgraph.errors import BadRequest, TxgraphError
 
 
@@ -34,8 +35,9 @@ class AdminAPI:
     def __init__(self, driver: Any, snapshotter: Any = None) -> None:
         self.driver = driver
         self.snapshotter = snapshotter
-        #: Collectors of in-memory state to count before rendering metrics.
-        self.collectors: list[Any] = []
+        #: The metrics' text, as C{--metrics-listen} serves it
+        #: (L{txgraph.api.metrics.render}); None while metrics are off.
+        self.render_metrics: Callable[[], Deferred[bytes]] | None = None
 
     async def _ready(self) -> None:
         if not self.driver.ready.called:
@@ -111,21 +113,14 @@ class AdminAPI:
         C{/metrics} (rendered in a thread), for C{txgraph-admin top}; 404
         when metrics are off.
         """
-        from twisted.internet import reactor
-        from twisted.internet.threads import deferToThreadPool
-
-        recorder = metrics.current
-        if recorder is None:
+        if self.render_metrics is None:
             request.setResponseCode(404)
             return (
                 b"metrics are off: start txgraph with --metrics-listen "
                 b"(e.g. tcp:9495:interface=127.0.0.1)"
             )
-        for collector in self.collectors:
-            collector.snapshot()
-        pool = reactor.getThreadPool()  # type: ignore[attr-defined]
-        body: bytes = await deferToThreadPool(reactor, pool, recorder.render)  # type: ignore[arg-type]
-        request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
+        body = await self.render_metrics()
+        request.setHeader(b"Content-Type", CONTENT_TYPE)
         return body
 
     @app.route("/gc", methods=["POST"])
