@@ -25,10 +25,8 @@ import argparse
 import collections
 import json
 import os
-import secrets
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 
-from txgraphd import Txgraphd  # noqa: E402
+from txgraphd import Txgraphd, rbd_flags, rbd_namespace  # noqa: E402
 
 from txgraph.testing.ceph import DevCluster  # noqa: E402
 from txgraph.testing.graphtest import (  # noqa: E402
@@ -69,26 +67,11 @@ class TimedClient(PluginClient):
             self.times[method].append(time.perf_counter() - start)
 
 
-def rbd_flags(cluster: DevCluster, base_size: str) -> list[str]:
+def _rbd_flags(cluster: DevCluster, base_size: str) -> list[str]:
     """
     The rbd backend on the dev cluster, in a new namespace.
     """
-    namespace = f"chain{secrets.token_hex(4)}"
-    subprocess.run(
-        ["rbd", "-c", cluster.conf, "--keyring", cluster.keyring, "namespace", "create",
-         f"{cluster.pool}/{namespace}"],
-        check=True, capture_output=True, timeout=60,
-    )
-    return [
-        "--backend", "rbd",
-        "--rbd-conf", cluster.conf,
-        "--rbd-client", DevCluster.client_id,
-        "--rbd-keyring", cluster.client_keyring,
-        "--rbd-pool", cluster.pool,
-        "--rbd-namespace", namespace,
-        "--rbd-base-size", base_size,
-        "--rbd-node-id", "node-a",
-    ]
+    return rbd_flags(cluster, rbd_namespace(cluster, "chain"), base_size=base_size)
 
 
 def one_chain(client: TimedClient, depth: int) -> dict[str, Any]:
@@ -169,11 +152,11 @@ def main() -> int:
         if not args.no_overlay:
             daemon("overlay", ["--backend", "overlay"], None)
         if args.old:
-            daemon("rbd-old", rbd_flags(cluster, args.base_size) + args.rbd_option, args.old)
-        daemon("rbd", rbd_flags(cluster, args.base_size) + args.rbd_option, None)
+            daemon("rbd-old", _rbd_flags(cluster, args.base_size) + args.rbd_option, args.old)
+        daemon("rbd", _rbd_flags(cluster, args.base_size) + args.rbd_option, None)
         for variant in args.variant:
             label, _, flags = variant.partition("=")
-            daemon(label, rbd_flags(cluster, args.base_size) + args.rbd_option + flags.split(), None)
+            daemon(label, _rbd_flags(cluster, args.base_size) + args.rbd_option + flags.split(), None)
         for rep in range(args.reps):
             order = list(systems)
             if rep % 2:

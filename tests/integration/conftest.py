@@ -18,7 +18,7 @@ import images
 import pytest
 from containerd import Containerd, Registry
 from dockerd import Dockerd
-from txgraphd import Txgraphd
+from txgraphd import Txgraphd, rbd_flags, rbd_namespace
 
 from txgraph.testing.ceph import DevCluster
 
@@ -241,38 +241,6 @@ def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevCluste
         yield cluster
     finally:
         cluster.down()
-
-
-def rbd_namespace(cluster: DevCluster) -> str:
-    """
-    A new, empty RBD namespace in the cluster's pool.
-    """
-    import subprocess
-
-    name = f"t{os.getpid()}-{next(_names)}"
-    subprocess.run(
-        ["rbd", "-c", cluster.conf, "--keyring", cluster.keyring, "namespace", "create",
-         f"{cluster.pool}/{name}"],
-        check=True, capture_output=True, timeout=60,
-    )
-    return name
-
-
-def rbd_flags(cluster: DevCluster, namespace: str, node: str = "node-a") -> list[str]:
-    """
-    txgraph's command line for the rbd backend on the dev cluster, as the
-    restricted client, in a namespace of its own.
-    """
-    return [
-        "--backend", "rbd",
-        "--rbd-conf", cluster.conf,
-        "--rbd-client", DevCluster.client_id,
-        "--rbd-keyring", cluster.client_keyring,
-        "--rbd-pool", cluster.pool,
-        "--rbd-namespace", namespace,
-        "--rbd-base-size", "2G",
-        "--rbd-node-id", node,
-    ]
 
 
 BACKENDS = ["overlay", "rbd"]

@@ -7,6 +7,7 @@ does, killed or stopped by PID.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -14,10 +15,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import txgraph
 from txgraph.engine import UnixHTTPConnection
+
+if TYPE_CHECKING:
+    from txgraph.testing.ceph import DevCluster
 
 PLUGIN_DIR = Path("/run/docker/plugins")
 REPO = Path(txgraph.__file__).resolve().parent.parent
@@ -337,3 +341,38 @@ class ActivatedTxgraphd(Txgraphd):
         The PID of the txgraph the holder runs now.
         """
         return int((self.workdir / "txgraph.pid").read_text())
+
+
+_namespaces = itertools.count()
+
+
+def rbd_namespace(cluster: DevCluster, prefix: str = "t") -> str:
+    """
+    A new, empty RBD namespace in the cluster's pool.
+    """
+    name = f"{prefix}{os.getpid()}-{next(_namespaces)}"
+    subprocess.run(
+        ["rbd", "-c", cluster.conf, "--keyring", cluster.keyring, "namespace", "create",
+         f"{cluster.pool}/{name}"],
+        check=True, capture_output=True, timeout=60,
+    )
+    return name
+
+
+def rbd_flags(
+    cluster: DevCluster, namespace: str, node: str = "node-a", base_size: str = "2G"
+) -> list[str]:
+    """
+    txgraph's command line for the rbd backend on the dev cluster, as the
+    restricted client, in a namespace of its own.
+    """
+    return [
+        "--backend", "rbd",
+        "--rbd-conf", cluster.conf,
+        "--rbd-client", cluster.client_id,
+        "--rbd-keyring", cluster.client_keyring,
+        "--rbd-pool", cluster.pool,
+        "--rbd-namespace", namespace,
+        "--rbd-base-size", base_size,
+        "--rbd-node-id", node,
+    ]
