@@ -535,6 +535,9 @@ class ValidationMachine(RuleBasedStateMachine):
                chunked=True)
         expect("GraphDriver.Create", {"ID": child, "Parent": unknown}, 409, "already exists")
         expect("GraphDriver.Create", {"ID": unknown, "Parent": unknown}, 404, "does not exist")
+        # Malformed IDs, whatever the random bodies drew.
+        expect("GraphDriver.Create", {"ID": unknown, "Parent": "../" + parent}, 400, "invalid Parent")
+        expect("GraphDriver.Get", {"ID": parent + "/.."}, 400, "invalid ID")
         expect("GraphDriver.Put", {"ID": child}, 200, "")
         expect("GraphDriver.Put", {"ID": child}, 409, "Put without Get")
         expect("GraphDriver.Remove", {"ID": child}, 200, "")
