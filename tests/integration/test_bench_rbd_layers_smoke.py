@@ -1,7 +1,7 @@
 """
-Short runs of issue 18's rbd layer benchmarks (C{bench/rbd_layer_profile.py}
-and C{bench/rbd_depth_read.py}, each on its own dev cluster) so that they
-never rot.  Their numbers are not checked: that is the benchmarks' job, run
+Short runs of issue 18's rbd benchmarks (C{bench/rbd_layer_profile.py},
+C{bench/rbd_depth_read.py} and C{bench/rbd_docker.py}, each on its own dev
+cluster) so that they never rot.  Their numbers are not checked: that is the benchmarks' job, run
 by hand (docs/performance.md, "rbd: the cost of one layer").
 """
 
@@ -25,13 +25,13 @@ pytestmark = [pytest.mark.ceph, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(script: str, work: Path, **env: str) -> str:
+def _run(script: str, work: Path, *args: str, **env: str) -> str:
     """
     Run a benchmark with its temporary directories in C{work} (short: the
     dev cluster's admin sockets live there); it must leave nothing.
     """
     result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / script)],
+        [sys.executable, str(REPO / "bench" / script), *args],
         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
         env={**os.environ, **env, "TMPDIR": str(work)},
     )
@@ -59,5 +59,29 @@ def test_profile_and_depth_read(tmp_path: Path) -> None:
         assert sorted(medians) == ["1", "2", "3"], medians
         for row in medians.values():
             assert row["prepare_mount_ms"] > 0 and row["small_ms"] > 0 and row["big_mb_s"] > 0, row
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.dockerd
+def test_rbd_docker(tmp_path: Path) -> None:
+    """
+    The container rows on built-in, overlay, rbd and an "older" rbd (this
+    same tree, through --old): every system measured, the ratios reported.
+    """
+    if not DevCluster.available():
+        pytest.skip("Ceph is not installed (ceph-mon, ceph-osd)")
+    work = Path(tempfile.mkdtemp(prefix="tg-rbdd-"))
+    try:
+        report = tmp_path / "docker.json"
+        out = _run(
+            "rbd_docker.py", work, "--runs", "1", "--fs-size", "1G", "--old", str(REPO),
+            "--workdir", str(work), "--out", str(report),
+        )
+        assert "rbd / rbd-old:" in out, out
+        medians = json.loads(report.read_text())["medians_ms"]
+        assert sorted(medians) == ["builtin", "overlay", "rbd", "rbd-old"], medians
+        for rows in medians.values():
+            assert sorted(rows) == ["create", "rm", "run_rm"] and min(rows.values()) > 0, rows
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""
+Issue 18's container rows, alone and quick: ``docker create``, ``docker
+rm`` and ``docker run --rm`` of busybox on dockerd's built-in overlay2,
+txgraph's overlay backend and txgraph's rbd backend (a throwaway Ceph dev
+cluster, memstore), the systems in turn at every repetition, as
+``bench/run.py`` measures them (same harness, same fresh loop-mounted ext4
+per system).  ``--old DIR`` adds the rbd backend of another source tree
+(an older commit, extracted) on the same cluster, in a namespace of its
+own: an A/B of two versions in one run.
+
+    python bench/rbd_docker.py [--runs 30] [--old DIR] [--out FILE.json]
+
+Prints each system's medians and the ratios issue 18 sets targets for:
+rbd create / built-in create (≤ 3) and rbd run --rm / overlay run --rm
+(≤ 1.5).  Run as root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import run as bench_run  # noqa: E402  (also puts the harness on sys.path)
+from dockerd import Dockerd  # noqa: E402
+from txgraphd import rbd_flags, rbd_namespace  # noqa: E402
+
+from txgraph.testing.ceph import DevCluster  # noqa: E402
+
+RUN = bench_run.RUN
+BUSYBOX = bench_run.BUSYBOX
+
+
+def measure(systems: list[bench_run.System], runs: int) -> dict[str, dict[str, list[float]]]:
+    """
+    C{runs} repetitions of create, rm and run --rm on each system in turn
+    (the order flips every repetition), after one warm-up run each.
+    """
+    samples: dict[str, dict[str, list[float]]] = {
+        s.key: {"create": [], "rm": [], "run_rm": []} for s in systems
+    }
+    for system in systems:
+        system.docker(*RUN)
+    for rep in range(runs):
+        order = systems if rep % 2 == 0 else list(reversed(systems))
+        for system in order:
+            start = time.perf_counter()
+            cid = system.docker("create", "--network", "none", BUSYBOX, "true").strip()
+            created = time.perf_counter()
+            system.docker("rm", cid)
+            done = time.perf_counter()
+            samples[system.key]["create"].append((created - start) * 1000)
+            samples[system.key]["rm"].append((done - created) * 1000)
+            samples[system.key]["run_rm"].append(system.timed(*RUN))
+    return samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=30, help="repetitions (default 30)")
+    parser.add_argument("--old", type=Path, help="also the rbd backend of this source tree")
+    parser.add_argument("--out", type=Path, help="write the samples and medians as JSON")
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
+    parser.add_argument("--fs-size", default="4G", help="each system's ext4 (default 4G)")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench/rbd_docker.py needs root", file=sys.stderr)
+        return 2
+    if not DevCluster.available():
+        print("bench/rbd_docker.py needs Ceph (ceph-mon, ceph-osd, rbd-fuse)", file=sys.stderr)
+        return 2
+    started = time.time()
+    load_before = os.getloadavg()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="txgraph-rbd-docker-", dir=args.workdir))
+    logs = work / "logs"
+    logs.mkdir()
+    size = bench_run.parse_size(args.fs_size)
+    busybox = bench_run.images.busybox_image()
+    options = argparse.Namespace(threads=None)
+    with contextlib.ExitStack() as stack:
+
+        def fresh_fs(key: str) -> bench_run.LoopFS:
+            fs = bench_run.LoopFS(work / f"{key}.img", work / key, size)
+            stack.callback(fs.cleanup)
+            fs.create()
+            return fs
+
+        cluster = DevCluster(work / "ceph")
+        stack.callback(cluster.down)
+        cluster.up()
+        systems: list[bench_run.System] = []
+        fs = fresh_fs("builtin")
+        d = Dockerd(fs.mountpoint / "dockerd", "overlay2")
+        d.log_path = logs / "dockerd-builtin.log"
+        stack.callback(d.cleanup)
+        d.start()
+        systems.append(bench_run.System("builtin", "built-in overlay2", fs, d))
+        systems.append(bench_run._txgraph_system(
+            stack, fresh_fs("overlay"), logs, "overlay", "txgraph overlay",
+            ["--backend", "overlay"], options))
+        trees = [("rbd", "txgraph rbd", None)]
+        if args.old is not None:
+            trees.insert(0, ("rbd-old", f"txgraph rbd ({args.old.name})", args.old.resolve()))
+        for key, label, tree in trees:
+            flags = rbd_flags(cluster, rbd_namespace(cluster, key.replace("-", "")), key)
+            systems.append(bench_run._txgraph_system(
+                stack, fresh_fs(key), logs, key, label, flags, options,
+                env={"PYTHONPATH": str(tree)} if tree else None))
+        for system in systems:
+            system.docker("load", "-i", str(busybox))
+        samples = measure(systems, args.runs)
+        medians = {
+            key: {row: statistics.median(values) for row, values in rows.items()}
+            for key, rows in samples.items()
+        }
+        ratios = {}
+        for key in [k for k, _, _ in trees]:
+            ratios[key] = {
+                "create / built-in create": medians[key]["create"] / medians["builtin"]["create"],
+                "rm / built-in rm": medians[key]["rm"] / medians["builtin"]["rm"],
+                "run --rm / overlay run --rm": medians[key]["run_rm"] / medians["overlay"]["run_rm"],
+            }
+        if args.old is not None:
+            ratios["rbd / rbd-old"] = {
+                row: medians["rbd"][row] / medians["rbd-old"][row] for row in medians["rbd"]
+            }
+        print(f"{'system':28s} {'create':>9s} {'rm':>9s} {'run --rm':>9s}  (medians of {args.runs}, ms)")
+        for system in systems:
+            m = medians[system.key]
+            print(f"{system.label:28s} {m['create']:9.1f} {m['rm']:9.1f} {m['run_rm']:9.1f}")
+        for key, values in ratios.items():
+            print(f"{key}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({
+                "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                "date": datetime.datetime.fromtimestamp(started).astimezone().isoformat(
+                    timespec="seconds"),
+                "loadavg_before": load_before,
+                "loadavg_after": os.getloadavg(),
+                "systems": {s.key: s.label for s in systems},
+                "medians_ms": medians,
+                "ratios": ratios,
+                "samples_ms": samples,
+            }, indent=2) + "\n")
+            print(f"wrote {args.out}")
+    with contextlib.suppress(OSError):
+        shutil.rmtree(work)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
