@@ -13,7 +13,10 @@ own: an A/B of two versions in one run.
 
 Prints each system's medians and the ratios issue 18 sets targets for:
 rbd create / built-in create (≤ 3) and rbd run --rm / overlay run --rm
-(≤ 1.5).  Run as root.
+(≤ 1.5); then, from each txgraph's own metrics (``--metrics-listen``,
+scraped at the end), the mean time of each plugin call and of each rbd
+operation on the cluster over the whole run: where the rows' time goes.
+Run as root.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ import datetime
 import json
 import os
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -64,6 +69,47 @@ def measure(systems: list[bench_run.System], runs: int) -> dict[str, dict[str, l
             samples[system.key]["rm"].append((done - created) * 1000)
             samples[system.key]["run_rm"].append(system.timed(*RUN))
     return samples
+
+
+def free_port() -> int:
+    """
+    A TCP port nothing listens on now (for a daemon's metrics).
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def call_means(port: int) -> dict[str, dict[str, list[float]]]:
+    """
+    From a txgraph's metrics: [mean ms, count] of each graph driver call
+    (C{calls}) and of each rbd operation on the cluster (C{cluster}).
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    sums: dict[tuple[str, str], float] = {}
+    counts: dict[tuple[str, str], float] = {}
+    wanted = {
+        "txgraph_request_duration_seconds": ("calls", "method"),
+        "txgraph_cluster_call_duration_seconds": ("cluster", "op"),
+    }
+    for family in text_string_to_metric_families(text):
+        if family.name not in wanted:
+            continue
+        group, label = wanted[family.name]
+        for sample in family.samples:
+            key = (group, sample.labels.get(label, ""))
+            if sample.name.endswith("_sum"):
+                sums[key] = sample.value
+            elif sample.name.endswith("_count"):
+                counts[key] = sample.value
+    means: dict[str, dict[str, list[float]]] = {"calls": {}, "cluster": {}}
+    for (group, name), count in sorted(counts.items()):
+        if count:
+            means[group][name] = [round(sums[(group, name)] / count * 1000, 2), int(count)]
+    return means
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,14 +153,21 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(d.cleanup)
         d.start()
         systems.append(bench_run.System("builtin", "built-in overlay2", fs, d))
+        ports: dict[str, int] = {}
+
+        def metrics(key: str) -> list[str]:
+            ports[key] = free_port()
+            return ["--metrics-listen", f"tcp:{ports[key]}:interface=127.0.0.1"]
+
         systems.append(bench_run._txgraph_system(
             stack, fresh_fs("overlay"), logs, "overlay", "txgraph overlay",
-            ["--backend", "overlay"], options))
+            ["--backend", "overlay", *metrics("overlay")], options))
         trees = [("rbd", "txgraph rbd", None)]
         if args.old is not None:
             trees.insert(0, ("rbd-old", f"txgraph rbd ({args.old.name})", args.old.resolve()))
         for key, label, tree in trees:
             flags = rbd_flags(cluster, rbd_namespace(cluster, key.replace("-", "")), key)
+            flags += metrics(key)
             systems.append(bench_run._txgraph_system(
                 stack, fresh_fs(key), logs, key, label, flags, options,
                 env={"PYTHONPATH": str(tree)} if tree else None))
@@ -142,6 +195,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{system.label:28s} {m['create']:9.1f} {m['rm']:9.1f} {m['run_rm']:9.1f}")
         for key, values in ratios.items():
             print(f"{key}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
+        means = {key: call_means(port) for key, port in ports.items()}
+        for group, title in (("calls", "plugin call"), ("cluster", "rbd operation")):
+            names = sorted({n for m in means.values() for n in m[group]})
+            if not names:
+                continue
+            print(f"\nmean ms per {title} over the run (count):")
+            for name in names:
+                print(f"  {name:28s} " + "  ".join(
+                    f"{key} {m[group][name][0]:7.2f} ({m[group][name][1]})"
+                    for key, m in means.items() if name in m[group]
+                ))
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({
@@ -153,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 "systems": {s.key: s.label for s in systems},
                 "medians_ms": medians,
                 "ratios": ratios,
+                "call_means_ms_count": means,
                 "samples_ms": samples,
             }, indent=2) + "\n")
             print(f"wrote {args.out}")

@@ -83,5 +83,9 @@ def test_rbd_docker(tmp_path: Path) -> None:
         assert sorted(medians) == ["builtin", "overlay", "rbd", "rbd-old"], medians
         for rows in medians.values():
             assert sorted(rows) == ["create", "rm", "run_rm"] and min(rows.values()) > 0, rows
+        means = json.loads(report.read_text())["call_means_ms_count"]
+        assert sorted(means) == ["overlay", "rbd", "rbd-old"], means
+        assert means["rbd"]["calls"]["GraphDriver.CreateReadWrite"][1] >= 6, means
+        assert means["rbd"]["cluster"]["prepare"][0] > 0, means
     finally:
         shutil.rmtree(work, ignore_errors=True)
