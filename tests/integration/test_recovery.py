@@ -10,6 +10,8 @@ and a gc that proves it.
    dockerd doing real work, restarted, and then every layer dockerd knows
    is usable, nothing is mounted, and gc (against dockerd's layer store)
    finds nothing.
+ - The same for a thin image's load on rbd, at the points its ApplyDiff
+   reaches, with its tree in the pool or made by the load.
  - dockerd killed by SIGKILL with running containers, then restarted.
 """
 
@@ -394,6 +396,55 @@ def test_crash_point(
         assert {f["kind"] for f in findings} <= {"unknown", "shared"}, findings
         assert all(f["repaired"] for f in findings), findings
         stack.docker(*args)
+    _verify_nothing_leaked_or_lost(stack)
+
+
+#: A thin image's load on rbd: its layer replaced by a clone of the thin
+#: tree (the pool has it) or by a candidate built, published and cloned.
+THIN_POINTS = ["applying.before", "applying.after", "rbd.replace.removed"]
+
+
+@pytest.mark.dockerd
+@pytest.mark.parametrize("tree", ["in-pool", "made"])
+@pytest.mark.parametrize("point", THIN_POINTS)
+def test_crash_point_thin_load(
+    crash_stacks: Callable[[str], Stack], point: str, tree: str, tmp_path: Path
+) -> None:
+    """
+    txgraph killed at this crash point while dockerd loads a thin image
+    (whose tree the pool has, or which the load makes and publishes), then
+    restarted: the load completes or fails cleanly, and afterwards nothing
+    is leaked or lost.
+    """
+    stack = crash_stacks("rbd")
+    daemon = stack.txgraph
+    tag = f"crash-thin:{point.replace('.', '-')}-{tree}"
+    made = admin(daemon.state_dir, "make-thin", "busybox:local", "--tag", tag,
+                 "--docker-host", stack.dockerd.host, "--json")
+    assert made.returncode == 0, made.stdout + made.stderr
+    saved = tmp_path / "thin.tar"
+    stack.docker("save", "-o", str(saved), tag)
+    stack.docker("rmi", tag)
+    if tree == "made":
+        # Nothing uses the thin tree now: gc removes it, the load makes it.
+        findings = _remove_leftovers_and_gc(stack)
+        assert "shared" in [f["kind"] for f in findings], findings
+    daemon.stop()
+    daemon.env["TXGRAPH_CRASH_AT"] = point
+    daemon.start()
+    del daemon.env["TXGRAPH_CRASH_AT"]
+    result = _crash_during(stack, point, ["load", "-i", str(saved)])
+    if result.returncode != 0:
+        assert "GraphDriver." in result.stderr, result.stderr
+        findings = _remove_leftovers_and_gc(stack)
+        assert {f["kind"] for f in findings} <= {"unknown", "shared"}, findings
+        assert all(f["repaired"] for f in findings), findings
+        stack.docker("load", "-i", str(saved))
+    out = stack.docker("run", "--rm", "--network", "none", tag, "cat", "/.txgraph-thin.json").stdout
+    assert json.loads(out) == json.loads(made.stdout)["descriptor"]
+    # Its tree is unused now: gc removes it (and finds nothing else).
+    stack.docker("rmi", tag)
+    assert {f["kind"] for f in _remove_leftovers_and_gc(stack)} == {"shared"}
     _verify_nothing_leaked_or_lost(stack)
 
 

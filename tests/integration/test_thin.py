@@ -155,6 +155,33 @@ def test_thin_image_runs_on_the_other_node_with_the_same_tree(
     assert digest == json.loads(b.docker("image", "inspect", THIN).stdout)[0]["RootFS"]["Layers"][0]
 
 
+def test_the_thin_tree_is_one_shared_image_that_the_other_node_clones(
+    two_nodes: tuple[Stack, Stack, str], made: dict[str, Any], ceph_cluster: DevCluster
+) -> None:
+    """
+    The thin layer's tree (the image's with the descriptor added) is a
+    shared image of the chain of the descriptor's tar on the image's
+    layers, made once, by A's load in make-thin: B's thin layer is a clone
+    of it, so B's load wrote no descriptor and mapped nothing.
+    """
+    a, b, namespace = two_nodes
+    descriptor = made["report"]["descriptor"]
+    raw = json.dumps(descriptor, indent=1, sort_keys=True).encode() + b"\n"
+    # B's load of what A saved: the layer dockerd recorded is the descriptor's tar.
+    diff_id = json.loads(b.docker("image", "inspect", THIN).stdout)[0]["RootFS"]["Layers"][0]
+    assert diff_id == "sha256:" + hashlib.sha256(thin.layer_tar(raw)).hexdigest()
+    chain = thin.chain_id(descriptor["layers"][-1]["chain_id"], diff_id)
+    (tree,) = [i for i in pool_images(ceph_cluster, namespace) if i.endswith(".shared.ext4." + chain[7:])]
+    children = rbd_cli(ceph_cluster, "children", "--format", "json",
+                       f"{ceph_cluster.pool}/{namespace}/{tree}@txgraph")
+    users = sorted(c["image"].split(".")[1] for c in json.loads(children))
+    assert users == ["node-a", "node-b"], children
+    # The shared images are the base, the image's layers and that tree.
+    shared = [i for i in pool_images(ceph_cluster, namespace)
+              if ".shared.ext4." in i and not i.endswith(".base")]
+    assert len(shared) == len(descriptor["layers"]) + 1, shared
+
+
 def test_a_thin_container_reads_a_small_fraction_of_the_image(
     two_nodes: tuple[Stack, Stack, str], made: dict[str, Any]
 ) -> None:

@@ -20,7 +20,8 @@
 # (caps: mon 'profile rbd', osd 'profile rbd pool=rbd').
 #
 # Environment: CEPH_DEV_STORE=memstore|bluestore; CEPH_DEV_MON_PORT=P tries mon ports P,P+1
-# first (then random free ones in 20000-29999 if P cannot be bound).
+# first (then random free ones in 20000-29999 if P cannot be bound); CEPH_DEV_MEMSTORE_BYTES=N
+# sizes the memstore (default 4 GiB; the thin benchmark's large images need more).
 #
 # Exit status: 0 on success; otherwise non-zero with one line on stderr naming what failed.
 # Needs root for map/unmap/down of mappings (FUSE, losetup, mount).  Never uses pkill or
@@ -35,7 +36,7 @@ OSD_ID=0
 # ceph-mgr, but a mgr-only command would hang forever without one.
 T_CLI=${CEPH_DEV_CLI_TIMEOUT:-60}
 T_PROBE=${CEPH_DEV_PROBE_TIMEOUT:-15}
-MEMSTORE_BYTES=$((4 << 30))
+MEMSTORE_BYTES=${CEPH_DEV_MEMSTORE_BYTES:-$((4 << 30))}
 BLUESTORE_BYTES=$((10 << 30))
 
 die() { echo "$PROG: $*" >&2; exit 1; }

@@ -5,7 +5,8 @@ An ApplyDiff extracts into a candidate cloned from the parent chain's
 shared image, then publishes it under its chain ID (or discards it if
 the pool has that chain already) and makes the layer a clone of it
 (L{SharedLayers.apply_shared}); a thin descriptor makes the layer a clone
-of the snapshot it names, without extraction (L{SharedLayers.apply_thin});
+of the snapshot it names plus the descriptor, a shared image too, without
+extraction (L{SharedLayers.apply_thin});
 C{txgraph-admin make-thin} publishes layer files
 (L{SharedLayers.publish_layer}); gc finds and removes shared images that
 nothing is cloned from (L{SharedLayers.orphans}, L{SharedLayers.remove}).
@@ -14,6 +15,7 @@ nothing is cloned from (L{SharedLayers.orphans}, L{SharedLayers.remove}).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import threading
 import time
@@ -147,7 +149,6 @@ class SharedLayers:
         chain ID follows from the tar's digest, unless C{chain} gives it (a
         tar txgraph wrote itself from a layer containerd filled).
         """
-        assert self.cluster.rbd is not None
         if parent_chain:
             source = self.names.shared_image(parent_chain)
             pstate = self.cluster.shared_state(source)
@@ -159,6 +160,27 @@ class SharedLayers:
                 f"the shared image {self.names.spec(source)} of chain {parent_chain or '(base)'} "
                 "is missing; load the image's lower layers again"
             )
+
+        def extract(root: str) -> tuple[str, int]:
+            stats = archive.apply_layer(body, root, ApplyMode.INPLACE, id_map)
+            reader.drain()
+            built = chain or thin.chain_id(parent_chain or None, reader.digest())
+            return built, stats.content_bytes
+
+        return self._candidate(key, source, pstate, parent_chain, extract, bulk_write=True)
+
+    def _candidate(
+        self, key: str, source: str, pstate: ImageState, parent_chain: str,
+        fill: Callable[[str], tuple[str, int]], bulk_write: bool,
+    ) -> tuple[str, str, int]:
+        """
+        A new candidate cloned from the shared image C{source} (of chain
+        C{parent_chain}, "" for the base, in state C{pstate}), filled by
+        C{fill(its rootfs directory)}, which returns (the chain ID of the
+        result, a size to return), then snapshotted.  Returns (candidate,
+        chain ID, size).
+        """
+        assert self.cluster.rbd is not None
         candidate = self.names.candidate(key)
         self.clones.discard_image(candidate)
         self.cluster.rbd.RBD().clone(
@@ -176,19 +198,15 @@ class SharedLayers:
             {K_OWNER: self.names.node_id, K_LAYER: "candidate", K_PARENT: parent_chain or NONE,
              K_STATE: "dirty", K_DEPTH: str(depth), K_CHAIN: NONE},
         )
-        with self.devices.work_mount(candidate, readonly=False, bulk_write=True) as (top, _device):
-            root = os.path.join(top, ROOTFS)
-            stats = archive.apply_layer(body, root, ApplyMode.INPLACE, id_map)
-        reader.drain()
-        if chain is None:
-            chain = thin.chain_id(parent_chain or None, reader.digest())
+        with self.devices.work_mount(candidate, readonly=False, bulk_write=bulk_write) as (top, _device):
+            chain, size = fill(os.path.join(top, ROOTFS))
         if self.settings.flatten_depth and depth >= self.settings.flatten_depth:
             with self.cluster.open(candidate) as image:
                 image.flatten()
             depth = 0
         self.cluster.set_meta(candidate, {K_CHAIN: chain, K_DEPTH: str(depth)})
         self.cluster.snapshot(candidate)
-        return candidate, chain, stats.content_bytes
+        return candidate, chain, size
 
     def settle(self, candidate: str, chain: str, layer: LayerInfo | None, name: str) -> bool:
         """
@@ -256,11 +274,17 @@ class SharedLayers:
 
     def apply_thin(self, layer: LayerInfo, name: str, raw: bytes, id_map: IDMap) -> int:
         """
-        Make the layer a clone of the snapshot a thin descriptor names (no
-        extraction), with the descriptor written at its path so that the
-        layer reads back as the tar it was loaded from.  Returns the
-        descriptor's length: the content size of the thin layer's tar
-        (its one entry), as L{RBDBackend.apply} answers any tar.
+        Make the layer a clone of the tree a thin descriptor describes (no
+        extraction): the snapshot it names with the descriptor written at
+        its path, so that the layer reads back as the tar it was loaded
+        from.  That tree is itself a shared image, of the chain of the
+        descriptor's tar on top of the image's layers: the first node to
+        load the thin image makes and publishes it (a candidate cloned from
+        the named snapshot, the descriptor written, then L{settle}d like an
+        ApplyDiff's); the others only clone it, as L{adopt} does, with no
+        mapping and no write.  Returns the descriptor's length: the content
+        size of the thin layer's tar (its one entry), as L{RBDBackend.apply}
+        answers any tar.
         """
         descriptor = thin.parse(raw)
         if layer.parent is not None:
@@ -291,6 +315,24 @@ class SharedLayers:
                 f"uses {self.settings.fs}"
             )
         top = descriptor.top
+        # The thin layer's tree is the image's with the descriptor added:
+        # the chain of the descriptor's tar on top of the image's layers.
+        # The first node to load the thin image publishes that tree as a
+        # shared image (make-thin's own load, usually); every other node
+        # only clones it: no mapping, no write.
+        chain = thin.chain_id(top.chain_id, "sha256:" + hashlib.sha256(thin.layer_tar(raw)).hexdigest())
+        target = self.names.shared_image(chain)
+        meta = {K_CHAIN: chain, K_STATE: "shared"}
+        existing = self.cluster.shared_state(target)
+        if existing is not None and existing.meta.get(K_CHAIN) == chain:
+            try:
+                self.clones.replace_by_clone(layer, name, target, meta, existing)
+            except SharedGone:
+                pass  # removed by a gc meanwhile: made again below
+            else:
+                log.info("layer {id}: thin image's tree taken from the pool's {image}",
+                         id=layer.id, image=self.names.spec(target))
+                return len(raw)
         state = self.cluster.shared_state(top.image)
         if state is None:
             raise ThinDescriptorError(
@@ -302,15 +344,9 @@ class SharedLayers:
                 f"thin descriptor: snapshot {self.names.spec(top.image)}@{SNAP} holds chain "
                 f"{state.meta.get(K_CHAIN) or '(none)'}, not {top.chain_id}"
             )
-        try:
-            self.clones.replace_by_clone(layer, name, top.image, {K_STATE: "thin"})
-        except SharedGone:
-            raise ThinDescriptorError(
-                f"thin descriptor names snapshot {self.names.spec(top.image)}@{SNAP}, which was "
-                "removed while this layer was made"
-            ) from None
-        with self.devices.work_mount(name, readonly=False) as (top_dir, _device):
-            path = os.path.join(top_dir, ROOTFS, thin.DESCRIPTOR_PATH)
+
+        def write(root: str) -> tuple[str, int]:
+            path = os.path.join(root, thin.DESCRIPTOR_PATH)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
             try:
                 os.write(fd, raw)
@@ -320,6 +356,25 @@ class SharedLayers:
             finally:
                 os.close(fd)
             os.utime(path, (0, 0), follow_symlinks=False)
+            return chain, len(raw)
+
+        assert self.cluster.rbd is not None
+        try:
+            candidate, _chain, _size = self._candidate(
+                self.names.key(layer.id), top.image, state, top.chain_id, write, bulk_write=False
+            )
+        except (self.cluster.rbd.ImageNotFound, self.cluster.rbd.InvalidArgument):
+            raise ThinDescriptorError(
+                f"thin descriptor names snapshot {self.names.spec(top.image)}@{SNAP}, which was "
+                "removed while this layer was made"
+            ) from None
+        existed = self.settle(candidate, chain, layer, name)
+        log.info(
+            "layer {id}: thin image's tree {how} {image}",
+            id=layer.id,
+            how="is already in the pool as" if existed else "published as",
+            image=self.names.spec(target),
+        )
         return len(raw)
 
     def remove(self, name: str) -> None:
