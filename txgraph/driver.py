@@ -160,24 +160,6 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     """
     if "MALLOC_ARENA_MAX" in os.environ:
         return False
-    return _mallopt(M_ARENA_MAX, arenas)
-
-
-#: glibc's mallopt parameter for the size from which malloc maps memory
-#: of its own for a block (malloc.h).
-M_MMAP_THRESHOLD = -3
-
-#: Blocks from this size up get memory of their own, unmapped when they are
-#: freed (glibc's initial threshold, kept fixed).  glibc otherwise raises
-#: the threshold to the size of each such block freed (up to 32 MiB), so
-#: after the first layer tar's 1 MiB chunks every later one comes from the
-#: heap, where they leave holes the heap cannot give back while anything
-#: above them lives: 5 to 10 MB after a commit of 10,000 files.  Mapping a
-#: 1 MiB block costs a few microseconds against the copy that fills it.
-MMAP_THRESHOLD = 128 << 10
-
-
-def _mallopt(param: int, value: int) -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
@@ -185,21 +167,7 @@ def _mallopt(param: int, value: int) -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(param, value))
-
-
-def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
-    """
-    Keep glibc's mmap threshold at C{threshold}, unless the environment
-    already sets it (C{MALLOC_MMAP_THRESHOLD_}, or the tunable in
-    C{GLIBC_TUNABLES}: the operator's choice wins).  Returns whether it was
-    set (not on a libc without C{mallopt}).
-    """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "glibc.malloc.mmap_threshold" in os.environ.get(
-        "GLIBC_TUNABLES", ""
-    ):
-        return False
-    return _mallopt(M_MMAP_THRESHOLD, threshold)
+    return bool(mallopt(M_ARENA_MAX, arenas))
 
 
 def read_boot_id() -> str:
@@ -248,7 +216,6 @@ class Driver:
         # Before the backend pool starts its threads (it starts them on
         # demand, so none runs yet).
         limit_malloc_arenas()
-        fix_mmap_threshold()
         self._reactor = reactor
         self.store = store
         self.state_dir = state_dir
