@@ -128,11 +128,12 @@ class ChangeKind(enum.IntEnum):
     DELETE = 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Change:
     """
     One entry of C{docker diff}: an absolute path (leading C{/}, never the
-    root itself) and what happened to it.
+    root itself) and what happened to it.  Slotted: a Changes answer can
+    hold tens of thousands.
     """
 
     path: str

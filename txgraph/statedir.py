@@ -74,7 +74,8 @@ def open_driver(
 ) -> Driver:
     """
     Everything up to a driver ready to L{Driver.start}: take the state
-    directory's lock, open and upgrade the database, configure and start
+    directory's lock, open and upgrade the database (migrations in a child
+    process, so that no txgraph process keeps Alembic loaded), configure and start
     the backend (options from the command line, overridden by those dockerd
     gave at Init), start the thread pool and the database thread.  Used by
     the daemon and by C{txgraph-admin} on a stopped daemon's state.
@@ -83,7 +84,7 @@ def open_driver(
     os.chmod(state_dir, 0o700)
     lock.acquire()
     store = Store(os.path.join(state_dir, "txgraph.db"), dbthread)
-    store.open_thd()
+    store.open_thd(migrate_in_child=True)
     config = store.get_config_thd()
     cls = backend_class(backend_name)
     persisted = config.get("backend")

@@ -21,6 +21,8 @@ import contextlib
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -37,7 +39,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from txgraph import metrics
-from txgraph.errors import SchemaTooNew
+from txgraph.errors import SchemaTooNew, TxgraphError
 
 T = TypeVar("T")
 
@@ -234,6 +236,23 @@ def alembic_config(connection: sa.Connection | None = None) -> Any:
     return cfg
 
 
+#: The exit code of L{_MIGRATE_CHILD} for L{SchemaTooNew}.
+_SCHEMA_TOO_NEW_EXIT = 3
+
+#: What L{Store._migrate_in_child} runs: the migrations of the database
+#: named by its argument; L{SchemaTooNew}'s message on stderr.
+_MIGRATE_CHILD = f"""
+import sys
+from txgraph.errors import SchemaTooNew
+from txgraph.store import Store
+try:
+    Store(sys.argv[1])._migrate_thd()
+except SchemaTooNew as e:
+    sys.stderr.write(e.message)
+    sys.exit({_SCHEMA_TOO_NEW_EXIT})
+"""
+
+
 def _configure_sqlite(dbapi_connection: Any, connection_record: Any) -> None:
     # WAL lets readers (txgraph-admin) look while the daemon writes;
     # synchronous=FULL makes each commit durable across a host crash.
@@ -312,10 +331,11 @@ class Store:
 
     # -- blocking API ------------------------------------------------------
 
-    def open_thd(self) -> None:
+    def open_thd(self, migrate_in_child: bool = False) -> None:
         """
         Create or upgrade the schema to the head migration, refusing a
-        database newer than this code.
+        database newer than this code.  With C{migrate_in_child}, the
+        migrations run in a child process (L{_migrate_in_child}).
         """
         if os.path.exists(self.path):
             os.chmod(self.path, 0o600)
@@ -329,7 +349,39 @@ class Store:
                 ).scalar()
                 if current == SCHEMA_HEAD:
                     return
-        self._migrate_thd()
+        if migrate_in_child:
+            self._migrate_in_child()
+        else:
+            self._migrate_thd()
+
+    def _migrate_in_child(self) -> None:
+        """
+        L{_migrate_thd} in a child process of the same interpreter and
+        txgraph, so that Alembic and what it imports (Mako, Pygments: 9 MB)
+        are never loaded into a long-lived daemon, which would keep them
+        for its whole life after a first start or an upgrade.
+        """
+        package_root = str(Path(__file__).resolve().parent.parent)
+        pythonpath = os.environ.get("PYTHONPATH")
+        result = subprocess.run(
+            [sys.executable, "-c", _MIGRATE_CHILD, self.path],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            env={
+                **os.environ,
+                "PYTHONPATH": package_root + (os.pathsep + pythonpath if pythonpath else ""),
+            },
+        )
+        if result.returncode == 0:
+            return
+        message = result.stderr.strip()
+        if result.returncode == _SCHEMA_TOO_NEW_EXIT:
+            raise SchemaTooNew(message)
+        raise TxgraphError(
+            f"upgrading the state database {self.path} failed (exit {result.returncode}): "
+            f"{message[-4000:]}"
+        )
 
     def _migrate_thd(self) -> None:
         from alembic import command

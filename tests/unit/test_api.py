@@ -41,6 +41,7 @@ class FakeDriver:
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
         self.ready: Deferred[None] = succeed(None)
+        self.changes_result = [Change("/etc", ChangeKind.MODIFY), Change("/etc/x", ChangeKind.ADD)]
         self.error: Exception | None = None
         self.backend = FakeBackendRunner()
         self.apply_streams: list[ApplyStream] = []
@@ -88,7 +89,7 @@ class FakeDriver:
 
     async def changes(self, layer_id: str, parent: str | None) -> list[Change]:
         self._record("changes", layer_id, parent)
-        return [Change("/etc", ChangeKind.MODIFY), Change("/etc/x", ChangeKind.ADD)]
+        return self.changes_result
 
     async def diff_size(self, layer_id: str, parent: str | None) -> int:
         self._record("diff_size", layer_id, parent)
@@ -167,6 +168,31 @@ def test_endpoints(
     status, _, body = client.post(method, request_body)
     assert (status, json.loads(body)) == (200, reply)
     assert driver.calls == [call]
+
+
+@pytest.mark.parametrize(
+    "paths",
+    [
+        [],
+        ["/a"],
+        ['/q"uote', "/back\\slash", "/tab\tnew\nline", "/ünï/çødé", "/emoji\U0001f600", "/bad\udcff"],
+    ],
+)
+def test_changes_encoded_as_json_dumps(
+    client: Client, driver: FakeDriver, paths: list[str]
+) -> None:
+    """
+    Changes answers byte for byte what json.dumps of the list of dicts
+    gives (it is encoded without making those dicts): escapes, non-ASCII
+    and undecodable names included.
+    """
+    kinds = [ChangeKind.MODIFY, ChangeKind.ADD, ChangeKind.DELETE]
+    driver.changes_result = [Change(p, kinds[i % 3]) for i, p in enumerate(paths)]
+    status, headers, body = client.post("GraphDriver.Changes", {"ID": B, "Parent": A})
+    expected = {"Changes": [{"Path": p, "Kind": i % 3} for i, p in enumerate(paths)]}
+    assert status == 200
+    assert headers["content-type"] == "application/vnd.docker.plugins.v1+json"
+    assert body == json.dumps(expected).encode() + b"\n"
 
 
 def test_capabilities(client: Client) -> None:

@@ -22,6 +22,7 @@ from twisted.internet import reactor
 from txgraph.errors import SchemaTooNew
 from txgraph.store import (
     LAYER_STATES,
+    SCHEMA_HEAD,
     DatabaseThread,
     LayerRow,
     Store,
@@ -88,6 +89,47 @@ def test_refuses_newer_database(tmp_path: Any) -> None:
         conn.execute("UPDATE alembic_version SET version_num = '9999'")
     with pytest.raises(SchemaTooNew, match="9999"):
         Store(path).open_thd()
+
+
+def test_migrations_in_a_child(tmp_path: Any) -> None:
+    """
+    Migrated in a child process (as the daemon does), a new database
+    reaches the head revision, and a newer one is refused with the same
+    message as in-process.
+    """
+    path = str(tmp_path / "t.db")
+    Store(path).open_thd(migrate_in_child=True)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [
+            (SCHEMA_HEAD,)
+        ]
+        conn.execute("UPDATE alembic_version SET version_num = '9999'")
+    with pytest.raises(SchemaTooNew, match="at schema revision 9999, which this txgraph does not know"):
+        Store(path).open_thd(migrate_in_child=True)
+
+
+def test_open_driver_migrates_in_a_child(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    The daemon (and txgraph-admin on a stopped daemon's state) opens its
+    database with the migrations in a child process.
+    """
+    from txgraph import statedir
+
+    asked: list[bool] = []
+
+    def open_thd(self: Store, migrate_in_child: bool = False) -> None:
+        asked.append(migrate_in_child)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(Store, "open_thd", open_thd)
+    state = str(tmp_path / "state")
+    lock = statedir.StateDirLock(state)
+    try:
+        with pytest.raises(RuntimeError, match="stop here"):
+            statedir.open_driver(None, state, "overlay", {}, lock, None, None)  # type: ignore[arg-type]
+    finally:
+        lock.release()
+    assert asked == [True]
 
 
 def test_database_is_private(tmp_path: Any) -> None:

@@ -24,9 +24,11 @@ from zope.interface import implementer
 
 from txgraph.errors import BadRequest
 
-#: How much of an ApplyDiff body may wait for the extracting thread.
-APPLY_HIGH_WATER = 8 << 20
-APPLY_LOW_WATER = 2 << 20
+#: How much of an ApplyDiff body may wait for the extracting thread, which
+#: reads it 1 MiB at a time: a larger buffer speeds nothing up, and is
+#: memory the reactor's heap keeps in holes after a large layer.
+APPLY_HIGH_WATER = 1 << 20
+APPLY_LOW_WATER = 256 << 10
 #: Diff output is handed to the reactor in chunks of this size.
 DIFF_CHUNK = 256 << 10
 #: At most this much Diff output may be handed to the reactor and not yet
