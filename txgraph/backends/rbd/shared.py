@@ -177,17 +177,20 @@ class SharedLayers:
              K_STATE: "dirty", K_DEPTH: str(depth), K_CHAIN: NONE},
         )
         with self.devices.work_mount(candidate, readonly=False, bulk_write=True) as (top, _device):
+            # Its snapshot follows: the handle for it opens while the tar
+            # is extracted (L{Handles}).
+            self.cluster.handles.open_soon(candidate)
             root = os.path.join(top, ROOTFS)
             stats = archive.apply_layer(body, root, ApplyMode.INPLACE, id_map)
         reader.drain()
         if chain is None:
             chain = thin.chain_id(parent_chain or None, reader.digest())
-        if self.settings.flatten_depth and depth >= self.settings.flatten_depth:
-            with self.cluster.open(candidate) as image:
+        with self.cluster.open_held(candidate) as image:
+            if self.settings.flatten_depth and depth >= self.settings.flatten_depth:
                 image.flatten()
-            depth = 0
-        self.cluster.set_meta(candidate, {K_CHAIN: chain, K_DEPTH: str(depth)})
-        self.cluster.snapshot(candidate)
+                depth = 0
+            self.cluster.set_meta(candidate, {K_CHAIN: chain, K_DEPTH: str(depth)})
+            self.cluster.snapshot(candidate, image)
         return candidate, chain, stats.content_bytes
 
     def settle(self, candidate: str, chain: str, layer: LayerInfo | None, name: str) -> bool:
