@@ -1311,3 +1311,46 @@ def test_held_handles_are_closed(started: Started, ceph: Ceph, tmp_path: Path) -
     # Committed without a handle after the restart.
     layers.commit(kept.id)
     assert second.cluster.handles.taken == 0
+
+
+def test_handle_of_a_killed_txgraph_does_not_hold_the_commit(
+    started: Started, ceph: Ceph, tmp_path: Path
+) -> None:
+    """
+    A txgraph killed while it held a handle ahead of a commit leaves that
+    handle's watch on the image for about 30 s, and a snapshot waits for
+    every watcher: the first commit after the restart drops the dead
+    client's watch (blocklisting it) before snapshotting, so it does not
+    wait.
+    """
+    backend, namespace, layers = started.backend, started.namespace, started.layers
+    layer = layers.create()
+    layers.write(layer, {"f": b"f"})
+    name = backend.image_name(layer)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import rados, rbd, sys, time\n"
+            f"c = rados.Rados(conffile={ceph.cluster.conf!r}, rados_id={DevCluster.client_id!r},"
+            f" conf={{'keyring': {ceph.cluster.client_keyring!r}}})\n"
+            "c.connect(timeout=30)\n"
+            f"io = c.open_ioctx({ceph.cluster.pool!r}); io.set_namespace({namespace!r})\n"
+            f"image = rbd.Image(io, {name!r})\n"
+            "print('open', flush=True)\n"
+            "time.sleep(600)\n"
+        )],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        assert len(_watchers(ceph, namespace, name)) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    second = RBDBackend(str(tmp_path / "state"), dict(backend.config))
+    backend.stop()
+    second.start()
+    started.backend = started.layers.backend = second
+    began = time.monotonic()
+    layers.commit(layer)
+    assert time.monotonic() - began < 15
+    assert ceph.snaps(namespace, name) == [SNAP] and _watchers(ceph, namespace, name) == []

@@ -472,7 +472,12 @@ class Cluster:
         if state.committed and state.snaps[SNAP][0]:
             self.handles.drop(name)
             return
-        self.clear_stale_clients(name)
+        with self.lock:
+            unchecked = name not in self.checked
+        # Unchecked (first commit since start, or a client died): a handle
+        # a killed txgraph held ahead of this commit may still watch the
+        # image, and the snapshot's notice to watchers would wait for it.
+        self.clear_stale_clients(name, watchers=unchecked)
         with self.open_held(name) if image is None else contextlib.nullcontext(image) as image:
             if not image.snap_exists(SNAP):
                 image.create_snap(SNAP)
