@@ -354,7 +354,7 @@ class Clones:
         rbd-fuse opens it for the map, it made the map slower by about as
         much as it saved the commit (measured: docs/performance.md).
         """
-        if layer.commit_expected and not layer.committed:
+        if self.settings.open_ahead and layer.commit_expected and not layer.committed:
             self.cluster.handles.open_soon(name)
 
     def reclone(self, layer: LayerInfo, name: str) -> None:

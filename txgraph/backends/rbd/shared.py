@@ -179,7 +179,8 @@ class SharedLayers:
         with self.devices.work_mount(candidate, readonly=False, bulk_write=True) as (top, _device):
             # Its snapshot follows: the handle for it opens while the tar
             # is extracted (L{Handles}).
-            self.cluster.handles.open_soon(candidate)
+            if self.settings.open_ahead:
+                self.cluster.handles.open_soon(candidate)
             root = os.path.join(top, ROOTFS)
             stats = archive.apply_layer(body, root, ApplyMode.INPLACE, id_map)
         reader.drain()
