@@ -123,6 +123,7 @@ def test_idle_handles_are_closed(handles: Handles, opener: Opener, clock: Clock)
     handles.open_soon("old")
     clock.now += 30
     handles.open_soon("young")
+    assert handles.ready("old", 10) and handles.ready("young", 10)
     assert handles.sweep() == 100.0 + 60.0
     assert handles.held() == ["old", "young"]
     clock.now += 30
@@ -154,6 +155,7 @@ def test_at_most_limit_handles(handles: Handles, opener: Opener) -> None:
     for name in ("a", "b", "c", "d"):
         handles.open_soon(name)
     assert handles.held() == ["b", "c", "d"]
+    assert all(handles.ready(name, 10) for name in ("b", "c", "d"))
     assert {i.name: i.closes for i in opener.images} == {"a": 1, "b": 0, "c": 0, "d": 0}
 
 

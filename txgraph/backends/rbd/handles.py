@@ -6,9 +6,11 @@ first: 50-110 ms on the test machine, growing about 7 ms per ancestor, for
 two calls that take 17 ms.  A layer that will likely be committed (an image
 layer, a container's C{-init} layer, containerd's unpack snapshots: see
 L{txgraph.backends.LayerInfo.commit_expected}) gets its image opened in a
-backend thread of its own as soon as it is cloned, while the layer is
-mapped (rbd-fuse opens the image too) and used; the commit takes that
-handle instead of opening one (L{Handles.take}).
+thread of its own once the layer is mapped read-write (not while the
+mapper opens the image for the map: the two opens then slowed the map by
+about what the commit saved), so the open happens while the layer is
+used; the commit takes that handle instead of opening one
+(L{Handles.take}).  An open still in progress is waited for.
 
 A held handle is process state only: nothing in the cluster or the state
 directory records it, so a crash loses nothing but the open.  It never
