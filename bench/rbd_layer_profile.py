@@ -7,19 +7,29 @@ mount, write, unmount), on a throwaway Ceph dev cluster (memstore), with
 every backend, mapper and cluster call of interest timed.
 
     N=128 python bench/rbd_layer_profile.py
+    N=20 python bench/rbd_layer_profile.py --old /tmp/old-checkout --reps 3
 
 Prints the median of each step and, per call, its median, total and
-count (nested calls are counted in their callers too).  Run as root.
+count (nested calls are counted in their callers too).  With ``--old
+DIR``, runs this checkout's backend and DIR's in turns (``--reps`` each,
+each run a process and a dev cluster of its own) and prints the median
+of each step per tree and their ratio (new / old).  Layers are made with
+``commit_expected`` where the backend knows it (issue 18: the image is
+opened for the commit while the layer is mapped).  Run as root.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
+import dataclasses
 import functools
+import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +39,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if "--tree" in sys.argv:
+    TREE = Path(sys.argv[sys.argv.index("--tree") + 1]).resolve()
+else:
+    TREE = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(TREE))
 
 from txgraph import mounts  # noqa: E402
 from txgraph.backends import LayerInfo, parse_options  # noqa: E402
@@ -50,7 +64,9 @@ def timed(owner: Any, name: str, label: str) -> None:
     """
     Replace C{owner.name} by a wrapper recording its wall time.
     """
-    function = getattr(owner, name)
+    function = getattr(owner, name, None)
+    if function is None:
+        return
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -72,7 +88,7 @@ def instrument() -> None:
         (devices.Devices, ["release", "mappings", "mount_layer", "unmount"]),
         (fuse.FuseMapper, ["start", "map", "unmap", "_stop_fuse", "_wait_exit", "find"]),
         (clones.Clones, ["clone", "fresh_clone", "destroy"]),
-        (cluster.Cluster, ["snapshot", "set_meta", "inspect", "clear_stale_clients"]),
+        (cluster.Cluster, ["snapshot", "set_meta", "inspect", "clear_stale_clients", "image"]),
         (trash.Trash, ["move"]),
     ]:
         for name in names:
@@ -87,6 +103,11 @@ def instrument() -> None:
             TIMES[f"run {command[0]}"].append(time.perf_counter() - start)
 
     fuse.run = timed_run  # type: ignore[assignment]
+    with contextlib.suppress(ImportError):
+        from txgraph.backends.rbd import handles
+
+        timed(handles.Handles, "_open", "Handles._open (background)")
+        timed(handles.Handles, "take", "Handles.take")
     timed(mounts, "mount", "mount(2)")
     timed(mounts, "unmount", "umount(2)")
 
@@ -137,8 +158,75 @@ def dev_cluster_and_state(name: str) -> Iterator[tuple[DevCluster, str]]:
         shutil.rmtree(state, ignore_errors=True)
 
 
+def compare(old: str, reps: int, variants: list[str]) -> int:
+    """
+    This checkout and C{old} in turns (and this checkout with the
+    environment of each variant, C{LABEL:NAME=VALUE}), C{reps} runs each;
+    the medians of each run's step medians, and each / old.
+    """
+    script = str(Path(__file__).resolve())
+    trees = {"old": str(Path(old).resolve()), "new": str(TREE)}
+    envs: dict[str, dict[str, str]] = {"old": {}, "new": {}}
+    for variant in variants:
+        label, _, assignment = variant.partition(":")
+        key, _, value = assignment.partition("=")
+        trees[label], envs[label] = str(TREE), {key: value}
+    labels = list(trees)
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
+    for rep in range(reps):
+        for label in labels if rep % 2 == 0 else list(reversed(labels)):
+            out = subprocess.run(
+                [sys.executable, script, "--tree", trees[label], "--json"],
+                check=True, stdout=subprocess.PIPE, text=True, env={**os.environ, **envs[label]},
+            ).stdout
+            result = json.loads(out.strip().splitlines()[-1])
+            runs[label].append(result)
+            print(f"rep {rep + 1} {label}: {result['per_layer_ms']:.0f} ms/layer, "
+                  f"commit {result['steps']['2 commit the parent']:.1f} ms, "
+                  f"prepare {result['steps']['3 prepare (clone, premap)']:.1f} ms, "
+                  f"handles {result.get('handles')}", flush=True)
+    print(f"median over runs (ms): {', '.join(labels)}; each / old")
+    keys = ["per_layer_ms"] + [f"steps/{k}" for k in sorted(runs["new"][0]["steps"])]
+    calls = sorted(set().union(*(r[0]["calls"] for r in runs.values())))
+    keys += [f"calls/{k}" for k in calls]
+    fmt = lambda v: f"{v:8.1f}" if v is not None else "       -"  # noqa: E731
+    for key in keys:
+        values = {}
+        for label in labels:
+            got = []
+            for r in runs[label]:
+                v: Any = r
+                for part in key.split("/", 1):
+                    v = v.get(part) if isinstance(v, dict) else None
+                if v is not None:
+                    got.append(v)
+            values[label] = statistics.median(got) if got else None
+        o = values["old"]
+        ratios = " ".join(
+            f"{values[label] / o:.2f}" if o and values[label] is not None else "-"
+            for label in labels[1:]
+        )
+        print(f"  {key:40s} {' '.join(fmt(values[label]) for label in labels)}  {ratios}")
+    return 0
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1] if __doc__ else None)
+    parser.add_argument("--old", help="an older checkout, run in turns with this one")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL:NAME=VALUE",
+                        help="this checkout again, with NAME=VALUE in its environment")
+    parser.add_argument("--tree", help=argparse.SUPPRESS)
+    parser.add_argument("--json", action="store_true", help="print the medians as JSON")
+    args = parser.parse_args()
+    if args.old:
+        return compare(args.old, args.reps, args.variant)
     count = int(os.environ.get("N", "20"))
+    expect = (
+        {"commit_expected": True}
+        if "commit_expected" in {f.name for f in dataclasses.fields(LayerInfo)}
+        else {}
+    )
     instrument()
     with dev_cluster_and_state("profile") as (dev, state):
         backend = start_backend(dev, state)
@@ -162,7 +250,7 @@ def main() -> int:
                     parent = replace(parent, mapping=None)
                 step("2 commit the parent", backend.commit, parent)
                 infos[last] = replace(parent, committed=True)
-            info = LayerInfo(id=layer_id, parent=last, readwrite=True)
+            info = LayerInfo(id=layer_id, parent=last, readwrite=True, **expect)
             mapping = step("3 prepare (clone, premap)", backend.prepare, info)
             info = infos[layer_id] = replace(info, mapping=mapping)
             root = step("4 mount", backend.mount, info, [])
@@ -177,7 +265,23 @@ def main() -> int:
             step("6 unmount", backend.unmount, info)
             last = layer_id
         total = time.perf_counter() - began
+        handles = getattr(backend.cluster, "handles", None)
+        held = None if handles is None else {"opened": handles.opened, "taken": handles.taken}
+        if args.json:
+            for layer_id in reversed(list(infos)):
+                backend.remove(infos[layer_id])
+            backend.settle_trash()
+            backend.stop()
+            print(json.dumps({
+                "per_layer_ms": total / (count + 1) * 1000,
+                "steps": {k: statistics.median(v) * 1000 for k, v in steps.items()},
+                "calls": {k: statistics.median(v) * 1000 for k, v in TIMES.items()},
+                "handles": held,
+            }))
+            return 0
         print(f"chain of {count + 1}: {total:.2f} s, {total / (count + 1) * 1000:.0f} ms/layer")
+        if held is not None:
+            print(f"handles opened ahead of the commit: {held['opened']}, taken by it: {held['taken']}")
         for name in sorted(steps):
             print(f"  {name:28s} median {statistics.median(steps[name]) * 1000:7.1f} ms")
         print("calls: median ms, total s, count")

@@ -330,9 +330,15 @@ class Driver:
         storage_opt: dict[str, str],
     ) -> None:
         """
-        Create or CreateReadWrite.
+        Create or CreateReadWrite.  An image layer (Create) is committed
+        after its ApplyDiff or when a layer is made on it, a container's
+        C{-init} layer when the container's layer is made on it: the
+        backend is told to expect the commit.
         """
-        await self.registry.create(layer_id, parent, readwrite, storage_opt)
+        await self.registry.create(
+            layer_id, parent, readwrite, storage_opt,
+            commit_expected=not readwrite or layer_id.endswith("-init"),
+        )
         faults.point("create.committed")
 
     async def remove(self, layer_id: str) -> None:

@@ -84,6 +84,20 @@ VIEW, ACTIVE, COMMITTED = "view", "active", "committed"
 #: The label containerd's unpacker prepares a layer with: its chain ID.
 TARGET_REF = "containerd.io/snapshot.ref"
 
+#: How containerd's unpacker names the active snapshot it fills and commits
+#: (C{snapshots.UnpackKeyFormat}: "extract-<unique> <chain ID>", under the
+#: namespace's prefix).
+UNPACK_KEY = "extract-"
+
+
+def unpacking(key: str, labels: dict[str, str]) -> bool:
+    """
+    Whether an active snapshot is containerd's unpacker's (so it will be
+    committed): its key, or the chain ID label it prepares with.
+    """
+    return key.rsplit("/", 1)[-1].startswith(UNPACK_KEY) or TARGET_REF in labels
+
+
 #: An OCI chain ID, as the label carries it.
 CHAIN_ID = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -335,7 +349,10 @@ class Snapshotter:
         await self.store.insert_snapshot(row)
         faults.point("snapshot.inserted")
         try:
-            await self.registry.create(row.layer_id, parent_layer, row.kind == ACTIVE, {})
+            await self.registry.create(
+                row.layer_id, parent_layer, row.kind == ACTIVE, {},
+                commit_expected=row.kind == ACTIVE and unpacking(row.key, row.labels),
+            )
             if row.kind == VIEW:
                 await self.registry.commit(row.layer_id)
             specs = await self._mounts(snapshot)

@@ -36,7 +36,7 @@ from txgraph import metrics, mounts
 from txgraph.backends import LayerInfo, parse_options
 from txgraph.backends.catalog import backend_class
 from txgraph.backends.rbd import RBDBackend
-from txgraph.backends.rbd.metadata import K_OWNER, K_STATE, SNAP
+from txgraph.backends.rbd.metadata import K_OWNER, K_STATE, SNAP, client_nonce
 from txgraph.errors import ArchiveError, BackendError, ConfigurationError
 from txgraph.model import ChangeKind
 from txgraph.testing.ceph import DevCluster
@@ -1105,3 +1105,252 @@ def test_child_of_a_shared_layer_is_cloned_from_the_shared_image(
     started.backend = started.layers.backend = second
     again = layers.create(image)
     assert parent(again) == shared
+
+
+# -- handles opened ahead of the commit (issue 18) ----------------------------------
+
+
+def _watchers(ceph: Ceph, namespace: str, image: str) -> list[str]:
+    """
+    The addresses of the clients watching an image (read-only opens, as
+    this one, watch nothing).
+    """
+    ioctx = ceph.io(namespace)
+    try:
+        with ceph.rbd.Image(ioctx, image, read_only=True) as img:
+            return sorted(w["addr"] for w in img.watchers_list())
+    finally:
+        ioctx.close()
+
+
+def _lockers(ceph: Ceph, namespace: str, image: str) -> list[str]:
+    """
+    The addresses of the clients holding an image's exclusive lock.
+    """
+    ioctx = ceph.io(namespace)
+    try:
+        with ceph.rbd.Image(ioctx, image, read_only=True) as img:
+            return [entry[2] for entry in (img.list_lockers() or {}).get("lockers", [])]
+    finally:
+        ioctx.close()
+
+
+def test_commit_through_a_handle_opened_ahead(started: Started, ceph: Ceph) -> None:
+    """
+    A layer expected to be committed gets its image opened read-write as
+    it is made (while rbd-fuse maps it); that idle handle neither holds
+    the exclusive lock nor slows rbd-fuse's writes, and the commit
+    snapshots through it: the snapshot holds every write made through the
+    mapping after the handle was opened, as a clone of it shows; the
+    handle is closed after the commit (no watcher, no lock left).
+    """
+    backend, namespace, layers = started.backend, started.namespace, started.layers
+    handles = backend.cluster.handles
+    own = client_nonce(backend.cluster.handle.get_addrs())
+    base = layers.create(readwrite=False)
+    layers.write(base, {"base": b"from the base"})
+    layers.commit(base)
+    taken = handles.taken
+    info = LayerInfo(id=new_id(), parent=base, readwrite=True, commit_expected=True)
+    layers.prepare(info)
+    name = backend.image_name(info.id)
+    assert handles.held() == [name] and handles.ready(name, 20)
+    assert len(_watchers(ceph, namespace, name)) == 2  # rbd-fuse and the handle
+    big = os.urandom(3 * MiB + 12345)
+    began = time.monotonic()
+    root = layers.get(info.id)
+    with open(os.path.join(root, "big"), "wb") as f:
+        f.write(big)
+        f.flush()
+        os.fsync(f.fileno())
+    os.makedirs(os.path.join(root, "etc"))
+    with open(os.path.join(root, "etc", "hosts"), "wb") as f:
+        f.write(b"written while the handle was held")
+    os.unlink(os.path.join(root, "base"))
+    assert time.monotonic() - began < 15
+    # rbd-fuse wrote, so it holds the lock; the idle handle does not.
+    lockers = _lockers(ceph, namespace, name)
+    assert len(lockers) == 1 and client_nonce(lockers[0]) != own
+    layers.put(info.id)
+    assert handles.held() == [name]
+    layers.commit(info.id)
+    assert handles.taken == taken + 1 and handles.held() == []
+    assert _watchers(ceph, namespace, name) == [] and _lockers(ceph, namespace, name) == []
+    assert ceph.snaps(namespace, name) == [SNAP]
+    child = layers.create(info.id)
+    root = layers.get(child)
+    assert sorted(os.listdir(root)) == ["big", "etc"]
+    assert _read(root, "big") == big
+    assert _read(root, "etc/hosts") == b"written while the handle was held"
+    layers.put(child)
+
+
+def test_image_layer_commits_through_its_handle(started: Started, ceph: Ceph) -> None:
+    """
+    An image layer (not mapped at Create) gets its handle once it is
+    mapped read-write, by a Get (moby's chain of layers written through
+    their mounts), and the commit takes it.  With shared layers (the
+    default), ApplyDiff extracts into a candidate image, whose snapshot
+    takes the handle opened while the tar was extracted.  A layer without
+    the hint gets none.
+    """
+    backend, layers = started.backend, started.layers
+    handles = backend.cluster.handles
+    parent = None
+    contents = []
+    for i in range(2):
+        info = LayerInfo(id=new_id(), parent=parent, commit_expected=True)
+        layers.prepare(info)
+        assert handles.held() == []
+        taken = handles.taken
+        assert backend.apply(info, io.BytesIO(files_tar({f"f{i}": b"%d" % i})), IDENTITY) == 1
+        assert handles.taken == taken + 1 and handles.held() == []
+        layers.commit(info.id)
+        contents.append(f"f{i}")
+        parent = info.id
+    written = LayerInfo(id=new_id(), parent=parent, commit_expected=True)
+    layers.prepare(written)
+    assert handles.held() == []
+    root = layers.get(written.id)
+    assert handles.held() == [backend.image_name(written.id)]
+    with open(os.path.join(root, "f2"), "wb") as f:
+        f.write(b"2")
+    layers.put(written.id)
+    taken = handles.taken
+    layers.commit(written.id)
+    assert handles.taken == taken + 1
+    plain = layers.create(written.id)
+    layers.get(plain)
+    assert handles.held() == []
+    layers.put(plain)
+    top = layers.create(plain)
+    root = layers.get(top)
+    assert sorted(os.listdir(root)) == [*contents, "f2"]
+    layers.put(top)
+
+
+def test_flatten_through_a_held_handle(ceph: Ceph, tmp_path: Path) -> None:
+    """
+    Without shared layers, an ApplyDiff's layer gets its handle while its
+    tar is extracted, a read-write layer as it is mapped; at
+    flatten_depth, the commit flattens and snapshots through the handle,
+    and the flat layer keeps its ancestors' data.
+    """
+    namespace = ceph.namespace()
+    backend = ceph.backend(str(tmp_path / "state"), namespace, flatten_depth="2", share="no")
+    backend.start()
+    layers = Layers(backend)
+    try:
+        parent = None
+        for i in range(3):
+            info = LayerInfo(
+                id=new_id(), parent=parent, readwrite=i % 2 == 1, commit_expected=True
+            )
+            layers.prepare(info)
+            if info.readwrite:
+                layers.write(info.id, {f"f{i}": b"%d" % i})
+            else:
+                tar = io.BytesIO(files_tar({f"f{i}": b"%d" % i}))
+                assert backend.apply(layers.infos[info.id], tar, IDENTITY) == 1
+            assert backend.cluster.handles.held() == [backend.image_name(info.id)]
+            taken = backend.cluster.handles.taken
+            layers.commit(info.id)
+            assert backend.cluster.handles.taken == taken + 1
+            parent = info.id
+        # The second layer (depth 2) was flattened, the third cloned from it.
+        flat = backend.image_name(layers.infos[parent].parent or "")
+        assert ceph.meta(namespace, flat)["txgraph.depth"] == "0"
+        assert ceph.meta(namespace, backend.image_name(parent))["txgraph.depth"] == "1"
+        top = layers.create(parent)
+        root = layers.get(top)
+        assert sorted(os.listdir(root)) == ["f0", "f1", "f2"]
+        layers.put(top)
+    finally:
+        layers.cleanup()
+        backend.stop()
+
+
+def test_held_handles_are_closed(started: Started, ceph: Ceph, tmp_path: Path) -> None:
+    """
+    A handle held ahead of a commit that does not come is closed: before
+    its image goes to the trash (which the purge then empties: no watcher
+    holds it), after the idle limit, and at the backend's stop.  Layers
+    without the hint get none.
+    """
+    backend, namespace, layers = started.backend, started.namespace, started.layers
+    handles = backend.cluster.handles
+    plain = layers.create()
+    assert handles.held() == []
+    removed = LayerInfo(id=new_id(), parent=None, readwrite=True, commit_expected=True)
+    layers.prepare(removed)
+    name = backend.image_name(removed.id)
+    assert handles.ready(name, 20) and len(_watchers(ceph, namespace, name)) == 2
+    backend.remove(layers.infos.pop(removed.id))
+    assert handles.held() == []
+    assert backend.settle_trash() == [] and ceph.trash(namespace) == []
+    handles.idle = 0.2
+    idle = LayerInfo(id=new_id(), parent=None, readwrite=True, commit_expected=True)
+    layers.prepare(idle)
+    name = backend.image_name(idle.id)
+    assert handles.ready(name, 20)
+    deadline = time.monotonic() + 10
+    while handles.held() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert handles.held() == [] and len(_watchers(ceph, namespace, name)) == 1  # rbd-fuse's
+    handles.idle = 60.0
+    kept = LayerInfo(id=new_id(), parent=plain, readwrite=True, commit_expected=True)
+    layers.commit(plain)
+    layers.prepare(kept)
+    name = backend.image_name(kept.id)
+    assert handles.ready(name, 20) and len(_watchers(ceph, namespace, name)) == 2
+    second = RBDBackend(str(tmp_path / "state"), dict(backend.config))
+    backend.stop()
+    assert handles.held() == [] and len(_watchers(ceph, namespace, name)) == 1  # rbd-fuse's
+    second.start()
+    started.backend = started.layers.backend = second
+    # Committed without a handle after the restart.
+    layers.commit(kept.id)
+    assert second.cluster.handles.taken == 0
+
+
+def test_handle_of_a_killed_txgraph_does_not_hold_the_commit(
+    started: Started, ceph: Ceph, tmp_path: Path
+) -> None:
+    """
+    A txgraph killed while it held a handle ahead of a commit leaves that
+    handle's watch on the image for about 30 s, and a snapshot waits for
+    every watcher: the first commit after the restart drops the dead
+    client's watch (blocklisting it) before snapshotting, so it does not
+    wait.
+    """
+    backend, namespace, layers = started.backend, started.namespace, started.layers
+    layer = layers.create()
+    layers.write(layer, {"f": b"f"})
+    name = backend.image_name(layer)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import rados, rbd, sys, time\n"
+            f"c = rados.Rados(conffile={ceph.cluster.conf!r}, rados_id={DevCluster.client_id!r},"
+            f" conf={{'keyring': {ceph.cluster.client_keyring!r}}})\n"
+            "c.connect(timeout=30)\n"
+            f"io = c.open_ioctx({ceph.cluster.pool!r}); io.set_namespace({namespace!r})\n"
+            f"image = rbd.Image(io, {name!r})\n"
+            "print('open', flush=True)\n"
+            "time.sleep(600)\n"
+        )],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        assert len(_watchers(ceph, namespace, name)) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    second = RBDBackend(str(tmp_path / "state"), dict(backend.config))
+    backend.stop()
+    second.start()
+    started.backend = started.layers.backend = second
+    began = time.monotonic()
+    layers.commit(layer)
+    assert time.monotonic() - began < 15
+    assert ceph.snaps(namespace, name) == [SNAP] and _watchers(ceph, namespace, name) == []

@@ -64,6 +64,11 @@ class LayerInfo:
         ApplyDiff, or a child was made from it).  C{mount} then mounts it
         read-only: an image layer is never written through a Get, and its
         directory is never an overlay upper directory.
+    @ivar commit_expected: a hint from the front end that the layer will
+        likely be committed (an image layer, a container's C{-init} layer,
+        containerd's unpack snapshot), so a backend may prepare for the
+        commit ahead of it (rbd opens the image: L{txgraph.backends.rbd.handles}).
+        Not persisted: after a restart it is False.
     """
 
     id: str
@@ -73,6 +78,7 @@ class LayerInfo:
     storage_opt: dict[str, str] = field(default_factory=dict)
     root_ids: tuple[int, int] = (0, 0)
     committed: bool = False
+    commit_expected: bool = False
 
 
 @dataclass(frozen=True)

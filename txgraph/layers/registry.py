@@ -51,6 +51,8 @@ class Layer:
     @ivar children: IDs of the layers whose parent this is.
     @ivar release_call: the timer that unmaps a device kept after the
         last Put.
+    @ivar commit_expected: the front end's hint that this layer will likely
+        be committed (L{LayerInfo.commit_expected}); not persisted.
     """
 
     core: LayerCore
@@ -58,6 +60,7 @@ class Layer:
     lock: DeferredLock = field(default_factory=DeferredLock)
     children: set[str] = field(default_factory=set)
     release_call: IDelayedCall | None = None
+    commit_expected: bool = False
 
     def cancel_release(self) -> None:
         """
@@ -130,6 +133,7 @@ class LayerRegistry:
         return self._info(self.lookup(layer_id).row)
 
     def _info(self, row: LayerRow) -> LayerInfo:
+        layer = self._layers.get(row.id)
         return LayerInfo(
             id=row.id,
             parent=row.parent,
@@ -138,6 +142,7 @@ class LayerRegistry:
             storage_opt=dict(row.storage_opt),
             root_ids=self.id_map.to_host(0, 0),
             committed=row.committed,
+            commit_expected=layer is not None and layer.commit_expected,
         )
 
     def forget(self, layer_id: str) -> None:
@@ -231,10 +236,13 @@ class LayerRegistry:
         parent: str | None,
         readwrite: bool,
         storage_opt: dict[str, str],
+        commit_expected: bool = False,
     ) -> None:
         """
         Create a layer (Create or CreateReadWrite).  Asking again for a layer
         that exists with the same parent and kind succeeds (dockerd retries).
+        C{commit_expected}: the front end expects to commit it
+        (L{LayerInfo.commit_expected}).
         """
         existing = self._layers.get(layer_id)
         if existing is not None:
@@ -267,6 +275,7 @@ class LayerRegistry:
             storage_opt=storage_opt,
         )
         layer = self._add(row, new)
+        layer.commit_expected = commit_expected
         if parentLayer is not None:
             parentLayer.children.add(layer_id)
         try:

@@ -183,6 +183,7 @@ class RBDBackend(Backend):
         os.chmod(self.names.root, 0o700)
         self.cluster.connect()
         try:
+            self.cluster.handles.start()
             self.devices.choose()
             self.devices.cleanup_leftovers()
             with self.cluster.op("set-up of the base image", None, self.names.base_image):
@@ -286,11 +287,15 @@ class RBDBackend(Backend):
             ):
                 # Children of a deep layer would open ever longer chains:
                 # this one becomes a flat image (its parents' data copied).
+                # Through the handle opened ahead of the commit, if held,
+                # which then takes the snapshot too.
                 self.cluster.clear_stale_clients(name)
-                with self.cluster.open(name) as image:
+                with self.cluster.open_held(name) as image:
                     image.flatten()
-                self.cluster.update(name, parent=None)
-                self.cluster.set_meta(name, {K_DEPTH: "0"})
+                    self.cluster.update(name, parent=None)
+                    self.cluster.set_meta(name, {K_DEPTH: "0"})
+                    self.cluster.snapshot(name, image)
+                return
             self.cluster.snapshot(name)
 
     def remove(self, layer: LayerInfo) -> None:
@@ -379,7 +384,10 @@ class RBDBackend(Backend):
         assert self.devices.mapper is not None
         name = self.names.image_name(layer.id)
         with self.cluster.op("map", layer.id, name):
-            return self.devices.map_layer(layer, name)
+            mapping = self.devices.map_layer(layer, name)
+            if not mapping["readonly"]:
+                self.clones.open_ahead(layer, name)
+            return mapping
 
     def unmap(self, layer: LayerInfo) -> None:
         """
@@ -487,6 +495,9 @@ class RBDBackend(Backend):
                 return self.shared.apply_shared(layer, name, reader, reader, parent_chain, id_map)
             self.cluster.set_meta(name, {K_STATE: "dirty"})
             with self.devices.work_mount(name, readonly=False, bulk_write=True) as (top, _device):
+                # The commit follows: its handle opens while the tar is
+                # extracted.
+                self.clones.open_ahead(layer, name)
                 root = os.path.join(top, ROOTFS)
                 stats = archive.apply_layer(cast(BinaryIO, reader), root, ApplyMode.INPLACE, id_map)
                 return stats.content_bytes
@@ -588,10 +599,12 @@ class RBDBackend(Backend):
 
     def stop(self) -> None:
         """
-        Close the cluster connection.  Mappings and mounts stay: running
-        containers use them, and the layer machines own them.
+        Close the handles held ahead of commits and the cluster connection.
+        Mappings and mounts stay: running containers use them, and the
+        layer machines own them.
         """
         self.devices.reap()
+        self.cluster.handles.close_all()
         if not self.trash.purger.stop(self.settings.timeout + 5):
             log.warn("the rbd trash purge did not stop; leaving the cluster connection open")
             return

@@ -64,6 +64,7 @@ class Clones:
         """
         assert self.cluster.rbd is not None
         rbd = self.cluster.rbd
+        self.cluster.handles.drop(name)
         self.devices.release(layer_id, name, None)
         state = self.cluster.inspect(name)
         if state is None:
@@ -337,11 +338,24 @@ class Clones:
         started = self.devices.mapper.start(name, tag=self.names.key(layer.id))
         try:
             self.clone(layer, name, grow_to, meta={K_STATE: "dirty"})
-            return self.devices.mapper.map(name, readonly=False, tag=self.names.key(layer.id), started=started)
+            mapping = self.devices.mapper.map(name, readonly=False, tag=self.names.key(layer.id), started=started)
+            self.open_ahead(layer, name)
+            return mapping
         except BaseException:
             if started is not None:
                 self.devices.unmap(started)
             raise
+
+    def open_ahead(self, layer: LayerInfo, name: str) -> None:
+        """
+        Open a layer's image for its commit, in the background, if its
+        front end expects to commit it (L{Handles}).  Called once the
+        layer's image is mapped read-write, not before: opened while
+        rbd-fuse opens it for the map, it made the map slower by about as
+        much as it saved the commit (measured: docs/performance.md).
+        """
+        if self.settings.open_ahead and layer.commit_expected and not layer.committed:
+            self.cluster.handles.open_soon(name)
 
     def reclone(self, layer: LayerInfo, name: str) -> None:
         """
@@ -375,6 +389,7 @@ class Clones:
         """
         assert self.cluster.rbd is not None
         rbd = self.cluster.rbd
+        self.cluster.handles.drop(name)
         for mapping in self.devices.mappings(name):
             self.devices.unmap(mapping)
         try:

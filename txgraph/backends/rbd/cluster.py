@@ -21,6 +21,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from txgraph import metrics
+from txgraph.backends.rbd.handles import Handles
 from txgraph.backends.rbd.metadata import (
     K_OWNER,
     SHARED,
@@ -66,6 +67,8 @@ class Cluster:
         start.
     @ivar mapped_alive: tells whether a local mapping of an image is alive
         (set by the backend, which owns the mappers).
+    @ivar handles: images opened read-write ahead of their commit, which
+        L{snapshot} uses instead of opening them.
     """
 
     def __init__(self, settings: Settings, names: Names) -> None:
@@ -80,11 +83,14 @@ class Cluster:
         self.known: dict[str, ImageState] = {}
         self.checked: set[str] = set()
         self.mapped_alive: Callable[[str], bool] = lambda name: False
+        self.handles = Handles(lambda name: self.image(name))
 
     def close(self) -> None:
         """
-        Close the pool and the connection (what is open of them).
+        Close the handles held, the pool and the connection (what is open
+        of them).
         """
+        self.handles.close_all()
         if self.ioctx is not None:
             with contextlib.suppress(Exception):
                 self.ioctx.close()
@@ -453,23 +459,48 @@ class Cluster:
             raise self.rbd.ImageNotFound(f"image {name} not found", errno=errno.ENOENT) from None
         return decode_string(raw)
 
-    def snapshot(self, name: str) -> None:
+    def snapshot(self, name: str, image: Any = None) -> None:
         """
-        Snapshot and protect (idempotent).
+        Snapshot and protect (idempotent), through C{image} if given (an
+        open handle of the caller's), else through the handle opened ahead
+        of the commit (L{handles}), else a handle opened now.
         """
         state = self.inspect(name)
         if state is None:
+            self.handles.drop(name)
             raise BackendError("its image does not exist")
         if state.committed and state.snaps[SNAP][0]:
+            self.handles.drop(name)
             return
-        self.clear_stale_clients(name)
-        with self.open(name) as image:
+        with self.lock:
+            unchecked = name not in self.checked
+        # Unchecked (first commit since start, or a client died): a handle
+        # a killed txgraph held ahead of this commit may still watch the
+        # image, and the snapshot's notice to watchers would wait for it.
+        self.clear_stale_clients(name, watchers=unchecked)
+        with self.open_held(name) if image is None else contextlib.nullcontext(image) as image:
             if not image.snap_exists(SNAP):
                 image.create_snap(SNAP)
             if not image.is_protected_snap(SNAP):
                 image.protect_snap(SNAP)
             size = int(image.size())
         self.update(name, snap=(True, size))
+
+    @contextlib.contextmanager
+    def open_held(self, name: str) -> Iterator[Any]:
+        """
+        An image opened read-write: the handle opened ahead of its commit
+        if one is held (L{handles}), else a new one; closed on leaving.
+        """
+        held = self.handles.take(name)
+        if held is None:
+            with self.open(name) as image:
+                yield image
+            return
+        try:
+            yield held
+        finally:
+            held.close()
 
     def drop_snapshot(self, name: str) -> None:
         """

@@ -198,6 +198,14 @@ OPTIONS = (
         "yes",
         _yes,
     ),
+    BackendOption(
+        "open_ahead",
+        "open the image of a layer that will likely be committed (image and -init "
+        "layers, containerd's unpacking) once it is mapped, so that its commit need "
+        "not open it (yes/no)",
+        "yes",
+        _yes,
+    ),
 )
 
 
@@ -226,6 +234,7 @@ class Settings:
     flatten_depth: int
     unmap_delay: float
     share: bool
+    open_ahead: bool
 
     @classmethod
     def from_options(cls, opts: dict[str, Any]) -> Settings:
@@ -251,4 +260,5 @@ class Settings:
             flatten_depth=opts["flatten_depth"],
             unmap_delay=opts["unmap_delay"],
             share=opts["share"],
+            open_ahead=opts["open_ahead"],
         )

@@ -199,13 +199,17 @@ class SharedLayers:
              K_STATE: "dirty", K_DEPTH: str(depth), K_CHAIN: NONE},
         )
         with self.devices.work_mount(candidate, readonly=False, bulk_write=bulk_write) as (top, _device):
+            # Its snapshot follows: the handle for it opens while the tree
+            # is filled (L{Handles}).
+            if self.settings.open_ahead:
+                self.cluster.handles.open_soon(candidate)
             chain, size = fill(os.path.join(top, ROOTFS))
-        if self.settings.flatten_depth and depth >= self.settings.flatten_depth:
-            with self.cluster.open(candidate) as image:
+        with self.cluster.open_held(candidate) as image:
+            if self.settings.flatten_depth and depth >= self.settings.flatten_depth:
                 image.flatten()
-            depth = 0
-        self.cluster.set_meta(candidate, {K_CHAIN: chain, K_DEPTH: str(depth)})
-        self.cluster.snapshot(candidate)
+                depth = 0
+            self.cluster.set_meta(candidate, {K_CHAIN: chain, K_DEPTH: str(depth)})
+            self.cluster.snapshot(candidate, image)
         return candidate, chain, size
 
     def settle(self, candidate: str, chain: str, layer: LayerInfo | None, name: str) -> bool:

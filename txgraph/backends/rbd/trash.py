@@ -56,6 +56,7 @@ class Trash:
         to the RBD trash and wake the purge.
         """
         assert self.cluster.rbd is not None
+        self.cluster.handles.drop(name)
         for mapping in self.devices.mappings(name):
             self.devices.unmap(mapping)
         with self.cluster.lock:
