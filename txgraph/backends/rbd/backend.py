@@ -289,7 +289,7 @@ class RBDBackend(Backend):
                 # this one becomes a flat image (its parents' data copied).
                 # Through the handle opened ahead of the commit, if held,
                 # which then takes the snapshot too.
-                self.cluster.clear_stale_clients(name)
+                self.cluster.clear_before_commit(name)
                 with self.cluster.open_held(name) as image:
                     image.flatten()
                     self.cluster.update(name, parent=None)

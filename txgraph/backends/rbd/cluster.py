@@ -472,12 +472,7 @@ class Cluster:
         if state.committed and state.snaps[SNAP][0]:
             self.handles.drop(name)
             return
-        with self.lock:
-            unchecked = name not in self.checked
-        # Unchecked (first commit since start, or a client died): a handle
-        # a killed txgraph held ahead of this commit may still watch the
-        # image, and the snapshot's notice to watchers would wait for it.
-        self.clear_stale_clients(name, watchers=unchecked)
+        self.clear_before_commit(name)
         with self.open_held(name) if image is None else contextlib.nullcontext(image) as image:
             if not image.snap_exists(SNAP):
                 image.create_snap(SNAP)
@@ -485,6 +480,19 @@ class Cluster:
                 image.protect_snap(SNAP)
             size = int(image.size())
         self.update(name, snap=(True, size))
+
+    def clear_before_commit(self, name: str) -> None:
+        """
+        L{clear_stale_clients} before a commit's writes to the image (its
+        flatten, its snapshot), dropping dead clients' watches too while
+        the image is unchecked (its first commit since start, or a client
+        died): a handle a killed txgraph held ahead of this commit may
+        still watch the image, and every notice to watchers would wait for
+        it (about 30 s).
+        """
+        with self.lock:
+            unchecked = name not in self.checked
+        self.clear_stale_clients(name, watchers=unchecked)
 
     @contextlib.contextmanager
     def open_held(self, name: str) -> Iterator[Any]:
