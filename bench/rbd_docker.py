@@ -38,7 +38,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import run as bench_run  # noqa: E402  (also puts the harness on sys.path)
-from dockerd import Dockerd  # noqa: E402
 from txgraphd import rbd_flags, rbd_namespace  # noqa: E402
 
 from txgraph.testing.ceph import DevCluster  # noqa: E402
@@ -138,21 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
 
         def fresh_fs(key: str) -> bench_run.LoopFS:
-            fs = bench_run.LoopFS(work / f"{key}.img", work / key, size)
-            stack.callback(fs.cleanup)
-            fs.create()
-            return fs
+            return bench_run._fresh_fs(stack, work, key, size)
 
         cluster = DevCluster(work / "ceph")
         stack.callback(cluster.down)
         cluster.up()
-        systems: list[bench_run.System] = []
-        fs = fresh_fs("builtin")
-        d = Dockerd(fs.mountpoint / "dockerd", "overlay2")
-        d.log_path = logs / "dockerd-builtin.log"
-        stack.callback(d.cleanup)
-        d.start()
-        systems.append(bench_run.System("builtin", "built-in overlay2", fs, d))
+        systems = [bench_run._builtin_system(stack, fresh_fs("builtin"), logs)]
         ports: dict[str, int] = {}
 
         def metrics(key: str) -> list[str]:

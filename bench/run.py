@@ -1038,18 +1038,9 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(_remove_work, work, logs, args, outcome)
 
         def fresh_fs(key: str) -> LoopFS:
-            fs = LoopFS(work / f"{key}.img", work / key, size)
-            stack.callback(fs.cleanup)
-            fs.create()
-            return fs
+            return _fresh_fs(stack, work, key, size)
 
-        # built-in overlay2
-        fs = fresh_fs("builtin")
-        d = Dockerd(fs.mountpoint / "dockerd", "overlay2")
-        d.log_path = logs / "dockerd-builtin.log"
-        stack.callback(d.cleanup)
-        d.start()
-        systems.append(System("builtin", "built-in overlay2", fs, d))
+        systems.append(_builtin_system(stack, fresh_fs("builtin"), logs))
 
         # txgraph, overlay backend (an older source tree first, for an A/B)
         if args.old is not None:
@@ -1117,6 +1108,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out}")
         outcome["ok"] = True
     return 0
+
+
+def _fresh_fs(stack: contextlib.ExitStack, work: Path, key: str, size: int) -> LoopFS:
+    """
+    A fresh loop-mounted ext4 of C{size} bytes at C{work/key}, cleaned up
+    with C{stack}.
+    """
+    fs = LoopFS(work / f"{key}.img", work / key, size)
+    stack.callback(fs.cleanup)
+    fs.create()
+    return fs
+
+
+def _builtin_system(stack: contextlib.ExitStack, fs: LoopFS, logs: Path) -> System:
+    """
+    dockerd with its built-in overlay2 on C{fs}, the reference system.
+    """
+    d = Dockerd(fs.mountpoint / "dockerd", "overlay2")
+    d.log_path = logs / "dockerd-builtin.log"
+    stack.callback(d.cleanup)
+    d.start()
+    return System("builtin", "built-in overlay2", fs, d)
 
 
 def _txgraph_system(
