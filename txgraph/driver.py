@@ -333,11 +333,13 @@ class Driver:
         Create or CreateReadWrite.  An image layer (Create) is committed
         after its ApplyDiff or when a layer is made on it, a container's
         C{-init} layer when the container's layer is made on it: the
-        backend is told to expect the commit.
+        backend is told to expect the commit.  A read-write layer is a
+        container's (its own or its C{-init}), as the backend is told too.
         """
         await self.registry.create(
             layer_id, parent, readwrite, storage_opt,
             commit_expected=not readwrite or layer_id.endswith("-init"),
+            container=readwrite,
         )
         faults.point("create.committed")
 

@@ -196,6 +196,8 @@ class Stack:
         self.txgraph = txgraph
         self.dockerd = dockerd
         self.backend = "overlay"
+        #: rbd with containers' layers on local storage (container_layers=local).
+        self.local = False
 
     def layers(self) -> list[dict[str, Any]]:
         """
@@ -251,14 +253,25 @@ def stack(request: pytest.FixtureRequest, module_components: Components) -> Stac
     """
     txgraph on each backend in turn, with a dockerd using it.
     """
+    return make_stack(request, module_components, request.param)
+
+
+def make_stack(request: pytest.FixtureRequest, components: Components, backend: str) -> Stack:
+    """
+    txgraph on C{backend} (C{overlay}, C{rbd}, or C{rbd-local}: rbd with
+    C{container_layers=local}), with a dockerd using it.
+    """
     flags: list[str] = []
-    if request.param == "rbd":
+    if backend in ("rbd", "rbd-local"):
         cluster = request.getfixturevalue("ceph_cluster")
         flags = rbd_flags(cluster, rbd_namespace(cluster))
-    txgraph = module_components.txgraph(*flags)
-    dockerd = module_components.dockerd(txgraph.name)
+    if backend == "rbd-local":
+        flags += ["--rbd-container-layers", "local"]
+    txgraph = components.txgraph(*flags)
+    dockerd = components.dockerd(txgraph.name)
     stack = Stack(txgraph, dockerd)
-    stack.backend = request.param
+    stack.backend = "rbd" if backend == "rbd-local" else backend
+    stack.local = backend == "rbd-local"
     return stack
 
 

@@ -2,8 +2,9 @@
 txgraph under a real dockerd (Debian's docker.io 20.10, --experimental -s
 <plugin>): the scenarios a Docker host lives by, end to end.
 
-For each backend (overlay, and rbd on a real dev cluster), one txgraph and
-one dockerd serve the whole module, in order: load, import, run, commit,
+For each backend (overlay, rbd on a real dev cluster, and rbd with
+containers' layers on local storage), one txgraph and one dockerd serve the
+whole module, in order: load, import, run, commit,
 build (BuildKit and classic), diff, cp, export, save, rm, rmi, a dockerd
 restart, and a txgraph SIGKILL with a running container.  Each test leaves the stack usable for the next.
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Stack
+from conftest import Components, Stack, make_stack
 from dockerd import loop_devices_under, mounts_under, pid_alive
 
 from txgraph.backends import layer_key
@@ -32,11 +33,22 @@ from txgraph.backends import layer_key
 pytestmark = pytest.mark.dockerd
 
 
+@pytest.fixture(scope="module", params=["overlay", "rbd", "rbd-local"])
+def stack(request: pytest.FixtureRequest, module_components: Components) -> Stack:
+    """
+    txgraph on each backend in turn, with a dockerd using it; rbd twice:
+    with containers' layers in the pool, and kept locally.
+    """
+    return make_stack(request, module_components, request.param)
+
+
 def _stray_mounts(stack: Stack) -> list[str]:
     """
     Mounts under txgraph's state directory but for the rbd-fuse mounts of
     layers that rest mapped (devices kept after their last Put), or whose
-    kept device is being unmapped right now.
+    kept device is being unmapped right now, and (rbd-local) the image
+    layers' lower mounts and their rbd-fuse mounts, kept for unmap_delay
+    after their last container's Put.
     """
     if stack.backend != "rbd":
         return mounts_under(stack.txgraph.state_dir)
@@ -44,7 +56,11 @@ def _stray_mounts(stack: Stack) -> list[str]:
     # the mount table before its layer reads "created".
     fuse = stack.txgraph.state_dir / "rbd" / "fuse"
     kept = {str(fuse / layer_key(r["id"])) for r in stack.layers() if r["state"] in ("mapped", "unmapping")}
-    return [m for m in mounts_under(stack.txgraph.state_dir) if m not in kept]
+    lowers = (str(stack.txgraph.state_dir / "rbd" / "lower") + "/", str(fuse / "lower."))
+    return [
+        m for m in mounts_under(stack.txgraph.state_dir)
+        if m not in kept and not (stack.local and m.startswith(lowers))
+    ]
 
 
 def test_info_shows_txgraph(stack: Stack) -> None:
@@ -178,6 +194,44 @@ def _mapped(stack: Stack) -> dict[str, dict[str, Any]]:
     return {m["id"]: m["mapping"] for m in report["mapped"]}
 
 
+def test_rbd_local_container_layers(stack: Stack) -> None:
+    """
+    rbd with container_layers=local: a container's layer and its -init
+    layer are local overlayfs layers (GetMetadata shows their directories
+    and the image layer they are over), both containers of an image share
+    one read-only mapping of it, and that mapping goes unmap_delay (5 s)
+    after the last of them is removed.
+    """
+    if not stack.local:
+        pytest.skip("only rbd with container_layers=local keeps containers' layers locally")
+    docker = stack.docker
+    before = stack.layer_ids()
+    lower_root = stack.txgraph.state_dir / "rbd" / "lower"
+    for name in ("l1", "l2"):
+        docker("run", "-d", "--name", name, "--network", "none", "busybox:local", "sleep", "300")
+    try:
+        data = [
+            json.loads(docker("inspect", "-f", "{{json .GraphDriver.Data}}", name).stdout)
+            for name in ("l1", "l2")
+        ]
+        assert data[0]["UpperDir"].startswith(str(stack.txgraph.state_dir / "rbd" / "local") + "/")
+        image = json.loads(docker("image", "inspect", "-f", "{{json .GraphDriver.Data}}", "busybox:local").stdout)
+        assert "Image" in image and "UpperDir" not in image
+        assert data[0]["Base"] == data[1]["Base"] == image["Image"]
+        lower = Path(data[0]["LowerDir"].split(":")[-1]).parent
+        assert lower.parent == lower_root and Path(data[1]["LowerDir"].split(":")[-1]).parent == lower
+        assert mounts_under(lower) == [str(lower)]
+        assert docker("exec", "l2", "sh", "-c", "echo hi > /x && cat /x /etc/passwd").stdout.startswith("hi\n")
+    finally:
+        docker("rm", "-f", "l1", "l2")
+    assert stack.layer_ids() == before
+    deadline = time.monotonic() + 30
+    while mounts_under(lower):
+        assert time.monotonic() < deadline, "the image's lower mapping stayed after its containers"
+        time.sleep(0.2)
+    assert _stray_mounts(stack) == []
+
+
 def test_rbd_keeps_a_device_from_create_to_start(stack: Stack) -> None:
     """
     dockerd gets and puts a container's layer at create, and gets it again
@@ -186,8 +240,8 @@ def test_rbd_keeps_a_device_from_create_to_start(stack: Stack) -> None:
     docker diff of the stopped container reads that device, and the
     device is unmapped once the delay (5 s) has passed.
     """
-    if stack.backend != "rbd":
-        pytest.skip("only the rbd backend maps devices")
+    if stack.backend != "rbd" or stack.local:
+        pytest.skip("only the rbd backend maps containers' layers")
     docker = stack.docker
     before = stack.layer_ids()
     docker("create", "--name", "k1", "--network", "none", "busybox:local",

@@ -33,7 +33,7 @@ from dockerd import host_leftovers, pid_alive
 from prometheus_client.parser import text_string_to_metric_families
 
 from txgraph import metrics, mounts
-from txgraph.backends import LayerInfo, parse_options
+from txgraph.backends import LayerInfo, LayerView, parse_options
 from txgraph.backends.catalog import backend_class
 from txgraph.backends.rbd import RBDBackend
 from txgraph.backends.rbd.metadata import K_OWNER, K_STATE, SNAP, client_nonce
@@ -206,6 +206,25 @@ class RBDBackendConformanceTests(make_backend_tests(conformance_backend, apply_s
     """
 
 
+def local_conformance_backend(state_dir: str) -> RBDBackend:
+    """
+    A backend that keeps containers' layers locally (C{container_layers=local}),
+    in a namespace of its own.
+    """
+    assert _ceph is not None, "the ceph fixture is not active"
+    return _ceph.backend(state_dir, container_layers="local", unmap_delay="1")
+
+
+class RBDLocalConformanceTests(
+    make_backend_tests(local_conformance_backend, apply_size="content", containers=True)
+):
+    """
+    The same contract with containers' layers kept locally: every read-write
+    layer made on a parent is an overlayfs directory over its RBD base
+    (L{txgraph.backends.rbd.local}), and the layers made on it are local too.
+    """
+
+
 # -- helpers -----------------------------------------------------------------------
 
 
@@ -314,6 +333,7 @@ def test_two_nodes_share_a_pool(ceph: Ceph, tmp_path: Path) -> None:
         ("object_size", "1K"),
         ("object_size", "64M"),
         ("share", "maybe"),
+        ("container_layers", "tmpfs"),
     ],
 )
 def test_bad_option(key: str, value: str) -> None:
@@ -1354,3 +1374,173 @@ def test_handle_of_a_killed_txgraph_does_not_hold_the_commit(
     layers.commit(layer)
     assert time.monotonic() - began < 15
     assert ceph.snaps(namespace, name) == [SNAP] and _watchers(ceph, namespace, name) == []
+
+
+# -- containers' layers on local storage (container_layers=local) ------------------
+
+
+@pytest.fixture
+def local(ceph: Ceph, tmp_path: Path) -> Iterator[Started]:
+    """
+    A started backend that keeps containers' layers locally, unmapping
+    unused lowers after 1 s; everything it made is removed afterwards.
+    """
+    namespace = ceph.namespace()
+    backend = ceph.backend(str(tmp_path / "state"), namespace, container_layers="local", unmap_delay="1")
+    backend.start()
+    env = Started(backend, namespace, Layers(backend, containers=True))
+    try:
+        yield env
+    finally:
+        env.layers.cleanup()
+        env.backend.stop()
+
+
+def _lowers_mounted(backend: RBDBackend) -> list[str]:
+    return mounts.mounted_under(backend.lowers.root)
+
+
+def _wait_until(check: Any, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_container_layers_are_local(local: Started, ceph: Ceph) -> None:
+    """
+    With container_layers=local, a container's layer and its -init layer
+    are overlayfs directories (no RBD image of theirs), over the image
+    layer's device mapped read-only once, while a layer is mounted over it
+    and unmap_delay seconds more; image layers stay RBD clones.  Changes,
+    Diff and DiffSize read them against their parent, and their Diff
+    applied to a new image layer in the pool reproduces the container's
+    tree.
+    """
+    backend, layers = local.backend, local.layers
+    image = layers.create()
+    layers.write(image, {"etc/keep": b"kept", "etc/gone": b"gone", "bin/tool": b"t" * 1000})
+    init = layers.create(image)
+    container = layers.create(init)
+    images = ceph.images(local.namespace)
+    assert backend.image_name(image) in images
+    assert backend.image_name(init) not in images and backend.image_name(container) not in images
+    assert backend.local.is_local(init) and backend.local.is_local(container)
+    assert backend.local.base_of(init) == image == backend.local.base_of(container)
+    assert _lowers_mounted(backend) == []
+    root = layers.get(container)
+    assert _read(root, "etc/keep") == b"kept"
+    with open(os.path.join(root, "new"), "wb") as f:
+        f.write(b"12345")
+    os.unlink(os.path.join(root, "etc/gone"))
+    # One lower for the image, however many containers use it.
+    other = layers.create(layers.create(image))
+    assert _read(layers.get(other), "bin/tool") == b"t" * 1000
+    assert _lowers_mounted(backend) == [backend.lowers.point(image)]
+    assert backend.metadata(layers.infos[container], layers.chain(container))["LowerDir"].split(":") == [
+        backend.local.diff_dir(init), backend.lowers.path(image)
+    ]
+    layers.put(other)
+    layers.put(container)
+    info = layers.infos[container]
+    changes = backend.changes(info, layers.chain(container), init)
+    assert sorted((c.path, c.kind) for c in changes) == sorted(
+        [("/new", ChangeKind.ADD), ("/etc", ChangeKind.MODIFY), ("/etc/gone", ChangeKind.DELETE)]
+    )
+    assert backend.diff_size(info, layers.chain(container), init) == 5
+    out = io.BytesIO()
+    backend.diff(info, layers.chain(container), init, out, IDENTITY)
+    copy = layers.create(image, readwrite=False)
+    out.seek(0)
+    backend.apply(layers.infos[copy], out, IDENTITY)
+    layers.commit(copy)
+    assert backend.image_name(copy) in ceph.images(local.namespace)
+    tree = layers.get(copy)
+    assert sorted(os.listdir(os.path.join(tree, "etc"))) == ["keep"]
+    assert _read(tree, "new") == b"12345"
+    layers.put(copy)
+    # Unused for unmap_delay: unmounted and unmapped.
+    _wait_until(lambda: _lowers_mounted(backend) == [], "the unused lower stayed mounted")
+    assert host_leftovers(backend.state_dir) == []
+
+
+def test_local_layer_survives_a_restart(local: Started) -> None:
+    """
+    A txgraph restart (a new backend on the same state directory, the old
+    one stopped with a container's layer mounted) keeps the layer and its
+    lower mounted; the new backend's recovery takes the lower again, which
+    stays while the layer is mounted and goes after its last Put.
+    """
+    backend, layers = local.backend, local.layers
+    image = layers.create()
+    layers.write(image, {"f": b"image"})
+    container = layers.create(image)
+    root = layers.get(container)
+    with open(os.path.join(root, "g"), "wb") as f:
+        f.write(b"written")
+    info = layers.infos[container]
+    backend.stop()
+    assert _lowers_mounted(backend) == [backend.lowers.point(image)]
+    again = RBDBackend(backend.state_dir, dict(backend.config))
+    again.start()
+    layers.backend = local.backend = again
+    assert again.ensure_mounted(info, layers.chain(container)) == root
+    time.sleep(1.5)  # past unmap_delay: held, so not swept
+    assert _read(root, "f") == b"image" and _read(root, "g") == b"written"
+    layers.put(container)
+    _wait_until(lambda: _lowers_mounted(again) == [], "the lower stayed after the last Put")
+
+
+def test_lower_left_by_a_crash_is_swept_or_repaired(local: Started, ceph: Ceph) -> None:
+    """
+    A lower a killed txgraph left mounted with nothing over it is swept
+    unmap_delay after the next start, and gc lists it meanwhile (and
+    repairs it); a lower mapping left without its mount (killed between
+    the two) is unmapped at start.
+    """
+    backend, layers = local.backend, local.layers
+    image = layers.create()
+    layers.write(image, {"f": b"image"})
+    other = layers.create()
+    layers.commit(other)
+    backend.lowers.acquire(image)  # and never released: the process "dies"
+    key = backend.names.key(other)
+    os.makedirs(backend.lowers.point(other))
+    assert backend.devices.mapper is not None
+    backend.devices.mapper.map(backend.image_name(other), readonly=True, tag=f"lower.{key}")
+    again = ceph.backend(backend.state_dir, local.namespace, container_layers="local", unmap_delay="30")
+    again.start()
+    layers.backend = local.backend = again
+    try:
+        assert _lowers_mounted(again) == [again.lowers.point(image)]
+        assert not os.path.exists(again.lowers.point(other))
+        assert again.devices.mappings(again.image_name(other)) == []
+        views = {i: LayerView(i, "created", None, None) for i in (image, other)}
+        (orphan,) = [o for o in again.orphans(views) if o.id.startswith(again.lowers.root)]
+        assert orphan.id == again.lowers.point(image)
+        again.repair(orphan)
+        assert _lowers_mounted(again) == []
+        assert [o for o in again.orphans(views) if o.id.startswith(again.lowers.root)] == []
+    finally:
+        backend.lowers.users.clear()
+
+
+def test_image_layer_under_a_lingering_lower_is_removed(local: Started, ceph: Ceph) -> None:
+    """
+    Removing an image layer whose lower is still mapped (within unmap_delay
+    of its last user) unmaps it first; one with a local layer mounted over
+    it is refused, naming why.
+    """
+    backend, layers = local.backend, local.layers
+    image = layers.create()
+    container = layers.create(image)
+    layers.get(container)
+    with pytest.raises(BackendError, match="lower layer of a mounted local container layer"):
+        backend.remove(layers.infos[image])
+    layers.put(container)
+    backend.remove(layers.infos.pop(container))
+    assert _lowers_mounted(backend) == [backend.lowers.point(image)]
+    backend.remove(layers.infos.pop(image))
+    assert _lowers_mounted(backend) == []
+    assert backend.image_name(image) not in ceph.images(local.namespace)
+    assert host_leftovers(backend.state_dir) == []

@@ -69,6 +69,11 @@ class LayerInfo:
         containerd's unpack snapshot), so a backend may prepare for the
         commit ahead of it (rbd opens the image: L{txgraph.backends.rbd.handles}).
         Not persisted: after a restart it is False.
+    @ivar container: a hint from the front end that the layer is a
+        container's (dockerd's C{CreateReadWrite}: a container's layer and
+        its C{-init} layer), which a backend may keep on local storage
+        (rbd's C{container_layers=local}).  Only read when the layer is
+        made; not persisted.
     """
 
     id: str
@@ -79,6 +84,7 @@ class LayerInfo:
     root_ids: tuple[int, int] = (0, 0)
     committed: bool = False
     commit_expected: bool = False
+    container: bool = False
 
 
 @dataclass(frozen=True)

@@ -165,9 +165,11 @@ class OverlayBackend(Backend):
         ),
     )
 
-    def __init__(self, state_dir: str, options: dict[str, Any]) -> None:
+    def __init__(
+        self, state_dir: str, options: dict[str, Any], root: str | None = None
+    ) -> None:
         super().__init__(state_dir, options)
-        self.root = os.path.join(state_dir, "overlay")
+        self.root = root if root is not None else os.path.join(state_dir, "overlay")
         self._tmp = os.path.join(self.root, ".tmp")
         self._links = os.path.join(self.root, ".links")
         # Sized layers' filesystems: the users of each mount (by key), and
@@ -202,6 +204,13 @@ class OverlayBackend(Backend):
 
     def _merged(self, layer_id: str) -> str:
         return os.path.join(self._dir(layer_id), "merged")
+
+    def lower_dirs(self, chain: list[LayerInfo]) -> list[str]:
+        """
+        The lower directories of a layer whose ancestors are C{chain}
+        (nearest first): their diff directories.
+        """
+        return [self.diff_dir(a.id) for a in chain]
 
     def _layer_of(self, name: str) -> str | None:
         """
@@ -281,6 +290,7 @@ class OverlayBackend(Backend):
                 with open(os.path.join(staging, ID_FILE), "w", encoding="utf-8") as f:
                     f.write(layer.id)
             os.mkdir(os.path.join(staging, "merged"), 0o700)
+            self._prepare_extra(staging, layer)
             if size is None:
                 _make_upper(staging, layer.root_ids)
             else:
@@ -290,6 +300,12 @@ class OverlayBackend(Backend):
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+    def _prepare_extra(self, staging: str, layer: LayerInfo) -> None:
+        """
+        Anything more a new layer's directory holds from the start (made
+        in C{staging}, before it is renamed into place); nothing here.
+        """
 
     def _requested_size(self, layer: LayerInfo) -> int | None:
         """
@@ -530,7 +546,7 @@ class OverlayBackend(Backend):
             return self.diff_dir(layer.id)
         merged = self._merged(layer.id)
         self._mount_overlay(
-            [self.diff_dir(a.id) for a in chain],
+            self.lower_dirs(chain),
             merged,
             upper=self.diff_dir(layer.id),
             work=os.path.join(self._upper_root(layer.id), "work"),
@@ -553,7 +569,7 @@ class OverlayBackend(Backend):
         diff = self.diff_dir(layer.id)
         if chain:
             self._mount_overlay(
-                [diff] + [self.diff_dir(a.id) for a in chain], merged, upper=None, work=None
+                [diff] + self.lower_dirs(chain), merged, upper=None, work=None
             )
             return merged
         try:
@@ -650,7 +666,7 @@ class OverlayBackend(Backend):
         return clientmounts.overlay_specs(
             own=self.diff_dir(layer.id),
             work=os.path.join(self._upper_root(layer.id), "work"),
-            parents=[self.diff_dir(a.id) for a in chain],
+            parents=self.lower_dirs(chain),
             links=[self._linked(a.id) for a in chain] if len(chain) > 1 or not view else [],
             view=view,
             extra=extra,
@@ -704,13 +720,13 @@ class OverlayBackend(Backend):
             if mounts.is_mountpoint(merged):
                 new = merged
             else:
-                lowers = [self.diff_dir(layer.id)] + [self.diff_dir(a.id) for a in chain]
+                lowers = [self.diff_dir(layer.id)] + self.lower_dirs(chain)
                 new = stack.enter_context(self._view(lowers))
             old = None
             if parent is not None:
                 ids = [a.id for a in chain]
                 if parent in ids:
-                    parent_lowers = [self.diff_dir(i) for i in ids[ids.index(parent) :]]
+                    parent_lowers = self.lower_dirs(chain[ids.index(parent) :])
                 else:
                     raise BadRequest(
                         f"layer {parent} is not an ancestor of {layer.id}; "
@@ -790,5 +806,5 @@ class OverlayBackend(Backend):
             "MergedDir": self._merged(layer.id) if chain else self.diff_dir(layer.id),
         }
         if chain:
-            meta["LowerDir"] = ":".join(self.diff_dir(a.id) for a in chain)
+            meta["LowerDir"] = ":".join(self.lower_dirs(chain))
         return meta

@@ -53,6 +53,8 @@ class Layer:
         last Put.
     @ivar commit_expected: the front end's hint that this layer will likely
         be committed (L{LayerInfo.commit_expected}); not persisted.
+    @ivar container: the front end's hint that this layer is a
+        container's (L{LayerInfo.container}); not persisted.
     """
 
     core: LayerCore
@@ -61,6 +63,7 @@ class Layer:
     children: set[str] = field(default_factory=set)
     release_call: IDelayedCall | None = None
     commit_expected: bool = False
+    container: bool = False
 
     def cancel_release(self) -> None:
         """
@@ -143,6 +146,7 @@ class LayerRegistry:
             root_ids=self.id_map.to_host(0, 0),
             committed=row.committed,
             commit_expected=layer is not None and layer.commit_expected,
+            container=layer is not None and layer.container,
         )
 
     def forget(self, layer_id: str) -> None:
@@ -237,12 +241,14 @@ class LayerRegistry:
         readwrite: bool,
         storage_opt: dict[str, str],
         commit_expected: bool = False,
+        container: bool = False,
     ) -> None:
         """
         Create a layer (Create or CreateReadWrite).  Asking again for a layer
         that exists with the same parent and kind succeeds (dockerd retries).
         C{commit_expected}: the front end expects to commit it
-        (L{LayerInfo.commit_expected}).
+        (L{LayerInfo.commit_expected}); C{container}: it is a container's
+        (L{LayerInfo.container}).
         """
         existing = self._layers.get(layer_id)
         if existing is not None:
@@ -276,6 +282,7 @@ class LayerRegistry:
         )
         layer = self._add(row, new)
         layer.commit_expected = commit_expected
+        layer.container = container
         if parentLayer is not None:
             parentLayer.children.add(layer_id)
         try:

@@ -54,8 +54,10 @@ class Layers:
     layer's parent and mapping, and cleaning everything up at the end.
     """
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, containers: bool = False) -> None:
         self.backend = backend
+        #: Read-write layers are made as containers' (L{LayerInfo.container}).
+        self.containers = containers
         self.infos: dict[str, LayerInfo] = {}
         self.mounted: set[str] = set()
 
@@ -78,7 +80,14 @@ class Layers:
         if parent is not None:
             self.commit(parent)
         layer_id = new_id()
-        self.prepare(LayerInfo(id=layer_id, parent=parent, readwrite=readwrite))
+        self.prepare(
+            LayerInfo(
+                id=layer_id,
+                parent=parent,
+                readwrite=readwrite,
+                container=readwrite and self.containers,
+            )
+        )
         return layer_id
 
     def commit(self, layer_id: str) -> None:
@@ -212,12 +221,13 @@ def check_contract(backend: object) -> list[str]:
     return problems
 
 
-def make_contract_tests(factory: Callable[[str], Backend]) -> type:
+def make_contract_tests(factory: Callable[[str], Backend], containers: bool = False) -> type:
     """
     The part of the conformance suite that needs no storage: the backend
     object against the contract, its status, and the idempotency of
     removal and of unmounting, as crash recovery needs.  A fake backend
-    passes these (tests/unit/test_fake_backend.py).
+    passes these (tests/unit/test_fake_backend.py).  With C{containers},
+    read-write layers are made as containers' (L{LayerInfo.container}).
     """
 
     class BackendContractTests:
@@ -229,7 +239,7 @@ def make_contract_tests(factory: Callable[[str], Backend]) -> type:
         def layers(self, tmp_path: Any) -> Iterator[Layers]:
             backend = factory(str(tmp_path))
             backend.start()
-            driver = Layers(backend)
+            driver = Layers(backend, containers)
             try:
                 yield driver
             finally:
@@ -276,7 +286,9 @@ def make_contract_tests(factory: Callable[[str], Backend]) -> type:
     return BackendContractTests
 
 
-def make_backend_tests(factory: Callable[[str], Backend], apply_size: str = "tree") -> type:
+def make_backend_tests(
+    factory: Callable[[str], Backend], apply_size: str = "tree", containers: bool = False
+) -> type:
     """
     The conformance test class for backends made by C{factory(state_dir)}:
     the contract tests (L{make_contract_tests}) and those of the layers'
@@ -288,12 +300,14 @@ def make_backend_tests(factory: Callable[[str], Backend], apply_size: str = "tre
     tar's content size, the sum of its entries' sizes as Go's tar reader
     gives them (moby's naive-diff drivers, whose C{ApplyDiff} returns
     C{UnpackLayer}'s sum).  The two differ for the same tar: a symlink
-    counts its target's length in DiffSize and 0 in the tar.
+    counts its target's length in DiffSize and 0 in the tar.  With
+    C{containers}, read-write layers are made as containers'
+    (L{LayerInfo.container}).
     """
     if apply_size not in ("tree", "content"):
         raise ValueError(f"apply_size must be 'tree' or 'content', not {apply_size!r}")
 
-    class BackendConformanceTests(make_contract_tests(factory)):  # type: ignore[misc]
+    class BackendConformanceTests(make_contract_tests(factory, containers)):  # type: ignore[misc]
         """
         The contract every backend keeps (see L{txgraph.backends}).
         """

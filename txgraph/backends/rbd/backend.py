@@ -94,6 +94,7 @@ from txgraph.backends import (
 from txgraph.backends.rbd.clones import Clones
 from txgraph.backends.rbd.cluster import Cluster
 from txgraph.backends.rbd.devices import Devices
+from txgraph.backends.rbd.local import LocalLayers, Lowers
 from txgraph.backends.rbd.mappers.base import Mapping
 from txgraph.backends.rbd.metadata import K_DEPTH, K_LAYER, K_STATE, ROOTFS, SNAP
 from txgraph.backends.rbd.names import Names
@@ -105,6 +106,9 @@ from txgraph.errors import BackendError, ConfigurationError
 from txgraph.model import Change, IDMap
 
 log = Logger()
+
+#: gc's name for a local layer's leftover (L{txgraph.backends.rbd.local}).
+LOCAL_ORPHAN = "local:"
 
 
 class RBDBackend(Backend):
@@ -146,6 +150,46 @@ class RBDBackend(Backend):
         self.repairs = Repairs(
             self.names, self.cluster, self.devices, self.trash, self.clones, self.shared
         )
+        self.lowers = Lowers(self.names, self.devices, self.settings.unmap_delay)
+        self.local = LocalLayers(state_dir, self.names, self.lowers)
+
+    # -- containers' layers on local storage (container_layers=local) ---------------------
+
+    def _is_local(self, layer: LayerInfo) -> bool:
+        """
+        Whether the layer is a local one (L{txgraph.backends.rbd.local}).
+        """
+        return self.local.is_local(layer.id)
+
+    def _makes_local(self, layer: LayerInfo) -> bool:
+        """
+        Whether a new layer is to be local: a container's made on a parent,
+        with C{container_layers=local}, or any layer made on a local one.
+        """
+        if layer.parent is None:
+            return False
+        if self.local.is_local(layer.parent):
+            return True
+        return self.settings.container_layers == "local" and layer.container
+
+    def _local_reading(self, layer: LayerInfo, parent: str | None) -> contextlib.ExitStack:
+        """
+        The lowers a read of a local layer needs (its base; an RBD C{parent}
+        beyond it too), held while the read runs.
+        """
+        stack = contextlib.ExitStack()
+        base = self.local.base_of(layer.id)
+        wanted = [base] if base else []
+        if parent is not None and parent != base and not self.local.is_local(parent):
+            wanted.append(parent)
+        try:
+            for base_id in wanted:
+                self.lowers.acquire(base_id)
+                stack.callback(self.lowers.release, base_id)
+        except BaseException:
+            stack.close()
+            raise
+        return stack
 
     def image_name(self, layer_id: str) -> str:
         """
@@ -181,11 +225,15 @@ class RBDBackend(Backend):
         for d in (self.names.root, self.names.mnt, self.names.work):
             os.makedirs(d, mode=0o700, exist_ok=True)
         os.chmod(self.names.root, 0o700)
+        if self.settings.container_layers == "local" or os.path.isdir(self.local.root):
+            os.makedirs(self.local.root, mode=0o700, exist_ok=True)
+            self.local.start()
         self.cluster.connect()
         try:
             self.cluster.handles.start()
             self.devices.choose()
             self.devices.cleanup_leftovers()
+            self.lowers.start()
             with self.cluster.op("set-up of the base image", None, self.names.base_image):
                 self.clones.ensure_base()
             self.trash.purger.start()
@@ -254,6 +302,12 @@ class RBDBackend(Backend):
         while the clone is made, and the mapping is returned for the
         layer's record.
         """
+        if self._makes_local(layer):
+            if not os.path.isdir(self.local.root):
+                os.makedirs(self.local.root, mode=0o700, exist_ok=True)
+                self.local.start()
+            self.local.prepare(layer)
+            return None
         name = self.names.image_name(layer.id)
         with self.cluster.op("prepare", layer.id, name):
             return self.clones.fresh_clone(layer, name, premap=layer.readwrite and self.settings.unmap_delay > 0)
@@ -263,6 +317,8 @@ class RBDBackend(Backend):
         Snapshot and protect the layer's image (idempotent); never while
         it is mounted or mapped read-write.
         """
+        if self._is_local(layer):
+            return
         name = self.names.image_name(layer.id)
         with self.cluster.op("commit", layer.id, name):
             state = self.cluster.require(name)
@@ -311,8 +367,13 @@ class RBDBackend(Backend):
         can be made again), keeps the image's data readable for clones
         not purged yet, and survives a crash: the purge resumes at start.
         """
+        if self._is_local(layer):
+            self.local.remove(layer)
+            self._uncount(layer)
+            return
         name = self.names.image_name(layer.id)
         with self.cluster.op("remove", layer.id, name):
+            self.lowers.drop(layer.id)
             state = self.cluster.inspect(name)
             if state is not None and not self.names.ours(state):
                 log.warn(
@@ -332,6 +393,9 @@ class RBDBackend(Backend):
         """
         Make the layer equal to its parent again: a fresh clone.
         """
+        if self._is_local(layer):
+            self.local.reset(layer)
+            return
         name = self.names.image_name(layer.id)
         with self.cluster.op("reset", layer.id, name):
             self.clones.discard_image(self.names.candidate(self.names.key(layer.id)))
@@ -341,6 +405,8 @@ class RBDBackend(Backend):
         """
         Whether this node has the layer's image.
         """
+        if self._is_local(layer):
+            return self.local.exists(layer)
         name = self.names.image_name(layer.id)
         with self.cluster.op("look up", layer.id, name):
             state = self.cluster.inspect(name)
@@ -348,8 +414,16 @@ class RBDBackend(Backend):
 
     def list_layers(self) -> list[str]:
         """
-        This node's layers: images named with its prefix and node id, and
-        owned by it.
+        This node's layers: its images (L{_image_layers}) and its local
+        layers.
+        """
+        local = self.local.list_layers() if os.path.isdir(self.local.root) else []
+        return sorted(set(self._image_layers()) | set(local))
+
+    def _image_layers(self) -> list[str]:
+        """
+        This node's layer images: images named with its prefix and node id,
+        and owned by it.
         """
         assert self.cluster.rbd is not None
         with self.cluster.op("list of the layers", None):
@@ -375,12 +449,21 @@ class RBDBackend(Backend):
         C{rbd/} and C{rbd/mnt/} (each layer's mount point is covered by its
         filesystem's own root).
         """
-        return [self.names.root, self.names.mnt]
+        paths = [self.names.root, self.names.mnt]
+        if os.path.isdir(self.local.root):
+            paths += self.local.traverse_paths()
+        return paths
 
-    def map(self, layer: LayerInfo) -> Mapping:
+    def allow_traverse(self, gid: int | None) -> None:
+        self.local.traverse_gid = gid
+        super().allow_traverse(gid)
+
+    def map(self, layer: LayerInfo) -> Mapping | None:
         """
         Attach the layer's image: read-write, or read-only once committed.
         """
+        if self._is_local(layer):
+            return None
         assert self.devices.mapper is not None
         name = self.names.image_name(layer.id)
         with self.cluster.op("map", layer.id, name):
@@ -394,6 +477,8 @@ class RBDBackend(Backend):
         Detach the layer's device: the recorded mapping if it still is one,
         and whatever mapping of the layer exists (after a crash).
         """
+        if self._is_local(layer):
+            return
         name = self.names.image_name(layer.id)
         with self.cluster.op("unmap", layer.id, name):
             self.devices.release(layer.id, name, layer.mapping)
@@ -402,6 +487,8 @@ class RBDBackend(Backend):
         """
         Mount the mapped device at C{mnt/<id>}; return its C{rootfs}.
         """
+        if self._is_local(layer):
+            return self._mount_local(layer, chain)
         name = self.names.image_name(layer.id)
         with self.cluster.op("mount", layer.id, name):
             mapping = self.devices.live_mapping(layer, name)
@@ -413,14 +500,48 @@ class RBDBackend(Backend):
         """
         Unmount the layer (and anything mounted below it).
         """
+        if self._is_local(layer):
+            self.local.unmount(layer)
+            self._uncount(layer)
+            return
         with self.cluster.op("unmount", layer.id):
             self.devices.unmount(layer.id)
+
+    def _uncount(self, layer: LayerInfo) -> None:
+        """
+        The local layer no longer holds its base (unmounted, or removed).
+        """
+        base = self.local.counted.pop(layer.id, None)
+        if base:
+            self.lowers.release(base)
+
+    def _mount_local(self, layer: LayerInfo, chain: list[LayerInfo], again: bool = False) -> str:
+        """
+        Mount a local layer over its base's lower mount, which it holds
+        until its last Put (counted once per layer).
+        """
+        base = self.local.base_of(layer.id)
+        counted = layer.id in self.local.counted
+        if base and not counted:
+            self.lowers.acquire(base)
+        try:
+            directory = (
+                self.local.ensure_mounted(layer, chain) if again else self.local.mount(layer, chain)
+            )
+        except BaseException:
+            if base and not counted:
+                self.lowers.release(base)
+            raise
+        self.local.counted[layer.id] = base or ""
+        return directory
 
     def ensure_mounted(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
         """
         Mount the layer again if its mount is gone, mapping it again first
         if its device is gone too.
         """
+        if self._is_local(layer):
+            return self._mount_local(layer, chain, again=True)
         name = self.names.image_name(layer.id)
         with self.cluster.op("remount", layer.id, name):
             mapping = self.devices.live_mapping(layer, name)
@@ -441,6 +562,11 @@ class RBDBackend(Backend):
         the device itself would not show, so the layer stays mapped and
         mounted here while the snapshot exists (L{holds_client_mounts}).
         """
+        if self._is_local(layer):
+            merged = self.local.merged(layer.id)
+            if not mounts.is_mountpoint(merged):
+                raise BackendError(f"rbd mounts of local layer {layer.id}: it is not mounted at {merged}")
+            return [MountSpec("bind", merged, ("ro" if view else "rw", "rbind"))]
         rootfs = os.path.join(self.names.mountpoint(layer.id), ROOTFS)
         if not os.path.isdir(rootfs):
             raise BackendError(f"rbd mounts of layer {layer.id}: it is not mounted at {rootfs}")
@@ -461,6 +587,8 @@ class RBDBackend(Backend):
         since it was cloned from its parent), as containerd's devmapper
         snapshotter reports a thin device's; inodes are not counted (0).
         """
+        if self._is_local(layer):
+            return self.local.usage(layer)
         name = self.names.image_name(layer.id)
         with self.cluster.op("usage", layer.id, name), self.cluster.open(name) as image:
             total = 0
@@ -487,6 +615,8 @@ class RBDBackend(Backend):
         instead, which is published under its chain ID, or discarded if the
         pool already has that chain (L{SharedLayers.apply_shared}).
         """
+        if self._is_local(layer):
+            return self.local.apply(layer, cast(BinaryIO, stream), id_map)
         name = self.names.image_name(layer.id)
         with self._applying(layer, name):
             reader = thin.HashingReader(cast(BinaryIO, stream))
@@ -507,6 +637,11 @@ class RBDBackend(Backend):
         Make the layer a clone of the snapshot a thin descriptor names
         (L{SharedLayers.apply_thin}), from a fresh clone as L{apply} does.
         """
+        if self._is_local(layer):
+            raise BackendError(
+                f"layer {layer.id} is a local container layer; a thin image's layer is an "
+                "image layer (Create, not CreateReadWrite)"
+            )
         name = self.names.image_name(layer.id)
         with self._applying(layer, name):
             return self.shared.apply_thin(layer, name, descriptor, id_map)
@@ -550,6 +685,9 @@ class RBDBackend(Backend):
         """
         The layer tar of the changes between C{parent} and the layer.
         """
+        if self._is_local(layer):
+            with self._local_reading(layer, parent):
+                return self.local.diff(layer, chain, parent, cast(BinaryIO, out), id_map)
         name = self.names.image_name(layer.id)
         with self.cluster.op("diff", layer.id, name):
             with self.devices.views(layer, chain, parent) as (new, old):
@@ -563,6 +701,9 @@ class RBDBackend(Backend):
         """
         The changes between C{parent} and the layer (moby's naive diff).
         """
+        if self._is_local(layer):
+            with self._local_reading(layer, parent):
+                return self.local.changes(layer, chain, parent)
         name = self.names.image_name(layer.id)
         with self.cluster.op("changes", layer.id, name):
             with self.devices.views(layer, chain, parent) as (new, old):
@@ -574,6 +715,9 @@ class RBDBackend(Backend):
         """
         The size of the changed files (moby's C{ChangesSize}).
         """
+        if self._is_local(layer):
+            with self._local_reading(layer, parent):
+                return self.local.diff_size(layer, chain, parent)
         name = self.names.image_name(layer.id)
         with self.cluster.op("diff size", layer.id, name):
             with self.devices.views(layer, chain, parent) as (new, old):
@@ -583,6 +727,12 @@ class RBDBackend(Backend):
         """
         Where the layer lives (no cluster call).
         """
+        if self._is_local(layer):
+            base = self.local.base_of(layer.id)
+            return {
+                **self.local.metadata(layer, chain),
+                "Base": self.names.spec(self.names.image_name(base)) if base else "",
+            }
         name = self.names.image_name(layer.id)
         parent = self.names.image_name(layer.parent) if layer.parent else self.names.base_image
         mapping = layer.mapping or {}
@@ -604,6 +754,7 @@ class RBDBackend(Backend):
         layer machines own them.
         """
         self.devices.reap()
+        self.lowers.stop()
         self.cluster.handles.close_all()
         if not self.trash.purger.stop(self.settings.timeout + 5):
             log.warn("the rbd trash purge did not stop; leaving the cluster connection open")
@@ -616,13 +767,26 @@ class RBDBackend(Backend):
         """
         This node's leftovers (L{Repairs.orphans}).
         """
-        return self.repairs.orphans(layers, self.list_layers)
+        found = self.repairs.orphans(layers, self._image_layers)
+        if os.path.isdir(self.local.root):
+            found += [
+                Orphan(o.kind, LOCAL_ORPHAN + o.id if o.kind == "object" else o.id, o.detail)
+                for o in self.local.orphans(layers)
+            ]
+        found += self.lowers.orphans(self.local.held_bases(layers))
+        return found
 
     def repair(self, orphan: Orphan) -> None:
         """
         Undo one leftover that L{orphans} found (L{Repairs.repair}).
         """
-        if not self.repairs.repair(orphan):
+        if orphan.kind == "object" and orphan.id.startswith(LOCAL_ORPHAN):
+            self.local.repair(Orphan(orphan.kind, orphan.id[len(LOCAL_ORPHAN):], orphan.detail))
+        elif orphan.kind == "mount" and orphan.id.startswith(self.local.root + os.sep):
+            self.local.repair(orphan)
+        elif orphan.kind == "mount" and orphan.id.startswith(self.lowers.root + os.sep):
+            self.lowers.repair(orphan.id)
+        elif not self.repairs.repair(orphan):
             super().repair(orphan)
 
     def settle_trash(self) -> list[tuple[str, str, str]]:

@@ -66,6 +66,12 @@ def _fs(value: str) -> str:
     return value
 
 
+def _container_layers(value: str) -> str:
+    if value not in ("pool", "local"):
+        raise ValueError("container layers are kept in the pool or local")
+    return value
+
+
 def _mkfs_args(value: str) -> list[str]:
     return shlex.split(value)
 
@@ -206,6 +212,15 @@ OPTIONS = (
         "yes",
         _yes,
     ),
+    BackendOption(
+        "container_layers",
+        "where containers' read-write layers are kept: pool (RBD clones, like "
+        "image layers) or local (overlayfs directories under the state directory, "
+        "over the image's device mapped read-only once per host and kept while "
+        "containers use it)",
+        "pool",
+        _container_layers,
+    ),
 )
 
 
@@ -235,6 +250,7 @@ class Settings:
     unmap_delay: float
     share: bool
     open_ahead: bool
+    container_layers: str = "pool"
 
     @classmethod
     def from_options(cls, opts: dict[str, Any]) -> Settings:
@@ -261,4 +277,5 @@ class Settings:
             unmap_delay=opts["unmap_delay"],
             share=opts["share"],
             open_ahead=opts["open_ahead"],
+            container_layers=opts["container_layers"],
         )
