@@ -7,9 +7,11 @@ cluster, memstore), the systems in turn at every repetition, as
 ``bench/run.py`` measures them (same harness, same fresh loop-mounted ext4
 per system).  ``--old DIR`` adds the rbd backend of another source tree
 (an older commit, extracted) on the same cluster, in a namespace of its
-own: an A/B of two versions in one run.
+own: an A/B of two versions in one run.  ``--local`` adds the rbd backend
+with containers' layers on local storage (``container_layers=local``) the
+same way.
 
-    python bench/rbd_docker.py [--runs 30] [--old DIR] [--out FILE.json]
+    python bench/rbd_docker.py [--runs 30] [--old DIR] [--local] [--out FILE.json]
 
 Prints each system's medians and the ratios issue 18 sets targets for:
 rbd create / built-in create (≤ 3) and rbd run --rm / overlay run --rm
@@ -115,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=30, help="repetitions (default 30)")
     parser.add_argument("--old", type=Path, help="also the rbd backend of this source tree")
+    parser.add_argument(
+        "--local", action="store_true",
+        help="also the rbd backend with container_layers=local",
+    )
     parser.add_argument("--out", type=Path, help="write the samples and medians as JSON")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     parser.add_argument("--fs-size", default="4G", help="each system's ext4 (default 4G)")
@@ -152,12 +158,17 @@ def main(argv: list[str] | None = None) -> int:
         systems.append(bench_run._txgraph_system(
             stack, fresh_fs("overlay"), logs, "overlay", "txgraph overlay",
             ["--backend", "overlay", *metrics("overlay")], options))
-        trees = [("rbd", "txgraph rbd", None)]
+        trees: list[tuple[str, str, Path | None, list[str]]] = [("rbd", "txgraph rbd", None, [])]
         if args.old is not None:
-            trees.insert(0, ("rbd-old", f"txgraph rbd ({args.old.name})", args.old.resolve()))
-        for key, label, tree in trees:
+            trees.insert(0, ("rbd-old", f"txgraph rbd ({args.old.name})", args.old.resolve(), []))
+        if args.local:
+            trees.append(
+                ("rbd-local", "txgraph rbd, local containers", None,
+                 ["--rbd-container-layers", "local"])
+            )
+        for key, label, tree, extra in trees:
             flags = rbd_flags(cluster, rbd_namespace(cluster, key.replace("-", "")), key)
-            flags += metrics(key)
+            flags += metrics(key) + extra
             systems.append(bench_run._txgraph_system(
                 stack, fresh_fs(key), logs, key, label, flags, options,
                 env={"PYTHONPATH": str(tree)} if tree else None))
@@ -169,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             for key, rows in samples.items()
         }
         ratios = {}
-        for key in [k for k, _, _ in trees]:
+        for key in [k for k, _, _, _ in trees]:
             ratios[key] = {
                 "create / built-in create": medians[key]["create"] / medians["builtin"]["create"],
                 "rm / built-in rm": medians[key]["rm"] / medians["builtin"]["rm"],

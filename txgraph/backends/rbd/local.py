@@ -72,6 +72,9 @@ class Lowers:
     @ivar users: per base key, the local layers mounted over it (and the
         temporary reads of one).
     @ivar idle: per base key no longer used, since when (the clock's).
+    @ivar adopted: the base keys whose lower mount this process found at
+        its start and has not used since: a crash's leftovers unless a
+        mounted local layer's recovery takes them again.
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class Lowers:
         self.root = os.path.join(names.root, "lower")
         self.users: dict[str, int] = {}
         self.idle: dict[str, float] = {}
+        self.adopted: set[str] = set()
         self.lock = threading.RLock()
         self._timer: threading.Timer | None = None
         self._stopped = False
@@ -112,6 +116,7 @@ class Lowers:
             for key in sorted(os.listdir(self.root)):
                 if mounts.is_mountpoint(os.path.join(self.root, key)):
                     self.idle.setdefault(key, now)
+                    self.adopted.add(key)
                 else:
                     self._unmap_key(key)
         self._schedule()
@@ -124,6 +129,7 @@ class Lowers:
         key = self.names.key(base_id)
         with self.lock:
             self.idle.pop(key, None)
+            self.adopted.discard(key)
             point = self.point(base_id)
             if not mounts.is_mountpoint(point):
                 self._make(base_id, key, point)
@@ -229,6 +235,7 @@ class Lowers:
                 if self._in_use(key):
                     continue
                 self.idle.pop(key)
+                self.adopted.discard(key)
                 try:
                     self._unmap_key(key)
                 except Exception as e:
@@ -270,7 +277,8 @@ class Lowers:
     def orphans(self, held: set[str]) -> list[Orphan]:
         """
         Lower mounts and mappings that no mounted local layer (C{held}: base
-        keys) holds.
+        keys) holds, but for those this process keeps for C{delay} after
+        their last use (not a leftover: due to go).
         """
         found = []
         names = sorted(os.listdir(self.root)) if os.path.isdir(self.root) else []
@@ -278,7 +286,8 @@ class Lowers:
             point = os.path.join(self.root, key)
             with self.lock:
                 used = bool(self.users.get(key))
-            if key not in held and not used and not self._in_use(key):
+                lingering = key in self.idle and key not in self.adopted
+            if key not in held and not used and not lingering and not self._in_use(key):
                 found.append(
                     Orphan("mount", point, "a lower mount or mapping that no mounted container layer uses")
                 )
@@ -290,6 +299,7 @@ class Lowers:
             if self.users.get(key) or self._in_use(key):
                 return
             self.idle.pop(key, None)
+            self.adopted.discard(key)
             self._unmap_key(key)
 
 
