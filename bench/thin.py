@@ -311,7 +311,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     parser.add_argument("--object-size", default=None,
                         help="txgraph --rbd-object-size (default: txgraph's own)")
+    parser.add_argument("--rbd-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="another rbd option for both nodes' txgraph, as "
+                             "--rbd-KEY VALUE (repeatable; e.g. container_layers=local)")
     args = parser.parse_args(argv)
+    extra: list[str] = []
+    for option in args.rbd_option:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--rbd-option wants KEY=VALUE, not {option!r}")
+        extra += [f"--rbd-{key.replace('_', '-')}", value]
     if os.geteuid() != 0:
         raise SystemExit("bench/thin.py needs root (mounts, loop devices, dockerd)")
     if not DevCluster.available():
@@ -346,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                          "--rbd-client", cluster.client_id, "--rbd-keyring",
                          cluster.client_keyring, "--rbd-pool", cluster.pool,
                          "--rbd-node-id", f"bench-{node}",
-                         *(["--rbd-object-size", args.object_size] if args.object_size else []))
+                         *(["--rbd-object-size", args.object_size] if args.object_size else []),
+                         *extra)
             (work / f"txgraph-{node}").mkdir()
             stack.callback(t.cleanup)
             t.start()
@@ -366,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "reps": reps,
             "object_size": args.object_size,
+            "rbd_options": args.rbd_option,
             "memstore_bytes": memstore,
             "images": results,
         }

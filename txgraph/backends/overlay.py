@@ -165,9 +165,7 @@ class OverlayBackend(Backend):
         ),
     )
 
-    def __init__(
-        self, state_dir: str, options: dict[str, Any], root: str | None = None
-    ) -> None:
+    def __init__(self, state_dir: str, options: dict[str, Any], root: str | None = None) -> None:
         super().__init__(state_dir, options)
         self.root = root if root is not None else os.path.join(state_dir, "overlay")
         self._tmp = os.path.join(self.root, ".tmp")
@@ -206,10 +204,7 @@ class OverlayBackend(Backend):
         return os.path.join(self._dir(layer_id), "merged")
 
     def lower_dirs(self, chain: list[LayerInfo]) -> list[str]:
-        """
-        The lower directories of a layer whose ancestors are C{chain}
-        (nearest first): their diff directories.
-        """
+        """The lower directories under C{chain} (ancestors, nearest first)."""
         return [self.diff_dir(a.id) for a in chain]
 
     def _layer_of(self, name: str) -> str | None:
@@ -302,10 +297,7 @@ class OverlayBackend(Backend):
             raise
 
     def _prepare_extra(self, staging: str, layer: LayerInfo) -> None:
-        """
-        Anything more a new layer's directory holds from the start (made
-        in C{staging}, before it is renamed into place); nothing here.
-        """
+        """What else a new layer's directory holds (in C{staging}): nothing here."""
 
     def _requested_size(self, layer: LayerInfo) -> int | None:
         """
@@ -568,9 +560,7 @@ class OverlayBackend(Backend):
         merged = self._merged(layer.id)
         diff = self.diff_dir(layer.id)
         if chain:
-            self._mount_overlay(
-                [diff] + self.lower_dirs(chain), merged, upper=None, work=None
-            )
+            self._mount_overlay([diff] + self.lower_dirs(chain), merged, upper=None, work=None)
             return merged
         try:
             mounts.mount(diff, merged, "none", mounts.MS_BIND)

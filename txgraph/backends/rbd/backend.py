@@ -107,9 +107,6 @@ from txgraph.model import Change, IDMap
 
 log = Logger()
 
-#: gc's name for a local layer's leftover (L{txgraph.backends.rbd.local}).
-LOCAL_ORPHAN = "local:"
-
 
 class RBDBackend(Backend):
     """
@@ -151,45 +148,15 @@ class RBDBackend(Backend):
             self.names, self.cluster, self.devices, self.trash, self.clones, self.shared
         )
         self.lowers = Lowers(self.names, self.devices, self.settings.unmap_delay)
-        self.local = LocalLayers(state_dir, self.names, self.lowers)
-
-    # -- containers' layers on local storage (container_layers=local) ---------------------
+        self.local = LocalLayers(
+            state_dir, self.names, self.lowers, self.settings.container_layers == "local"
+        )
 
     def _is_local(self, layer: LayerInfo) -> bool:
         """
         Whether the layer is a local one (L{txgraph.backends.rbd.local}).
         """
         return self.local.is_local(layer.id)
-
-    def _makes_local(self, layer: LayerInfo) -> bool:
-        """
-        Whether a new layer is to be local: a container's made on a parent,
-        with C{container_layers=local}, or any layer made on a local one.
-        """
-        if layer.parent is None:
-            return False
-        if self.local.is_local(layer.parent):
-            return True
-        return self.settings.container_layers == "local" and layer.container
-
-    def _local_reading(self, layer: LayerInfo, parent: str | None) -> contextlib.ExitStack:
-        """
-        The lowers a read of a local layer needs (its base; an RBD C{parent}
-        beyond it too), held while the read runs.
-        """
-        stack = contextlib.ExitStack()
-        base = self.local.base_of(layer.id)
-        wanted = [base] if base else []
-        if parent is not None and parent != base and not self.local.is_local(parent):
-            wanted.append(parent)
-        try:
-            for base_id in wanted:
-                self.lowers.acquire(base_id)
-                stack.callback(self.lowers.release, base_id)
-        except BaseException:
-            stack.close()
-            raise
-        return stack
 
     def image_name(self, layer_id: str) -> str:
         """
@@ -225,8 +192,7 @@ class RBDBackend(Backend):
         for d in (self.names.root, self.names.mnt, self.names.work):
             os.makedirs(d, mode=0o700, exist_ok=True)
         os.chmod(self.names.root, 0o700)
-        if self.settings.container_layers == "local" or os.path.isdir(self.local.root):
-            os.makedirs(self.local.root, mode=0o700, exist_ok=True)
+        if self.local.used():
             self.local.start()
         self.cluster.connect()
         try:
@@ -302,10 +268,7 @@ class RBDBackend(Backend):
         while the clone is made, and the mapping is returned for the
         layer's record.
         """
-        if self._makes_local(layer):
-            if not os.path.isdir(self.local.root):
-                os.makedirs(self.local.root, mode=0o700, exist_ok=True)
-                self.local.start()
+        if self.local.makes_local(layer):
             self.local.prepare(layer)
             return None
         name = self.names.image_name(layer.id)
@@ -369,7 +332,6 @@ class RBDBackend(Backend):
         """
         if self._is_local(layer):
             self.local.remove(layer)
-            self._uncount(layer)
             return
         name = self.names.image_name(layer.id)
         with self.cluster.op("remove", layer.id, name):
@@ -417,7 +379,7 @@ class RBDBackend(Backend):
         This node's layers: its images (L{_image_layers}) and its local
         layers.
         """
-        local = self.local.list_layers() if os.path.isdir(self.local.root) else []
+        local = self.local.list_layers() if self.local.used() else []
         return sorted(set(self._image_layers()) | set(local))
 
     def _image_layers(self) -> list[str]:
@@ -450,7 +412,7 @@ class RBDBackend(Backend):
         filesystem's own root).
         """
         paths = [self.names.root, self.names.mnt]
-        if os.path.isdir(self.local.root):
+        if self.local.used():
             paths += self.local.traverse_paths()
         return paths
 
@@ -488,7 +450,7 @@ class RBDBackend(Backend):
         Mount the mapped device at C{mnt/<id>}; return its C{rootfs}.
         """
         if self._is_local(layer):
-            return self._mount_local(layer, chain)
+            return self.local.mount(layer, chain)
         name = self.names.image_name(layer.id)
         with self.cluster.op("mount", layer.id, name):
             mapping = self.devices.live_mapping(layer, name)
@@ -502,38 +464,9 @@ class RBDBackend(Backend):
         """
         if self._is_local(layer):
             self.local.unmount(layer)
-            self._uncount(layer)
             return
         with self.cluster.op("unmount", layer.id):
             self.devices.unmount(layer.id)
-
-    def _uncount(self, layer: LayerInfo) -> None:
-        """
-        The local layer no longer holds its base (unmounted, or removed).
-        """
-        base = self.local.counted.pop(layer.id, None)
-        if base:
-            self.lowers.release(base)
-
-    def _mount_local(self, layer: LayerInfo, chain: list[LayerInfo], again: bool = False) -> str:
-        """
-        Mount a local layer over its base's lower mount, which it holds
-        until its last Put (counted once per layer).
-        """
-        base = self.local.base_of(layer.id)
-        counted = layer.id in self.local.counted
-        if base and not counted:
-            self.lowers.acquire(base)
-        try:
-            directory = (
-                self.local.ensure_mounted(layer, chain) if again else self.local.mount(layer, chain)
-            )
-        except BaseException:
-            if base and not counted:
-                self.lowers.release(base)
-            raise
-        self.local.counted[layer.id] = base or ""
-        return directory
 
     def ensure_mounted(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
         """
@@ -541,7 +474,7 @@ class RBDBackend(Backend):
         if its device is gone too.
         """
         if self._is_local(layer):
-            return self._mount_local(layer, chain, again=True)
+            return self.local.ensure_mounted(layer, chain)
         name = self.names.image_name(layer.id)
         with self.cluster.op("remount", layer.id, name):
             mapping = self.devices.live_mapping(layer, name)
@@ -563,10 +496,7 @@ class RBDBackend(Backend):
         mounted here while the snapshot exists (L{holds_client_mounts}).
         """
         if self._is_local(layer):
-            merged = self.local.merged(layer.id)
-            if not mounts.is_mountpoint(merged):
-                raise BackendError(f"rbd mounts of local layer {layer.id}: it is not mounted at {merged}")
-            return [MountSpec("bind", merged, ("ro" if view else "rw", "rbind"))]
+            return self.local.mount_specs(layer, chain, view)
         rootfs = os.path.join(self.names.mountpoint(layer.id), ROOTFS)
         if not os.path.isdir(rootfs):
             raise BackendError(f"rbd mounts of layer {layer.id}: it is not mounted at {rootfs}")
@@ -686,7 +616,7 @@ class RBDBackend(Backend):
         The layer tar of the changes between C{parent} and the layer.
         """
         if self._is_local(layer):
-            with self._local_reading(layer, parent):
+            with self.local.reading(layer, parent):
                 return self.local.diff(layer, chain, parent, cast(BinaryIO, out), id_map)
         name = self.names.image_name(layer.id)
         with self.cluster.op("diff", layer.id, name):
@@ -702,7 +632,7 @@ class RBDBackend(Backend):
         The changes between C{parent} and the layer (moby's naive diff).
         """
         if self._is_local(layer):
-            with self._local_reading(layer, parent):
+            with self.local.reading(layer, parent):
                 return self.local.changes(layer, chain, parent)
         name = self.names.image_name(layer.id)
         with self.cluster.op("changes", layer.id, name):
@@ -716,7 +646,7 @@ class RBDBackend(Backend):
         The size of the changed files (moby's C{ChangesSize}).
         """
         if self._is_local(layer):
-            with self._local_reading(layer, parent):
+            with self.local.reading(layer, parent):
                 return self.local.diff_size(layer, chain, parent)
         name = self.names.image_name(layer.id)
         with self.cluster.op("diff size", layer.id, name):
@@ -728,11 +658,7 @@ class RBDBackend(Backend):
         Where the layer lives (no cluster call).
         """
         if self._is_local(layer):
-            base = self.local.base_of(layer.id)
-            return {
-                **self.local.metadata(layer, chain),
-                "Base": self.names.spec(self.names.image_name(base)) if base else "",
-            }
+            return self.local.metadata(layer, chain)
         name = self.names.image_name(layer.id)
         parent = self.names.image_name(layer.parent) if layer.parent else self.names.base_image
         mapping = layer.mapping or {}
@@ -767,26 +693,13 @@ class RBDBackend(Backend):
         """
         This node's leftovers (L{Repairs.orphans}).
         """
-        found = self.repairs.orphans(layers, self._image_layers)
-        if os.path.isdir(self.local.root):
-            found += [
-                Orphan(o.kind, LOCAL_ORPHAN + o.id if o.kind == "object" else o.id, o.detail)
-                for o in self.local.orphans(layers)
-            ]
-        found += self.lowers.orphans(self.local.held_bases(layers))
-        return found
+        return self.repairs.orphans(layers, self._image_layers) + self.local.all_orphans(layers)
 
     def repair(self, orphan: Orphan) -> None:
         """
         Undo one leftover that L{orphans} found (L{Repairs.repair}).
         """
-        if orphan.kind == "object" and orphan.id.startswith(LOCAL_ORPHAN):
-            self.local.repair(Orphan(orphan.kind, orphan.id[len(LOCAL_ORPHAN):], orphan.detail))
-        elif orphan.kind == "mount" and orphan.id.startswith(self.local.root + os.sep):
-            self.local.repair(orphan)
-        elif orphan.kind == "mount" and orphan.id.startswith(self.lowers.root + os.sep):
-            self.lowers.repair(orphan.id)
-        elif not self.repairs.repair(orphan):
+        if not self.local.repair_any(orphan) and not self.repairs.repair(orphan):
             super().repair(orphan)
 
     def settle_trash(self) -> list[tuple[str, str, str]]:

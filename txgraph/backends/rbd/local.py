@@ -39,15 +39,16 @@ layer row.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from twisted.logger import Logger
 
 from txgraph import mounts
-from txgraph.backends import LayerInfo, LayerView, Orphan
+from txgraph.backends import LayerInfo, LayerView, MountSpec, Orphan
 from txgraph.backends.overlay import OverlayBackend
 from txgraph.backends.rbd.devices import Devices
 from txgraph.backends.rbd.metadata import ROOTFS
@@ -62,6 +63,8 @@ BASE_FILE = "base"
 #: Lower mappings are tagged C{lower.<key>}: no layer's key has a C{.}
 #: unless it starts with C{x.}, so the tags never meet a layer's own.
 LOWER_TAG = "lower."
+#: gc's mark on a local layer's leftover, beside the rbd backend's own.
+LOCAL_ORPHAN = "local:"
 
 
 class Lowers:
@@ -306,26 +309,42 @@ class Lowers:
 class LocalLayers(OverlayBackend):
     """
     The overlay backend's layers under C{rbd/local/}, whose lowest lower
-    directory is their base's lower mount (L{Lowers}).
+    directory is their base's lower mount (L{Lowers}), which a mounted
+    local layer holds (counted once per layer) until its last Put.
     """
 
     name = "rbd-local"
 
-    def __init__(self, state_dir: str, names: Names, lowers: Lowers, mountopt: str = "") -> None:
-        super().__init__(state_dir, {"mountopt": mountopt}, root=os.path.join(names.root, "local"))
+    def __init__(self, state_dir: str, names: Names, lowers: Lowers, enabled: bool) -> None:
+        super().__init__(state_dir, {"mountopt": ""}, root=os.path.join(names.root, "local"))
+        self.names = names
         self.lowers = lowers
+        self.enabled = enabled
         #: The mounted local layers that hold their base, and that base
         #: (C{""} for none): each is counted once in L{Lowers.users}.
         self.counted: dict[str, str] = {}
 
-    def merged(self, layer_id: str) -> str:
+    def used(self) -> bool:
         """
-        Where the layer is mounted.
+        Whether local layers are made, or may exist (the directory is there).
         """
-        return self._merged(layer_id)
+        return self.enabled or os.path.isdir(self.root)
+
+    def start(self) -> None:
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        super().start()
 
     def is_local(self, layer_id: str) -> bool:
         return os.path.isdir(self._dir(layer_id))
+
+    def makes_local(self, layer: LayerInfo) -> bool:
+        """
+        Whether a new layer is to be local: a container's made on a parent,
+        with C{container_layers=local}, or any layer made on a local one.
+        """
+        if layer.parent is None:
+            return False
+        return self.is_local(layer.parent) or (self.enabled and layer.container)
 
     def base_of(self, layer_id: str) -> str | None:
         """
@@ -356,6 +375,111 @@ class LocalLayers(OverlayBackend):
                 break
         return result
 
+    # -- holding the base while mounted ---------------------------------------
+
+    def mount(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
+        base = self.base_of(layer.id)
+        counted = layer.id in self.counted
+        if base and not counted:
+            self.lowers.acquire(base)
+        try:
+            directory = super().mount(layer, chain)
+        except BaseException:
+            if base and not counted:
+                self.lowers.release(base)
+            raise
+        self.counted[layer.id] = base or ""
+        return directory
+
+    def ensure_mounted(self, layer: LayerInfo, chain: list[LayerInfo]) -> str:
+        """
+        After a restart, a mounted local layer takes its base again.
+        """
+        merged = self._merged(layer.id)
+        if not mounts.is_mountpoint(merged):
+            return self.mount(layer, chain)
+        base = self.base_of(layer.id)
+        if base and layer.id not in self.counted:
+            self.lowers.acquire(base)
+        self.counted[layer.id] = base or ""
+        return super().ensure_mounted(layer, chain)
+
+    def unmount(self, layer: LayerInfo) -> None:
+        super().unmount(layer)
+        self._uncount(layer.id)
+
+    def remove(self, layer: LayerInfo) -> None:
+        super().remove(layer)
+        self._uncount(layer.id)
+
+    def _uncount(self, layer_id: str) -> None:
+        base = self.counted.pop(layer_id, None)
+        if base:
+            self.lowers.release(base)
+
+    @contextlib.contextmanager
+    def reading(self, layer: LayerInfo, parent: str | None) -> Iterator[None]:
+        """
+        The lowers a read of a local layer needs (its base; an RBD C{parent}
+        beyond it too), held while the read runs.
+        """
+        base = self.base_of(layer.id)
+        wanted = [base] if base else []
+        if parent is not None and parent != base and not self.is_local(parent):
+            wanted.append(parent)
+        with contextlib.ExitStack() as stack:
+            for base_id in wanted:
+                self.lowers.acquire(base_id)
+                stack.callback(self.lowers.release, base_id)
+            yield
+
+    # -- what the rbd backend answers for a local layer ------------------------
+
+    def metadata(self, layer: LayerInfo, chain: list[LayerInfo]) -> dict[str, str]:
+        """
+        overlay2's keys, and the image of the layer's base.
+        """
+        base = self.base_of(layer.id)
+        spec = self.names.spec(self.names.image_name(base)) if base else ""
+        return {**super().metadata(layer, chain), "Base": spec}
+
+    def mount_specs(self, layer: LayerInfo, chain: list[LayerInfo], view: bool) -> list[MountSpec]:
+        """
+        A bind of the layer's mount, which it keeps while the snapshot
+        exists, as the rbd backend's own layers do.
+        """
+        merged = self._merged(layer.id)
+        if not mounts.is_mountpoint(merged):
+            raise BackendError(f"rbd mounts of local layer {layer.id}: it is not mounted at {merged}")
+        return [MountSpec("bind", merged, ("ro" if view else "rw", "rbind"))]
+
+    def all_orphans(self, layers: dict[str, LayerView]) -> list[Orphan]:
+        """
+        Local layers' leftovers (their IDs marked L{LOCAL_ORPHAN}) and
+        unused lowers.
+        """
+        found = []
+        if os.path.isdir(self.root):
+            found = [
+                Orphan(o.kind, LOCAL_ORPHAN + o.id if o.kind == "object" else o.id, o.detail)
+                for o in self.orphans(layers)
+            ]
+        return found + self.lowers.orphans(self.held_bases(layers))
+
+    def repair_any(self, orphan: Orphan) -> bool:
+        """
+        Repair one of L{all_orphans}; False for one that is not.
+        """
+        if orphan.kind == "object" and orphan.id.startswith(LOCAL_ORPHAN):
+            self.repair(Orphan(orphan.kind, orphan.id[len(LOCAL_ORPHAN):], orphan.detail))
+        elif orphan.kind == "mount" and orphan.id.startswith(self.root + os.sep):
+            self.repair(orphan)
+        elif orphan.kind == "mount" and orphan.id.startswith(self.lowers.root + os.sep):
+            self.lowers.repair(orphan.id)
+        else:
+            return False
+        return True
+
     def held_bases(self, layers: dict[str, LayerView]) -> set[str]:
         """
         The keys of the bases of the mounted local layers among C{layers}.
@@ -365,5 +489,5 @@ class LocalLayers(OverlayBackend):
             if view.state == "mounted" and self.is_local(layer_id):
                 base = self.base_of(layer_id)
                 if base:
-                    held.add(self.lowers.names.key(base))
+                    held.add(self.names.key(base))
         return held
