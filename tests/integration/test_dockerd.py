@@ -221,6 +221,7 @@ def test_rbd_local_container_layers(stack: Stack) -> None:
         lower = Path(data[0]["LowerDir"].split(":")[-1]).parent
         assert lower.parent == lower_root and Path(data[1]["LowerDir"].split(":")[-1]).parent == lower
         assert mounts_under(lower) == [str(lower)]
+        assert stack.status()["Container Layers"] == f"local ({stack.txgraph.state_dir / 'rbd' / 'local'})"
         assert docker("exec", "l2", "sh", "-c", "echo hi > /x && cat /x /etc/passwd").stdout.startswith("hi\n")
     finally:
         docker("rm", "-f", "l1", "l2")

@@ -18,6 +18,7 @@ import io
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -1544,3 +1545,25 @@ def test_image_layer_under_a_lingering_lower_is_removed(local: Started, ceph: Ce
     assert _lowers_mounted(backend) == []
     assert backend.image_name(image) not in ceph.images(local.namespace)
     assert host_leftovers(backend.state_dir) == []
+
+
+def test_local_layers_under_userns_remap(local: Started) -> None:
+    """
+    Under userns-remap (Backend.allow_traverse with the remapped root's
+    gid), the remapped root can reach a local layer's mount: rbd/local/
+    and the layer's directory are 0710 root:<gid>, and the layer's root is
+    owned by the remapped root.
+    """
+    backend, layers = local.backend, local.layers
+    image = layers.create()
+    layers.commit(image)
+    backend.allow_traverse(100000)
+    container = new_id()
+    layers.prepare(LayerInfo(id=container, parent=image, readwrite=True, container=True,
+                             root_ids=(100000, 100000)))
+    for path in (backend.local.root, os.path.dirname(backend.local.diff_dir(container))):
+        st = os.stat(path)
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o710, 100000), path
+    st = os.stat(layers.get(container))
+    assert (st.st_uid, st.st_gid) == (100000, 100000)
+    layers.put(container)

@@ -27,6 +27,9 @@ Locally, under C{<state-dir>/rbd/}::
   fuse/<tag>     rbd-fuse mounts of the fuse mapper (see L{mappers})
   work/          temporary mounts: apply, views for diffs, set-up
   log/           rbd-fuse logs
+  local/<key>/   a container's layer kept locally (container_layers=local,
+                 L{txgraph.backends.rbd.local}), an overlayfs layer
+  lower/<key>/   an image layer mapped read-only under local layers
 
 Life cycle as the layer machine drives it: C{prepare} clones, C{map}
 attaches a device (read-only once committed, so a committed layer never
@@ -253,6 +256,9 @@ class RBDBackend(Backend):
         lines.append(("Removed Images Not Purged", str(waiting)))
         lines.append(
             ("Shared Layers", f"{self.names.spec(self.names.shared_stem)}<chain>@{SNAP}" if self.settings.share else "off")
+        )
+        lines.append(
+            ("Container Layers", f"local ({self.local.root})" if self.local.enabled else "pool")
         )
         return lines
 

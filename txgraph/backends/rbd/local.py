@@ -184,6 +184,8 @@ class Lowers:
         """
         key = self.names.key(base_id)
         with self.lock:
+            if key not in self.users and not os.path.lexists(os.path.join(self.root, key)):
+                return
             if self._in_use(key):
                 raise BackendError(
                     f"layer {base_id} is the lower layer of a mounted local container layer"
