@@ -238,6 +238,10 @@ class Lowers:
                 if not force and now - since < self.delay:
                     continue
                 if self._in_use(key):
+                    # A mount this process does not count (yet: recovery
+                    # takes it, or a mount outside txgraph): look again
+                    # after another delay, not at once.
+                    self.idle[key] = now
                     continue
                 self.idle.pop(key)
                 self.adopted.discard(key)

@@ -1,0 +1,219 @@
+"""
+The rbd backend's lower mounts under local container layers
+(L{txgraph.backends.rbd.local.Lowers}), with a fake mapper, a fake clock
+and a fake mount table: one mapping per base however many users, the
+sweep after C{delay}, never while an overlay mount names the lower, what
+start keeps and what gc reports.  The real thing on a dev cluster is in
+tests/integration/test_rbd_backend.py (the C{local} tests).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from txgraph import mounts
+from txgraph.backends.rbd import local
+from txgraph.backends.rbd.local import Lowers
+from txgraph.errors import BackendError
+
+
+class FakeNames:
+    def __init__(self, root: Path) -> None:
+        self.root = str(root)
+        self.stem = "txgraph.node."
+
+    def key(self, layer_id: str) -> str:
+        return layer_id
+
+    def image_name(self, layer_id: str) -> str:
+        return self.stem + layer_id
+
+    def spec(self, image: str) -> str:
+        return f"rbd/{image}"
+
+
+class FakeMapper:
+    def __init__(self) -> None:
+        self.mapped: dict[str, dict[str, Any]] = {}  # tag -> mapping
+        self.maps = 0
+
+    def map(self, image: str, *, readonly: bool, tag: str) -> dict[str, Any]:
+        assert readonly
+        self.maps += 1
+        mapping = {"device": f"/dev/fake{self.maps}", "image": image, "tag": tag}
+        self.mapped[tag] = mapping
+        return mapping
+
+    def find(self, image: str, tag: str) -> list[dict[str, Any]]:
+        m = self.mapped.get(tag)
+        return [m] if m is not None and m["image"] == image else []
+
+    def unmap(self, mapping: dict[str, Any]) -> None:
+        self.mapped.pop(mapping["tag"], None)
+
+
+class FakeDevices:
+    def __init__(self, table: set[str]) -> None:
+        self.mapper = FakeMapper()
+        self.table = table
+        self.cluster = self
+        self.images = {"txgraph.node.img", "txgraph.node.other"}
+
+    def inspect(self, name: str) -> object | None:
+        return object() if name in self.images else None
+
+    def usable(self) -> list[FakeMapper]:
+        return [self.mapper]
+
+    def unmap(self, mapping: dict[str, Any]) -> None:
+        self.mapper.unmap(mapping)
+
+    def mount_device(self, device: str, target: str, readonly: bool) -> None:
+        os.makedirs(os.path.join(target, "rootfs"), exist_ok=True)
+        self.table.add(target)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Lowers, FakeDevices, Clock, list[mounts.MountEntry]]]:
+    table: set[str] = set()
+    overlays: list[mounts.MountEntry] = []
+    monkeypatch.setattr(mounts, "is_mountpoint", lambda p: p in table)
+    monkeypatch.setattr(mounts, "mounted_under", lambda p: [m for m in table if m == p or m.startswith(p + "/")])
+
+    def unmount(point: str) -> None:
+        # What the mount showed (its rootfs/) goes with it.
+        table.discard(point)
+        shutil.rmtree(os.path.join(point, "rootfs"), ignore_errors=True)
+
+    monkeypatch.setattr(mounts, "unmount", unmount)
+    monkeypatch.setattr(mounts, "mount_table", lambda: list(overlays))
+    devices = FakeDevices(table)
+    clock = Clock()
+    lowers = Lowers(FakeNames(tmp_path), devices, delay=5, clock=clock)  # type: ignore[arg-type]
+    monkeypatch.setattr(local.threading, "Timer", NoTimer)
+    lowers.start()
+    yield lowers, devices, clock, overlays
+
+
+class NoTimer:
+    """Timers are driven by hand (L{Lowers.sweep}) in these tests."""
+
+    def __init__(self, due: float, fn: Any) -> None:
+        self.due = due
+
+    def start(self) -> None:
+        pass
+
+    def cancel(self) -> None:
+        pass
+
+
+def overlay_over(lowers: Lowers, base: str) -> mounts.MountEntry:
+    return mounts.MountEntry(
+        1, 1, "/", "/somewhere/merged", "overlay", "overlay",
+        f"rw,lowerdir=/x/diff:{lowers.path(base)},upperdir=/y,workdir=/z",
+    )
+
+
+def test_one_mapping_per_base_swept_after_the_delay(env: Any) -> None:
+    lowers, devices, clock, _ = env
+    assert lowers.acquire("img") == lowers.path("img")
+    lowers.acquire("img")
+    assert devices.mapper.maps == 1
+    lowers.release("img")
+    lowers.release("img")
+    assert lowers.idle == {"img": 1000.0}
+    clock.now += 4.9
+    lowers.sweep()
+    assert "lower.img" in devices.mapper.mapped
+    clock.now += 0.2
+    lowers.sweep()
+    assert devices.mapper.mapped == {} and lowers.idle == {}
+    assert not os.path.exists(lowers.point("img"))
+
+
+def test_a_new_user_within_the_delay_keeps_the_mapping(env: Any) -> None:
+    lowers, devices, clock, _ = env
+    lowers.acquire("img")
+    lowers.release("img")
+    clock.now += 3
+    lowers.acquire("img")
+    clock.now += 10
+    lowers.sweep()
+    assert devices.mapper.maps == 1 and "lower.img" in devices.mapper.mapped
+
+
+def test_never_swept_while_an_overlay_names_it(env: Any) -> None:
+    """
+    Whatever the counts say, a lower that an overlay mount uses stays, and
+    is looked at again a delay later (not at once, in a loop).
+    """
+    lowers, devices, clock, overlays = env
+    lowers.acquire("img")
+    lowers.release("img")
+    overlays.append(overlay_over(lowers, "img"))
+    clock.now += 6
+    lowers.sweep(force=True)
+    assert "lower.img" in devices.mapper.mapped
+    assert lowers.idle == {"img": clock.now}
+    with pytest.raises(BackendError, match="lower layer of a mounted local container layer"):
+        lowers.drop("img")
+    overlays.clear()
+    clock.now += 6
+    lowers.sweep()
+    assert devices.mapper.mapped == {}
+
+
+def test_drop_unmaps_at_once(env: Any) -> None:
+    lowers, devices, clock, _ = env
+    lowers.drop("img")  # nothing there: nothing to do
+    lowers.acquire("img")
+    lowers.release("img")
+    lowers.drop("img")
+    assert devices.mapper.mapped == {} and lowers.idle == {}
+
+
+def test_missing_image_is_named(env: Any) -> None:
+    lowers, devices, clock, _ = env
+    with pytest.raises(BackendError, match=r"the image rbd/txgraph.node.gone of layer gone"):
+        lowers.acquire("gone")
+    assert devices.mapper.mapped == {} and lowers.users == {}
+
+
+def test_start_keeps_mounts_and_unmaps_mappings_without_one(env: Any, tmp_path: Path) -> None:
+    """
+    A restart finds one lower mounted (kept, adopted: gc reports it until a
+    mounted layer takes it) and one mapping whose mount never happened
+    (unmapped at once).
+    """
+    lowers, devices, clock, _ = env
+    lowers.acquire("img")
+    os.makedirs(lowers.point("other"))
+    devices.mapper.map("txgraph.node.other", readonly=True, tag="lower.other")
+    again = Lowers(FakeNames(tmp_path), devices, delay=5, clock=clock)  # type: ignore[arg-type]
+    again.start()
+    assert "lower.other" not in devices.mapper.mapped and not os.path.exists(again.point("other"))
+    assert again.adopted == {"img"}
+    assert [o.id for o in again.orphans(held=set())] == [again.point("img")]
+    assert again.orphans(held={"img"}) == []
+    again.acquire("img")
+    assert devices.mapper.maps == 2 and again.adopted == set()
+    again.release("img")
+    # Kept after its last use: not a leftover.
+    assert again.orphans(held=set()) == []
+    again.repair(again.point("img"))
+    assert devices.mapper.mapped == {}
