@@ -349,9 +349,13 @@ class Snapshotter:
         await self.store.insert_snapshot(row)
         faults.point("snapshot.inserted")
         try:
+            unpack = row.kind == ACTIVE and unpacking(row.key, row.labels)
             await self.registry.create(
                 row.layer_id, parent_layer, row.kind == ACTIVE, {},
-                commit_expected=row.kind == ACTIVE and unpacking(row.key, row.labels),
+                commit_expected=unpack,
+                # A container's (or a build step's) active snapshot: a
+                # backend may keep it locally (rbd's container_layers).
+                container=row.kind == ACTIVE and not unpack,
             )
             if row.kind == VIEW:
                 await self.registry.commit(row.layer_id)

@@ -1,6 +1,7 @@
 """
 A real containerd 1.6 with txgraph as its proxy snapshotter (``[proxy_plugins.txgraph]``),
-on both backends: ``ctr images import --snapshotter txgraph`` of busybox, ``ctr run --rm
+on both backends (and rbd with containers' layers on local storage):
+``ctr images import --snapshotter txgraph`` of busybox, ``ctr run --rm
 --snapshotter txgraph ... echo``, ``ctr snapshots --snapshotter txgraph ls/info/usage/rm``,
 and txgraph killed (SIGKILL) and restarted under a running container: the container keeps
 running, is removed cleanly afterwards, and nothing is leaked.
@@ -24,7 +25,7 @@ from txgraphd import Txgraphd, admin
 pytestmark = pytest.mark.containerd
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+@pytest.fixture(scope="module", params=[*BACKENDS, "rbd-local"])
 def node(
     request: pytest.FixtureRequest, module_components: Components,
     tmp_path_factory: pytest.TempPathFactory,
@@ -33,9 +34,11 @@ def node(
     if not os.access("/usr/bin/containerd", os.X_OK):
         pytest.skip("containerd is not installed")
     flags: list[str] = []
-    if request.param == "rbd":
+    if request.param in ("rbd", "rbd-local"):
         cluster = request.getfixturevalue("ceph_cluster")
         flags = rbd_flags(cluster, rbd_namespace(cluster))
+    if request.param == "rbd-local":
+        flags += ["--rbd-container-layers", "local"]
     daemon = module_components.txgraph(*flags, containerd=True)
     assert daemon.containerd_socket is not None
     containerd = Containerd(
@@ -85,6 +88,11 @@ def test_import_run_snapshots_and_sigkill(node: tuple[Txgraphd, Containerd], bus
 
     # A running container survives a SIGKILL of txgraph and its restart.
     ctrd.ctr("run", "-d", "--snapshotter", "txgraph", image, sleeper, "sleep", "600")
+    if "--rbd-container-layers" in daemon.extra:
+        # The container's root filesystem is a local layer over the image's.
+        local = daemon.state_dir / "rbd" / "local"
+        assert [n for n in os.listdir(local) if not n.startswith(".")], "no local layer"
+        assert len(os.listdir(daemon.state_dir / "rbd" / "lower")) == 1
     os.kill(daemon.pid, signal.SIGKILL)
     assert daemon.process is not None
     daemon.process.wait(timeout=30)
@@ -118,6 +126,11 @@ def test_import_run_snapshots_and_sigkill(node: tuple[Txgraphd, Containerd], bus
     while _layers(daemon):
         assert time.monotonic() < deadline, (_layers(daemon), ctrd.log_tail(3000))
         time.sleep(0.5)
+    # With local container layers, the image's read-only mapping under them
+    # goes unmap_delay (5 s) after their last use.
+    deadline = time.monotonic() + 30
+    while host_leftovers(daemon.state_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert host_leftovers(daemon.state_dir) == []
     result = admin(daemon.state_dir, "gc", "--json", "--min-age", "0")
     assert json.loads(result.stdout)["findings"] == [], result.stdout
@@ -128,6 +141,8 @@ def test_import_and_check_debian(node: tuple[Txgraphd, Containerd], debian_image
     ``ctr images check --snapshotter txgraph`` says ``unpacked`` (column UNPACKED
     true), a container runs on it, and removing the image leaves no layer."""
     daemon, ctrd = node
+    if "--rbd-container-layers" in daemon.extra:
+        pytest.skip("the same unpack as on rbd; local containers are the busybox test's")
     namespace = f"debian-{os.getpid()}"
     [image] = ctrd.import_image(debian_image, snapshotter="txgraph", namespace=namespace)
     lines = ctrd.ctr(

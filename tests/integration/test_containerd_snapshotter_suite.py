@@ -69,6 +69,18 @@ def txgraph_rbd_snapshotter(module_components: Components, ceph_cluster: DevClus
     )
 
 
+@pytest.fixture(scope="module")
+def txgraph_rbd_local_snapshotter(module_components: Components, ceph_cluster: DevCluster) -> Txgraphd:
+    """txgraph on the rbd backend with containers' layers on local storage
+    (container_layers=local: every active snapshot that is not an unpack's,
+    and every snapshot made on one, is local), serving containerd's
+    snapshotter protocol."""
+    return module_components.txgraph(
+        *rbd_flags(ceph_cluster, rbd_namespace(ceph_cluster)),
+        "--rbd-container-layers", "local", containerd=True,
+    )
+
+
 class TxgraphOverlayTests(make_snapshotter_tests(txgraph_target("overlay"))):
     """txgraph's snapshotter on the overlay backend passes containerd's suite."""
 
@@ -82,3 +94,10 @@ class TxgraphRbdTests(make_snapshotter_tests(txgraph_target("rbd"))):
                              "overlay run keeps the check in CI")
     def test_128_layers_mount(self) -> None:
         """128LayersMount on rbd: skipped for time (see the reason)."""
+
+
+@pytest.mark.ceph
+class TxgraphRbdLocalTests(make_snapshotter_tests(txgraph_target("rbd_local"))):
+    """txgraph's snapshotter on the rbd backend with container_layers=local
+    passes containerd's suite (128LayersMount included: above the first
+    snapshot, every layer of its chain is local)."""

@@ -3,7 +3,10 @@ The front ends' hint that a layer will likely be committed
 (L{LayerInfo.commit_expected}, issue 18: the rbd backend opens such a
 layer's image for its commit while the layer is mapped): dockerd's image
 layers and C{-init} layers, containerd's unpack snapshots; not container
-layers, views or anything restored after a restart.
+layers, views or anything restored after a restart.  And the hint that
+a layer is a container's (L{LayerInfo.container}, which rbd's
+C{container_layers=local} keeps locally): dockerd's read-write layers,
+containerd's active snapshots but its unpacker's.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ class HintedBackend(FakeBackend):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.hints: dict[str, bool] = {}
+        self.containers: dict[str, bool] = {}
 
     def prepare(self, layer: LayerInfo) -> dict[str, Any] | None:
         self.hints[layer.id] = layer.commit_expected
+        self.containers[layer.id] = layer.container
         return super().prepare(layer)
 
 
@@ -44,6 +49,7 @@ def test_driver_expects_commits_of_image_and_init_layers(tmp_path: Any) -> None:
     h.run(driver.create("c1", "c1-init", True, {}))
     assert isinstance(h.fake, HintedBackend)
     assert h.fake.hints == {"img": True, "c1-init": True, "c1": False}
+    assert h.fake.containers == {"img": False, "c1-init": True, "c1": True}
     assert h.registry.info("img").commit_expected
     assert not h.registry.info("c1").commit_expected
 
@@ -77,4 +83,11 @@ def test_snapshotter_expects_commits_of_unpack_snapshots(tmp_path: Any) -> None:
     }
     assert hints == {
         "base": True, "labelled": True, "default/2/container": False, "default/3/view": False,
+    }
+    containers = {
+        key: s.fake.containers[s.sn._by_key[key].row.layer_id]
+        for key in ("base", "labelled", "default/2/container", "default/3/view")
+    }
+    assert containers == {
+        "base": False, "labelled": False, "default/2/container": True, "default/3/view": False,
     }

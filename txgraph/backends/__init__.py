@@ -71,7 +71,8 @@ class LayerInfo:
         Not persisted: after a restart it is False.
     @ivar container: a hint from the front end that the layer is a
         container's (dockerd's C{CreateReadWrite}: a container's layer and
-        its C{-init} layer), which a backend may keep on local storage
+        its C{-init} layer; containerd's active snapshots but its
+        unpacker's), which a backend may keep on local storage
         (rbd's C{container_layers=local}).  Only read when the layer is
         made; not persisted.
     """

@@ -14,12 +14,13 @@ backend; the image is read from the pool as before, through one mapping
 that every container of the image shares.
 
 Which layers are local: a layer the front end says is a container's
-(L{LayerInfo.container}: dockerd's CreateReadWrite) made on a parent, and
-every layer made on a local one (moby's graphtest makes image layers on
-read-write ones).  A layer stays where it was made; its directory says
-which it is, and names its I{base}, the nearest RBD ancestor (C{base}).
-Image layers (Create, ApplyDiff) and containerd's snapshots stay in the
-pool, so what the pool shares between hosts does not change: only what a
+(L{LayerInfo.container}: dockerd's CreateReadWrite, containerd's active
+snapshots but its unpacker's) made on a parent, and every layer made on a
+local one (moby's graphtest makes image layers on read-write ones).  A
+layer stays where it was made; its directory says which it is, and names
+its I{base}, the nearest RBD ancestor (C{base}).  Image layers (Create,
+ApplyDiff, containerd's unpacking) stay in the pool, so what the pool
+shares between hosts does not change: only what a
 container writes stays on its host, as on every other storage driver (a
 container is a host's own in dockerd too).  C{docker commit} and builds
 write the new image layer into the pool as before (Diff of the local
