@@ -9,7 +9,7 @@ per system).  ``--old DIR`` adds the rbd backend of another source tree
 (an older commit, extracted) on the same cluster, in a namespace of its
 own: an A/B of two versions in one run.  ``--local`` adds the rbd backend
 with containers' layers on local storage (``container_layers=local``) the
-same way.
+same way (and, with ``--old``, the old tree's with it too).
 
     python bench/rbd_docker.py [--runs 30] [--old DIR] [--local] [--out FILE.json]
 
@@ -162,10 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.old is not None:
             trees.insert(0, ("rbd-old", f"txgraph rbd ({args.old.name})", args.old.resolve(), []))
         if args.local:
-            trees.append(
-                ("rbd-local", "txgraph rbd, local containers", None,
-                 ["--rbd-container-layers", "local"])
-            )
+            local = ["--rbd-container-layers", "local"]
+            if args.old is not None:
+                trees.append(
+                    ("rbd-local-old", f"txgraph rbd, local ({args.old.name})", args.old.resolve(), local)
+                )
+            trees.append(("rbd-local", "txgraph rbd, local containers", None, local))
         for key, label, tree, extra in trees:
             flags = rbd_flags(cluster, rbd_namespace(cluster, key.replace("-", "")), key)
             flags += metrics(key) + extra
@@ -187,9 +189,11 @@ def main(argv: list[str] | None = None) -> int:
                 "run --rm / overlay run --rm": medians[key]["run_rm"] / medians["overlay"]["run_rm"],
             }
         if args.old is not None:
-            ratios["rbd / rbd-old"] = {
-                row: medians["rbd"][row] / medians["rbd-old"][row] for row in medians["rbd"]
-            }
+            for new, old in (("rbd", "rbd-old"), ("rbd-local", "rbd-local-old")):
+                if old in medians:
+                    ratios[f"{new} / {old}"] = {
+                        row: medians[new][row] / medians[old][row] for row in medians[new]
+                    }
         print(f"{'system':28s} {'create':>9s} {'rm':>9s} {'run --rm':>9s}  (medians of {args.runs}, ms)")
         for system in systems:
             m = medians[system.key]

@@ -298,6 +298,15 @@ class BackendContract(Protocol):
     state_dir: str
     config: dict[str, Any]
 
+    def maps_layer(self, layer_id: str) -> bool:
+        """Whether this layer is mapped before mounting (C{maps}, per layer)."""
+
+    def commits_layer(self, layer_id: str) -> bool:
+        """Whether C{commit} does anything for this layer (C{commits}, per layer)."""
+
+    def prepares_atomically(self, layer: LayerInfo) -> bool:
+        """Whether C{prepare} of this new layer is atomic (C{prepare_is_atomic}, per layer)."""
+
     def start(self) -> None:
         """Check the environment and connect."""
 
@@ -503,6 +512,30 @@ class Backend(abc.ABC):
         """
         Lines for C{docker info}.
         """
+
+    # -- what it declares of one layer ----------------------------------------
+    # A backend that keeps some layers one way and some another (rbd's
+    # local container layers) says so per layer; these run on the reactor,
+    # so they look at memory only.
+
+    def maps_layer(self, layer_id: str) -> bool:
+        """
+        Whether the layer is mapped before it is mounted (L{maps}).
+        """
+        return self.maps
+
+    def commits_layer(self, layer_id: str) -> bool:
+        """
+        Whether C{commit} has work to do for the layer (L{commits}).
+        """
+        return self.commits
+
+    def prepares_atomically(self, layer: LayerInfo) -> bool:
+        """
+        Whether C{prepare} of this new layer shows it whole or not at all,
+        and gc finds its storage without a row (L{prepare_is_atomic}).
+        """
+        return self.prepare_is_atomic
 
     # -- life cycle ------------------------------------------------------
 

@@ -94,6 +94,25 @@ class AsyncBackend:
         """
         return self.sync.unmap_delay if self.sync.maps else 0.0
 
+    def maps_layer(self, layer_id: str) -> bool:
+        """
+        Whether the layer is mapped before mounting (memory only: on the
+        reactor, no thread hop).
+        """
+        return self.sync.maps_layer(layer_id)
+
+    def commits_layer(self, layer_id: str) -> bool:
+        """
+        Whether C{commit} has work to do for the layer (memory only).
+        """
+        return self.sync.commits_layer(layer_id)
+
+    def prepares_atomically(self, layer: LayerInfo) -> bool:
+        """
+        Whether C{prepare} of the new layer is atomic (memory only).
+        """
+        return self.sync.prepares_atomically(layer)
+
     # -- the thread pool ---------------------------------------------------
 
     def stop_now(self) -> None:

@@ -42,10 +42,10 @@ def _create(inputs: LayerInputs, core: LayerCore) -> Deferred[None]:
     pending = core.begin()
     core.row.state = "creating"
     # Not fsynced where a power cut that loses it leaves only what start
-    # and gc clean (prepare_is_atomic): "created", durable, covers it
-    # before the answer.
+    # and gc clean (prepare_is_atomic, per layer): "created", durable,
+    # covers it before the answer.
     d = core.store.insert_layer(
-        core.row, durable=not core.registry.backend.prepare_is_atomic
+        core.row, durable=not core.registry.backend.prepares_atomically(core.info())
     )
     d.addCallback(lambda _: core._work("creating", lambda: core.backend.prepare(core.info())))
     d.addCallbacks(
@@ -136,7 +136,7 @@ def _applied(inputs: LayerInputs, core: LayerCore, result: Any) -> None:
     core.result = size
     core.step(
         inputs,
-        "committing" if core.registry.backend.commits else None,
+        "committing" if core.registry.backend.commits_layer(core.row.id) else None,
         lambda: core.backend.commit(core.info()),
         size=size,
     )
@@ -157,7 +157,7 @@ def _startCommit(inputs: LayerInputs, core: LayerCore) -> Deferred[None]:
     else:
         core.step(
             inputs,
-            "committing" if core.registry.backend.commits else None,
+            "committing" if core.registry.backend.commits_layer(core.row.id) else None,
             lambda: core.backend.commit(core.info()),
         )
     return pending
@@ -180,7 +180,7 @@ def _commitFailed(inputs: LayerInputs, core: LayerCore, failure: Failure) -> Non
 
 @mounted.upon(LayerInputs.commit).loop()
 def _commitMounted(inputs: LayerInputs, core: LayerCore) -> Deferred[None]:
-    if core.registry.backend.commits:
+    if core.registry.backend.commits_layer(core.row.id):
         return _invalid(
             core, "it is mounted; a layer is committed only when nothing holds it"
         )
@@ -195,7 +195,7 @@ def _commitMounted(inputs: LayerInputs, core: LayerCore) -> Deferred[None]:
 @created.upon(LayerInputs.get).to(mapping)
 def _startGet(inputs: LayerInputs, core: LayerCore) -> Deferred[str]:
     pending = core.begin()
-    maps = core.registry.backend.maps
+    maps = core.registry.backend.maps_layer(core.row.id)
     core.step(
         inputs, "mapping" if maps else None, lambda: core.backend.map(core.info())
     )
@@ -206,7 +206,7 @@ def _startGet(inputs: LayerInputs, core: LayerCore) -> Deferred[str]:
 def _mapped(inputs: LayerInputs, core: LayerCore, result: Any) -> None:
     device: dict[str, Any] | None = result
     core.row.mapping = device
-    if core.registry.backend.maps:
+    if core.registry.backend.maps_layer(core.row.id):
         d = core.persist("mapped")
         d.addCallbacks(lambda _: inputs._proceed(), core._persistFailed)
     else:
@@ -249,7 +249,7 @@ def _mountFailed(inputs: LayerInputs, core: LayerCore, failure: Failure) -> None
     core.failure = failure
     core.step(
         inputs,
-        "unmapping" if core.registry.backend.maps else None,
+        "unmapping" if core.registry.backend.maps_layer(core.row.id) else None,
         lambda: core.backend.unmap(core.info()),
     )
 
@@ -279,7 +279,7 @@ def _put(inputs: LayerInputs, core: LayerCore) -> Deferred[None]:
 def _lastPut(inputs: LayerInputs, core: LayerCore) -> None:
     # A backend that keeps the device (unmap_delay) goes back to mapped,
     # and the registry unmaps it later unless a Get comes first.
-    keep = core.registry.backend.unmap_delay > 0
+    keep = core.registry.backend.unmap_delay > 0 and core.registry.backend.maps_layer(core.row.id)
     core.step(
         inputs,
         "unmounting",
@@ -299,7 +299,7 @@ def _unmounted(inputs: LayerInputs, core: LayerCore, result: Any) -> None:
     core.row.mountpoint = None
     core.step(
         inputs,
-        "unmapping" if core.registry.backend.maps else None,
+        "unmapping" if core.registry.backend.maps_layer(core.row.id) else None,
         lambda: core.backend.unmap(core.info()),
     )
 

@@ -161,6 +161,26 @@ class RBDBackend(Backend):
         """
         return self.local.is_local(layer.id)
 
+    def maps_layer(self, layer_id: str) -> bool:
+        """
+        A local layer is not mapped (its base is, by L{Lowers}).
+        """
+        return not self.local.is_local(layer_id)
+
+    def commits_layer(self, layer_id: str) -> bool:
+        """
+        A local layer's commit has nothing to do (an overlay layer no one
+        writes is immutable).
+        """
+        return not self.local.is_local(layer_id)
+
+    def prepares_atomically(self, layer: LayerInfo) -> bool:
+        """
+        A local layer is made whole by one rename; gc finds a directory
+        without a row.
+        """
+        return self.local.makes_local(layer)
+
     def image_name(self, layer_id: str) -> str:
         """
         The RBD image of a layer on this node.

@@ -330,6 +330,9 @@ class LocalLayers(OverlayBackend):
         #: The mounted local layers that hold their base, and that base
         #: (C{""} for none): each is counted once in L{Lowers.users}.
         self.counted: dict[str, str] = {}
+        #: The local layers (their directories, read at start, then kept
+        #: up to date), so that the layer machine can ask on the reactor.
+        self.ids: set[str] = set()
 
     def used(self) -> bool:
         """
@@ -340,9 +343,21 @@ class LocalLayers(OverlayBackend):
     def start(self) -> None:
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         super().start()
+        self.ids = set(self.list_layers())
 
     def is_local(self, layer_id: str) -> bool:
-        return os.path.isdir(self._dir(layer_id))
+        """
+        Whether the layer is a local one (memory only).
+        """
+        return layer_id in self.ids
+
+    def prepare(self, layer: LayerInfo) -> None:
+        super().prepare(layer)
+        self.ids.add(layer.id)
+
+    def _destroy(self, layer_id: str) -> None:
+        super()._destroy(layer_id)
+        self.ids.discard(layer_id)
 
     def makes_local(self, layer: LayerInfo) -> bool:
         """
