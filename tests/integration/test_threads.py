@@ -25,6 +25,11 @@ from txgraph.testing.tars import files_tar
 A = "a" * 64
 B = "b" * 64
 
+#: What a backend declares of one layer: read by the layer machine on the
+#: reactor, like the class's C{maps} and C{commits}, from memory only
+#: (tests/unit/test_rbd_lowers.py proves rbd's do no I/O).
+DECLARATIONS = {"maps_layer", "commits_layer", "prepares_atomically"}
+
 
 class RecordingOverlay(OverlayBackend):
     """
@@ -100,5 +105,7 @@ async def test_no_blocking_call_on_the_reactor(tmp_path: Path) -> None:
         pool.stop()
     names = {name for name, _ in backend.calls}
     assert {"prepare", "apply", "mount", "unmount", "changes", "diff", "diff_size", "remove"} <= names
-    assert [name for name, in_reactor in backend.calls if in_reactor] == []
+    assert [
+        name for name, in_reactor in backend.calls if in_reactor and name not in DECLARATIONS
+    ] == []
     assert len(store.threads) == 1 and "txgraph-db" in store.threads.pop()

@@ -217,3 +217,32 @@ def test_start_keeps_mounts_and_unmaps_mappings_without_one(env: Any, tmp_path: 
     assert again.orphans(held=set()) == []
     again.repair(again.point("img"))
     assert devices.mapper.mapped == {}
+
+
+def test_per_layer_declarations_read_memory_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    The rbd backend's per-layer declarations (read by the layer machine on
+    the reactor) answer from memory: with every file system call failing,
+    a local layer is neither mapped nor committed and a container's layer
+    made on it (or on an image layer, with container_layers=local) is made
+    atomically; an image layer is mapped and committed as before.
+    """
+    from txgraph.backends import LayerInfo, parse_options
+    from txgraph.backends.rbd import RBDBackend
+
+    options = parse_options(RBDBackend, {"container_layers": "local", "node_id": "n"})
+    backend = RBDBackend(str(tmp_path), options)
+    backend.local.ids = {"c-init"}
+
+    def no_io(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a declaration did I/O")
+
+    for name in ("stat", "lstat", "listdir", "scandir", "open"):
+        monkeypatch.setattr(os, name, no_io)
+    monkeypatch.setattr("builtins.open", no_io)
+    assert not backend.maps_layer("c-init") and not backend.commits_layer("c-init")
+    assert backend.maps_layer("img") and backend.commits_layer("img")
+    assert backend.prepares_atomically(LayerInfo("c", "c-init", readwrite=True))
+    assert backend.prepares_atomically(LayerInfo("c2-init", "img", readwrite=True, container=True))
+    assert not backend.prepares_atomically(LayerInfo("img2", "img"))
+    assert not backend.prepares_atomically(LayerInfo("base", None, readwrite=True, container=True))
