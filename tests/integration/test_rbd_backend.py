@@ -1567,3 +1567,27 @@ def test_local_layers_under_userns_remap(local: Started) -> None:
     st = os.stat(layers.get(container))
     assert (st.st_uid, st.st_gid) == (100000, 100000)
     layers.put(container)
+
+
+def test_switching_back_to_pool_keeps_local_layers(local: Started, ceph: Ceph) -> None:
+    """
+    Restarted with container_layers=pool, a backend still serves the local
+    layers made before (mounted over their image's lower, removed as local
+    layers), and makes new containers' layers as RBD clones again.
+    """
+    backend, layers = local.backend, local.layers
+    image = layers.create()
+    layers.write(image, {"f": b"image"})
+    layers.commit(image)
+    container = layers.create(image)
+    backend.stop()
+    again = ceph.backend(backend.state_dir, local.namespace, container_layers="pool", unmap_delay="1")
+    again.start()
+    layers.backend = local.backend = again
+    assert again.local.is_local(container) and not again.maps_layer(container)
+    assert _read(layers.get(container), "f") == b"image"
+    layers.put(container)
+    fresh = layers.create(image)
+    assert not again.local.is_local(fresh) and again.image_name(fresh) in ceph.images(local.namespace)
+    assert _read(layers.get(fresh), "f") == b"image"
+    layers.put(fresh)
