@@ -74,9 +74,10 @@ class FakeDevices:
     def unmap(self, mapping: dict[str, Any]) -> None:
         self.mapper.unmap(mapping)
 
-    def mount_device(self, device: str, target: str, readonly: bool) -> None:
+    def mount_rootfs(self, device: str, target: str, readonly: bool) -> str:
         os.makedirs(os.path.join(target, "rootfs"), exist_ok=True)
         self.table.add(target)
+        return os.path.join(target, "rootfs")
 
 
 class Clock:

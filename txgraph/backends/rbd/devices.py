@@ -350,8 +350,16 @@ class Devices:
             if current[-1].source == device:
                 return os.path.join(target, ROOTFS)
             self.unmount(layer.id)
+        return self.mount_rootfs(device, target, bool(mapping.get("readonly")))
+
+    def mount_rootfs(self, device: str, target: str, readonly: bool) -> str:
+        """
+        Mount a layer's device on C{target} (made if missing); return its
+        C{rootfs}, the layer's tree.  A filesystem without one is unmounted
+        again and refused.
+        """
         os.makedirs(target, mode=0o700, exist_ok=True)
-        self.mount_device(device, target, bool(mapping.get("readonly")))
+        self.mount_device(device, target, readonly)
         rootfs = os.path.join(target, ROOTFS)
         if not os.path.isdir(rootfs):
             mounts.unmount(target)

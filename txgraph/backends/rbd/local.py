@@ -154,14 +154,10 @@ class Lowers:
         os.makedirs(point, mode=0o700, exist_ok=True)
         mapping = self.devices.mapper.map(name, readonly=True, tag=LOWER_TAG + key)
         try:
-            self.devices.mount_device(mapping["device"], point, readonly=True)
+            self.devices.mount_rootfs(mapping["device"], point, readonly=True)
         except BaseException:
             self.devices.unmap(mapping)
             raise
-        if not os.path.isdir(os.path.join(point, ROOTFS)):
-            mounts.unmount(point)
-            self.devices.unmap(mapping)
-            raise BackendError(f"the filesystem of layer {base_id} has no {ROOTFS}/ directory")
 
     def release(self, base_id: str) -> None:
         """
@@ -193,8 +189,7 @@ class Lowers:
                 )
             if self.users.pop(key, None):
                 log.warn("lower {key} was counted in use, but no mount uses it", key=key)
-            self.idle.pop(key, None)
-            self._unmap_key(key)
+            self._unmap_now(key)
 
     def _in_use(self, key: str) -> bool:
         """
@@ -209,6 +204,15 @@ class Lowers:
                 if option.startswith("lowerdir=") and needle in option[len("lowerdir=") :].split(":"):
                     return True
         return False
+
+    def _unmap_now(self, key: str) -> None:
+        """
+        Let a lower that nothing uses go now: no longer kept, nor adopted;
+        unmounted and unmapped.
+        """
+        self.idle.pop(key, None)
+        self.adopted.discard(key)
+        self._unmap_key(key)
 
     def _unmap_key(self, key: str) -> None:
         point = os.path.join(self.root, key)
@@ -244,10 +248,8 @@ class Lowers:
                     # after another delay, not at once.
                     self.idle[key] = now
                     continue
-                self.idle.pop(key)
-                self.adopted.discard(key)
                 try:
-                    self._unmap_key(key)
+                    self._unmap_now(key)
                 except Exception as e:
                     log.warn("cannot release lower {key}: {error}", key=key, error=e)
         self._schedule()
@@ -308,9 +310,7 @@ class Lowers:
         with self.lock:
             if self.users.get(key) or self._in_use(key):
                 return
-            self.idle.pop(key, None)
-            self.adopted.discard(key)
-            self._unmap_key(key)
+            self._unmap_now(key)
 
 
 class LocalLayers(OverlayBackend):
