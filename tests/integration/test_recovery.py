@@ -409,15 +409,7 @@ def test_crash_point(
         # A failed Remove leaves the container "Removal In Progress"; the
         # remedy is what a user does: docker rm again (Remove of a layer
         # recovery already removed succeeds).
-        findings = _remove_leftovers_and_gc(stack)
-        assert all(f["repaired"] for f in findings), findings
-        # With local container layers, the image's lower mapping a crash
-        # left under a layer that dockerd then gave up is one too.
-        lowers = str(daemon.state_dir / "rbd" / "lower") + "/"
-        findings = [
-            f for f in findings if not (stack.local and f["kind"] == "mount" and f["id"].startswith(lowers))
-        ]
-        assert {f["kind"] for f in findings} <= {"unknown", "shared"}, findings
+        _gc_after_a_failed_operation(stack)
         stack.docker(*args)
     _verify_nothing_leaked_or_lost(stack)
 
@@ -459,15 +451,7 @@ def test_crash_point_thin_load(
     result = _crash_during(stack, point, ["load", "-i", str(saved)])
     if result.returncode != 0:
         assert "GraphDriver." in result.stderr, result.stderr
-        findings = _remove_leftovers_and_gc(stack)
-        assert all(f["repaired"] for f in findings), findings
-        # With local container layers, the image's lower mapping a crash
-        # left under a layer that dockerd then gave up is one too.
-        lowers = str(daemon.state_dir / "rbd" / "lower") + "/"
-        findings = [
-            f for f in findings if not (stack.local and f["kind"] == "mount" and f["id"].startswith(lowers))
-        ]
-        assert {f["kind"] for f in findings} <= {"unknown", "shared"}, findings
+        _gc_after_a_failed_operation(stack)
         stack.docker("load", "-i", str(saved))
     out = stack.docker("run", "--rm", "--network", "none", tag, "cat", "/.txgraph-thin.json").stdout
     assert json.loads(out) == json.loads(made.stdout)["descriptor"]
@@ -475,6 +459,23 @@ def test_crash_point_thin_load(
     stack.docker("rmi", tag)
     assert {f["kind"] for f in _remove_leftovers_and_gc(stack)} == {"shared"}
     _verify_nothing_leaked_or_lost(stack)
+
+
+def _gc_after_a_failed_operation(stack: Stack) -> None:
+    """
+    After an operation the crash made fail: what dockerd leaked (layers it
+    does not know, "unknown"), and on rbd a shared image left unused
+    ("shared"), and with local container layers the image's lower mapping
+    left under a layer dockerd gave up, are all that gc finds; all are
+    repaired.
+    """
+    findings = _remove_leftovers_and_gc(stack)
+    assert all(f["repaired"] for f in findings), findings
+    lowers = str(stack.txgraph.state_dir / "rbd" / "lower") + "/"
+    findings = [
+        f for f in findings if not (stack.local and f["kind"] == "mount" and f["id"].startswith(lowers))
+    ]
+    assert {f["kind"] for f in findings} <= {"unknown", "shared"}, findings
 
 
 def _remove_leftovers_and_gc(stack: Stack) -> list[dict[str, Any]]:
