@@ -1401,6 +1401,14 @@ def _lowers_mounted(backend: RBDBackend) -> list[str]:
     return mounts.mounted_under(backend.lowers.root)
 
 
+def _lower_gone(backend: RBDBackend) -> bool:
+    """
+    Whether no lower is mounted or mapped any more: the sweep unmounts
+    first, then waits for the rbd-fuse process to exit.
+    """
+    return _lowers_mounted(backend) == [] and host_leftovers(backend.state_dir) == []
+
+
 def _wait_until(check: Any, what: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -1461,7 +1469,7 @@ def test_container_layers_are_local(local: Started, ceph: Ceph) -> None:
     assert _read(tree, "new") == b"12345"
     layers.put(copy)
     # Unused for unmap_delay: unmounted and unmapped.
-    _wait_until(lambda: _lowers_mounted(backend) == [], "the unused lower stayed mounted")
+    _wait_until(lambda: _lower_gone(backend), "the unused lower stayed mounted or mapped")
     assert host_leftovers(backend.state_dir) == []
 
 
@@ -1489,7 +1497,7 @@ def test_local_layer_survives_a_restart(local: Started) -> None:
     time.sleep(1.5)  # past unmap_delay: held, so not swept
     assert _read(root, "f") == b"image" and _read(root, "g") == b"written"
     layers.put(container)
-    _wait_until(lambda: _lowers_mounted(again) == [], "the lower stayed after the last Put")
+    _wait_until(lambda: _lower_gone(again), "the lower stayed after the last Put")
 
 
 def test_lower_left_by_a_crash_is_swept_or_repaired(local: Started, ceph: Ceph) -> None:
