@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,49 @@ def test_missing_image_is_named(env: Any) -> None:
     with pytest.raises(BackendError, match=r"the image rbd/txgraph.node.gone of layer gone"):
         lowers.acquire("gone")
     assert devices.mapper.mapped == {} and lowers.users == {}
+
+
+def test_one_images_map_does_not_wait_for_anothers(env: Any) -> None:
+    """
+    Each base has its own lock: while one image's map is under way (held
+    here by the fake mapper), another image's lower is made and let go,
+    and the swept timer's pass goes on; a second user of the image being
+    mapped waits for that map and shares it.
+    """
+    lowers, devices, clock, _ = env
+    entered, go = threading.Event(), threading.Event()
+    real_map = devices.mapper.map
+
+    def slow_map(image: str, *, readonly: bool, tag: str) -> dict[str, Any]:
+        if tag == "lower.img":
+            entered.set()
+            assert go.wait(10)
+        return real_map(image, readonly=readonly, tag=tag)
+
+    devices.mapper.map = slow_map
+    results: list[str] = []
+    first = threading.Thread(target=lambda: results.append(lowers.acquire("img")))
+    second = threading.Thread(target=lambda: results.append(lowers.acquire("img")))
+    first.start()
+    assert entered.wait(10)
+    second.start()
+    try:
+        # Not waiting for img's map: other's is made, released and swept.
+        assert lowers.acquire("other") == lowers.path("other")
+        lowers.release("other")
+        clock.now += 6
+        lowers.sweep()
+        assert "lower.other" not in devices.mapper.mapped
+        second.join(0.2)
+        assert second.is_alive(), "a second user of img did not wait for its map"
+    finally:
+        go.set()
+        first.join(10)
+        second.join(10)
+    assert results == [lowers.path("img")] * 2
+    assert lowers.users == {"img": 2}
+    assert [t for t in devices.mapper.mapped] == ["lower.img"]
+    assert devices.mapper.maps == 2  # other's, then img's once
 
 
 def test_start_keeps_mounts_and_unmaps_mappings_without_one(env: Any, tmp_path: Path) -> None:

@@ -79,6 +79,10 @@ class Lowers:
     @ivar adopted: the base keys whose lower mount this process found at
         its start and has not used since: a crash's leftovers unless a
         mounted local layer's recovery takes them again.
+    @ivar lock: guards the three above (held briefly, never across I/O).
+    @ivar locks: per base key, the lock held while its lower is made, let go
+        or looked at: one image's map (about 100 ms) does not wait for
+        another's.  Always taken before L{lock}, never after.
     """
 
     def __init__(
@@ -97,11 +101,24 @@ class Lowers:
         self.idle: dict[str, float] = {}
         self.adopted: set[str] = set()
         self.lock = threading.RLock()
+        self.locks: dict[str, threading.RLock] = {}
         self._timer: threading.Timer | None = None
         self._stopped = False
 
     def point(self, base_id: str) -> str:
         return os.path.join(self.root, self.names.key(base_id))
+
+    def _key_lock(self, key: str) -> threading.RLock:
+        """
+        The key's own lock (kept for the process's life: one small object
+        per image this host ever mapped, so that two threads never hold
+        two different locks for one key).
+        """
+        with self.lock:
+            lock = self.locks.get(key)
+            if lock is None:
+                lock = self.locks[key] = threading.RLock()
+            return lock
 
     def path(self, base_id: str) -> str:
         """
@@ -116,11 +133,12 @@ class Lowers:
         """
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         now = self.clock()
-        with self.lock:
-            for key in sorted(os.listdir(self.root)):
+        for key in sorted(os.listdir(self.root)):
+            with self._key_lock(key):
                 if mounts.is_mountpoint(os.path.join(self.root, key)):
-                    self.idle.setdefault(key, now)
-                    self.adopted.add(key)
+                    with self.lock:
+                        self.idle.setdefault(key, now)
+                        self.adopted.add(key)
                 else:
                     self._unmap_key(key)
         self._schedule()
@@ -131,13 +149,15 @@ class Lowers:
         its tree.
         """
         key = self.names.key(base_id)
-        with self.lock:
-            self.idle.pop(key, None)
-            self.adopted.discard(key)
+        with self._key_lock(key):
+            with self.lock:
+                self.idle.pop(key, None)
+                self.adopted.discard(key)
             point = self.point(base_id)
             if not mounts.is_mountpoint(point):
                 self._make(base_id, key, point)
-            self.users[key] = self.users.get(key, 0) + 1
+            with self.lock:
+                self.users[key] = self.users.get(key, 0) + 1
         return self.path(base_id)
 
     def _make(self, base_id: str, key: str, point: str) -> None:
@@ -164,14 +184,16 @@ class Lowers:
         One user fewer; the mount is swept C{delay} seconds after its last.
         """
         key = self.names.key(base_id)
-        with self.lock:
-            users = self.users.get(key, 0) - 1
-            if users > 0:
-                self.users[key] = users
-                return
-            self.users.pop(key, None)
+        with self._key_lock(key):
+            with self.lock:
+                users = self.users.get(key, 0) - 1
+                if users > 0:
+                    self.users[key] = users
+                    return
+                self.users.pop(key, None)
             if mounts.is_mountpoint(os.path.join(self.root, key)):
-                self.idle[key] = self.clock()
+                with self.lock:
+                    self.idle[key] = self.clock()
         self._schedule()
 
     def drop(self, base_id: str) -> None:
@@ -180,14 +202,18 @@ class Lowers:
         remade); refused while a local layer is mounted over it.
         """
         key = self.names.key(base_id)
-        with self.lock:
-            if key not in self.users and not os.path.lexists(os.path.join(self.root, key)):
+        with self._key_lock(key):
+            with self.lock:
+                counted = key in self.users
+            if not counted and not os.path.lexists(os.path.join(self.root, key)):
                 return
             if self._in_use(key):
                 raise BackendError(
                     f"layer {base_id} is the lower layer of a mounted local container layer"
                 )
-            if self.users.pop(key, None):
+            with self.lock:
+                counted = bool(self.users.pop(key, None))
+            if counted:
                 log.warn("lower {key} was counted in use, but no mount uses it", key=key)
             self._unmap_now(key)
 
@@ -208,10 +234,11 @@ class Lowers:
     def _unmap_now(self, key: str) -> None:
         """
         Let a lower that nothing uses go now: no longer kept, nor adopted;
-        unmounted and unmapped.
+        unmounted and unmapped.  The caller holds the key's lock.
         """
-        self.idle.pop(key, None)
-        self.adopted.discard(key)
+        with self.lock:
+            self.idle.pop(key, None)
+            self.adopted.discard(key)
         self._unmap_key(key)
 
     def _unmap_key(self, key: str) -> None:
@@ -236,17 +263,24 @@ class Lowers:
         """
         now = self.clock()
         with self.lock:
-            for key, since in sorted(self.idle.items()):
-                if self.users.get(key):
-                    self.idle.pop(key)
-                    continue
+            candidates = sorted(self.idle)
+        for key in candidates:
+            with self._key_lock(key):
+                with self.lock:
+                    since = self.idle.get(key)
+                    if since is None:
+                        continue
+                    if self.users.get(key):
+                        self.idle.pop(key)
+                        continue
                 if not force and now - since < self.delay:
                     continue
                 if self._in_use(key):
                     # A mount this process does not count (yet: recovery
                     # takes it, or a mount outside txgraph): look again
                     # after another delay, not at once.
-                    self.idle[key] = now
+                    with self.lock:
+                        self.idle[key] = now
                     continue
                 try:
                     self._unmap_now(key)
@@ -307,8 +341,10 @@ class Lowers:
 
     def repair(self, point: str) -> None:
         key = os.path.basename(point)
-        with self.lock:
-            if self.users.get(key) or self._in_use(key):
+        with self._key_lock(key):
+            with self.lock:
+                used = bool(self.users.get(key))
+            if used or self._in_use(key):
                 return
             self._unmap_now(key)
 
