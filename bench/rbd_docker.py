@@ -9,9 +9,14 @@ per system).  ``--old DIR`` adds the rbd backend of another source tree
 (an older commit, extracted) on the same cluster, in a namespace of its
 own: an A/B of two versions in one run.  ``--local`` adds the rbd backend
 with containers' layers on local storage (``container_layers=local``) the
-same way (and, with ``--old``, the old tree's with it too).
+same way (and, with ``--old``, the old tree's with it too).  ``--pair N``
+(with ``--local``) adds N repetitions of a row for the local systems only:
+the first containers of two images created at once (``docker create`` of
+busybox and of a second image committed from it, in two threads), each
+image's lower swept before (``unmap_delay`` waited out), so both are mapped
+again: what two images' maps at the same time cost.
 
-    python bench/rbd_docker.py [--runs 30] [--old DIR] [--local] [--out FILE.json]
+    python bench/rbd_docker.py [--runs 30] [--old DIR] [--local [--pair N]] [--out FILE.json]
 
 Prints each system's medians and the ratios issue 18 sets targets for:
 rbd create / built-in create (≤ 3) and rbd run --rm / overlay run --rm
@@ -35,6 +40,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -69,6 +75,46 @@ def measure(systems: list[bench_run.System], runs: int) -> dict[str, dict[str, l
             samples[system.key]["create"].append((created - start) * 1000)
             samples[system.key]["rm"].append((done - created) * 1000)
             samples[system.key]["run_rm"].append(system.timed(*RUN))
+    return samples
+
+
+#: The second image of the C{--pair} row: busybox's layers and one more.
+SECOND = "second:local"
+#: The rbd backend's default C{unmap_delay}: how long a lower lingers.
+UNMAP_DELAY = 5.0
+
+
+def make_second_image(system: bench_run.System) -> None:
+    """
+    C{SECOND}: busybox with one more layer (a commit of a container of it),
+    so that its top layer, and so its lower, is not busybox's.
+    """
+    cid = system.docker("create", "--network", "none", BUSYBOX, "true").strip()
+    system.docker("commit", cid, SECOND)
+    system.docker("rm", cid)
+
+
+def measure_pairs(systems: list[bench_run.System], reps: int) -> dict[str, list[float]]:
+    """
+    C{reps} repetitions, the systems in turn: both images' first containers
+    created at once (wall time until both exist), then removed, after
+    waiting out C{unmap_delay} so that both lowers are gone.
+    """
+    samples: dict[str, list[float]] = {s.key: [] for s in systems}
+    for rep in range(reps):
+        time.sleep(UNMAP_DELAY + 1.0)
+        order = systems if rep % 2 == 0 else list(reversed(systems))
+        for system in order:
+            made: list[str] = []
+            with ThreadPoolExecutor(2) as pool:
+                start = time.perf_counter()
+                futures = [
+                    pool.submit(system.docker, "create", "--network", "none", image, "true")
+                    for image in (BUSYBOX, SECOND)
+                ]
+                made = [f.result().strip() for f in futures]
+                samples[system.key].append((time.perf_counter() - start) * 1000)
+            system.docker("rm", *made)
     return samples
 
 
@@ -121,10 +167,16 @@ def main(argv: list[str] | None = None) -> int:
         "--local", action="store_true",
         help="also the rbd backend with container_layers=local",
     )
+    parser.add_argument(
+        "--pair", type=int, default=0, metavar="N",
+        help="with --local: N repetitions of two images' first containers created at once",
+    )
     parser.add_argument("--out", type=Path, help="write the samples and medians as JSON")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     parser.add_argument("--fs-size", default="4G", help="each system's ext4 (default 4G)")
     args = parser.parse_args(argv)
+    if args.pair and not args.local:
+        parser.error("--pair needs --local")
     if os.geteuid() != 0:
         print("bench/rbd_docker.py needs root", file=sys.stderr)
         return 2
@@ -177,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         for system in systems:
             system.docker("load", "-i", str(busybox))
         samples = measure(systems, args.runs)
+        local_systems = [s for s in systems if s.key.startswith("rbd-local")]
+        if args.pair:
+            for system in local_systems:
+                make_second_image(system)
+            for key, values in measure_pairs(local_systems, args.pair).items():
+                samples[key]["pair_create"] = values
         medians = {
             key: {row: statistics.median(values) for row, values in rows.items()}
             for key, rows in samples.items()
@@ -192,12 +250,17 @@ def main(argv: list[str] | None = None) -> int:
             for new, old in (("rbd", "rbd-old"), ("rbd-local", "rbd-local-old")):
                 if old in medians:
                     ratios[f"{new} / {old}"] = {
-                        row: medians[new][row] / medians[old][row] for row in medians[new]
+                        row: medians[new][row] / medians[old][row]
+                        for row in medians[new] if row in medians[old]
                     }
         print(f"{'system':28s} {'create':>9s} {'rm':>9s} {'run --rm':>9s}  (medians of {args.runs}, ms)")
         for system in systems:
             m = medians[system.key]
             print(f"{system.label:28s} {m['create']:9.1f} {m['rm']:9.1f} {m['run_rm']:9.1f}")
+        if args.pair:
+            print(f"two images' first containers created at once (medians of {args.pair}, ms):")
+            for system in local_systems:
+                print(f"  {system.label:28s} {medians[system.key]['pair_create']:9.1f}")
         for key, values in ratios.items():
             print(f"{key}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
         means = {key: call_means(port) for key, port in ports.items()}
