@@ -67,7 +67,9 @@ def test_profile_and_depth_read(tmp_path: Path) -> None:
 def test_rbd_docker(tmp_path: Path) -> None:
     """
     The container rows on built-in, overlay, rbd and an "older" rbd (this
-    same tree, through --old): every system measured, the ratios reported.
+    same tree, through --old), each rbd also with local container layers
+    (--local), and the two-images row on those (--pair): every system
+    measured, the ratios reported.
     """
     if not DevCluster.available():
         pytest.skip("Ceph is not installed (ceph-mon, ceph-osd)")
@@ -76,15 +78,18 @@ def test_rbd_docker(tmp_path: Path) -> None:
         report = tmp_path / "docker.json"
         out = _run(
             "rbd_docker.py", work, "--runs", "1", "--fs-size", "1G", "--old", str(REPO),
-            "--workdir", str(work), "--out", str(report),
+            "--local", "--pair", "1", "--workdir", str(work), "--out", str(report),
         )
-        assert "rbd / rbd-old:" in out, out
+        assert "rbd / rbd-old:" in out and "rbd-local / rbd-local-old:" in out, out
         medians = json.loads(report.read_text())["medians_ms"]
-        assert sorted(medians) == ["builtin", "overlay", "rbd", "rbd-old"], medians
-        for rows in medians.values():
-            assert sorted(rows) == ["create", "rm", "run_rm"] and min(rows.values()) > 0, rows
+        local = ["rbd-local", "rbd-local-old"]
+        assert sorted(medians) == ["builtin", "overlay", "rbd", *local, "rbd-old"], medians
+        for key, rows in medians.items():
+            expected = ["create", "pair_create", "rm", "run_rm"] if key in local else [
+                "create", "rm", "run_rm"]
+            assert sorted(rows) == expected and min(rows.values()) > 0, (key, rows)
         means = json.loads(report.read_text())["call_means_ms_count"]
-        assert sorted(means) == ["overlay", "rbd", "rbd-old"], means
+        assert sorted(means) == ["overlay", "rbd", *local, "rbd-old"], means
         assert means["rbd"]["calls"]["GraphDriver.CreateReadWrite"][1] >= 6, means
         assert means["rbd"]["cluster"]["prepare"][0] > 0, means
     finally:
