@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import re
 import time
 import unicodedata
 from collections.abc import Callable
@@ -48,6 +49,15 @@ REFUSED_ID_CHARACTERS = {
     "#": "dockerd writes IDs unescaped into ApplyDiff's query string",
 }
 
+#: IDs made only of printable ASCII that is not refused (what dockerd,
+#: BuildKit and containerd send): valid at once, without
+#: L{id_problem}'s walk through each character (17 us per call, 3 % of the
+#: reactor's time for a Get).
+_PLAIN_ID = re.compile(
+    "[" + "".join(re.escape(chr(c)) for c in range(0x21, 0x7F) if chr(c) not in REFUSED_ID_CHARACTERS)
+    + "]{1,%d}" % MAX_ID_BYTES
+)
+
 #: What a valid layer ID is, for error messages.
 ID_RULE = (
     "a layer ID is any name of at most 255 bytes that is safe as one file name: "
@@ -68,6 +78,8 @@ def id_problem(value: str) -> str | None:
     What is refused would break a path, an RBD image spec, dockerd's
     ApplyDiff query, or a log line.
     """
+    if _PLAIN_ID.fullmatch(value) is not None and value not in (".", ".."):
+        return None
     if value in (".", ".."):
         return f"{value} names a directory, not a file"
     try:

@@ -835,3 +835,24 @@ def test_diff_producer_released_when_connection_lost() -> None:
     stream.stopProducing()
     worker.join(5)
     assert not worker.is_alive() and errors
+
+
+def test_plain_id_fast_path_agrees_with_the_full_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    id_problem answers IDs of plain printable ASCII from one regex; every
+    ASCII character, alone, inside an ID and at its ends, and IDs at and
+    past the length limit, get the same answer as from the walk through
+    each character (the fast path switched off).
+    """
+    import re
+
+    from txgraph import driver
+
+    values = ["", ".", "..", "...", "a" * 255, "a" * 256, "." * 255, "x." + "0" * 64]
+    for c in map(chr, range(128)):
+        values += [c, c * 2, f"ab{c}cd", f"{c}abc", f"abc{c}", "a" * 254 + c]
+    fast = {v: driver.id_problem(v) for v in values}
+    monkeypatch.setattr(driver, "_PLAIN_ID", re.compile(r"(?!)"))
+    slow = {v: driver.id_problem(v) for v in values}
+    assert fast == slow
+    assert fast["a" * 255] is None and fast["a" * 256] is not None and fast["ab/cd"] is not None
