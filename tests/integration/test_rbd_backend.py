@@ -1534,6 +1534,56 @@ def test_lower_left_by_a_crash_is_swept_or_repaired(local: Started, ceph: Ceph) 
         backend.lowers.users.clear()
 
 
+def _kill_lower(backend: RBDBackend, image: str) -> None:
+    """
+    SIGKILL the rbd-fuse of the image's lower, as the OOM killer would,
+    and wait until it is gone (its device and mount stay, dead).
+    """
+    assert backend.devices.mapper is not None
+    (mapping,) = backend.devices.mapper.find(
+        backend.image_name(image), f"lower.{backend.names.key(image)}"
+    )
+    assert mapping["alive"] and mapping["pid"]
+    os.kill(mapping["pid"], signal.SIGKILL)
+    _wait_until(
+        lambda: not any(
+            m["alive"] for m in backend.devices.mapper.find(  # type: ignore[union-attr]
+                backend.image_name(image), f"lower.{backend.names.key(image)}")
+        ),
+        "the killed rbd-fuse still looks alive",
+    )
+
+
+def test_dead_lower_is_mapped_again_or_refused(local: Started) -> None:
+    """
+    A lower whose rbd-fuse was killed: while a container's layer is
+    mounted over it, a second container of the image is refused with an
+    error that says why (and the first one's layer is still put and
+    removed); once nothing uses it, the next container maps the image
+    again and reads it.
+    """
+    backend, layers = local.backend, local.layers
+    image = layers.create()
+    layers.write(image, {"f": b"image"})
+    first, second = layers.create(image), layers.create(image)
+    layers.get(first)
+    _kill_lower(backend, image)
+    with pytest.raises(BackendError, match=r"is dead \(its rbd-fuse exited\) while container layers "
+                       r"are mounted over it"):
+        layers.get(second)
+    layers.put(first)
+    # Unused now, and still dead (the sweep has not run yet, or has):
+    # mapped again either way.
+    assert _read(layers.get(second), "f") == b"image"
+    layers.put(second)
+    # Killed again while lingering after its last user: mapped again.
+    _kill_lower(backend, image)
+    assert _read(layers.get(first), "f") == b"image"
+    layers.put(first)
+    _wait_until(lambda: _lower_gone(backend), "the lower stayed after the last Put")
+    assert host_leftovers(backend.state_dir) == []
+
+
 def test_image_layer_under_a_lingering_lower_is_removed(local: Started, ceph: Ceph) -> None:
     """
     Removing an image layer whose lower is still mapped (within unmap_delay

@@ -47,9 +47,13 @@ class FakeMapper:
     def map(self, image: str, *, readonly: bool, tag: str) -> dict[str, Any]:
         assert readonly
         self.maps += 1
-        mapping = {"device": f"/dev/fake{self.maps}", "image": image, "tag": tag}
+        mapping = {"device": f"/dev/fake{self.maps}", "image": image, "tag": tag, "alive": True}
         self.mapped[tag] = mapping
         return mapping
+
+    def kill(self, tag: str) -> None:
+        """Its rbd-fuse exits: the device stays, dead."""
+        self.mapped[tag]["alive"] = False
 
     def find(self, image: str, tag: str) -> list[dict[str, Any]]:
         m = self.mapped.get(tag)
@@ -65,9 +69,18 @@ class FakeDevices:
         self.table = table
         self.cluster = self
         self.images = {"txgraph.node.img", "txgraph.node.other"}
+        self.suspected: list[str] = []
+        self.cleared: list[str] = []
 
     def inspect(self, name: str) -> object | None:
         return object() if name in self.images else None
+
+    def suspect(self, name: str) -> None:
+        self.suspected.append(name)
+
+    def clear_stale_clients(self, name: str, watchers: bool = False) -> None:
+        assert watchers and self.suspected[-1] == name
+        self.cleared.append(name)
 
     def usable(self) -> list[FakeMapper]:
         return [self.mapper]
@@ -237,6 +250,48 @@ def test_one_images_map_does_not_wait_for_anothers(env: Any) -> None:
     assert lowers.users == {"img": 2}
     assert [t for t in devices.mapper.mapped] == ["lower.img"]
     assert devices.mapper.maps == 2  # other's, then img's once
+
+
+def test_a_dead_unused_lower_is_mapped_again(env: Any) -> None:
+    """
+    A lower whose rbd-fuse died while nothing used it (lingering after its
+    last container, or adopted at a start) is unmounted, unmapped and made
+    again by the next user, not handed out dead.
+    """
+    lowers, devices, clock, _ = env
+    lowers.acquire("img")
+    lowers.release("img")
+    devices.mapper.kill("lower.img")
+    assert lowers.acquire("img") == lowers.path("img")
+    assert devices.mapper.maps == 2 and devices.mapper.mapped["lower.img"]["alive"]
+    assert lowers.users == {"img": 1} and lowers.idle == {}
+    # The dead client's watch is dropped first (it would hold the new open).
+    assert devices.cleared == ["txgraph.node.img"]
+
+
+def test_a_dead_lower_in_use_refuses_new_users(env: Any) -> None:
+    """
+    A dead lower that a mounted layer uses cannot be made again under it:
+    the next user is refused with an error that says so (and the counts
+    and the sweep are as they were); once its users are gone it is made
+    again.
+    """
+    lowers, devices, clock, overlays = env
+    lowers.acquire("img")
+    devices.mapper.kill("lower.img")
+    with pytest.raises(BackendError, match=r"layer img \(image rbd/txgraph.node.img\) at .* is dead "
+                       r"\(its rbd-fuse exited\) while container layers are mounted over it"):
+        lowers.acquire("img")
+    assert lowers.users == {"img": 1} and devices.mapper.maps == 1
+    lowers.release("img")
+    # Not counted, but an overlay mount names it (a restart's adopted lower).
+    overlays.append(overlay_over(lowers, "img"))
+    with pytest.raises(BackendError, match="is dead"):
+        lowers.acquire("img")
+    assert lowers.idle == {"img": clock.now}, "the refused user took it out of the sweep"
+    overlays.clear()
+    lowers.acquire("img")
+    assert devices.mapper.maps == 2 and devices.mapper.mapped["lower.img"]["alive"]
 
 
 def test_start_keeps_mounts_and_unmaps_mappings_without_one(env: Any, tmp_path: Path) -> None:

@@ -150,15 +150,54 @@ class Lowers:
         """
         key = self.names.key(base_id)
         with self._key_lock(key):
-            with self.lock:
-                self.idle.pop(key, None)
-                self.adopted.discard(key)
             point = self.point(base_id)
+            if mounts.is_mountpoint(point) and not self._alive(key):
+                self._replace_dead(base_id, key)
             if not mounts.is_mountpoint(point):
                 self._make(base_id, key, point)
             with self.lock:
+                self.idle.pop(key, None)
+                self.adopted.discard(key)
                 self.users[key] = self.users.get(key, 0) + 1
         return self.path(base_id)
+
+    def _alive(self, key: str) -> bool:
+        """
+        Whether the lower's mapping works: its device is there and its
+        process (rbd-fuse) runs.
+        """
+        image, tag = f"{self.names.stem}{key}", LOWER_TAG + key
+        return any(m["alive"] for mapper in self.devices.usable() for m in mapper.find(image, tag))
+
+    def _replace_dead(self, base_id: str, key: str) -> None:
+        """
+        A lower whose mapping died (its rbd-fuse killed, or crashed) is let
+        go so that it is made again, unless a mounted layer uses it: then
+        its containers cannot read their image, and no new one is started
+        over it.
+        """
+        with self.lock:
+            users = self.users.get(key, 0)
+        if users or self._in_use(key):
+            name = self.names.image_name(base_id)
+            raise BackendError(
+                f"the read-only mapping of layer {base_id} (image {self.names.spec(name)}) at "
+                f"{self.point(base_id)} is dead (its rbd-fuse exited) while container layers "
+                "are mounted over it: their containers cannot read their image; stop them, "
+                "and the next container maps the image again"
+            )
+        log.warn(
+            "the read-only mapping of layer {id} at {point} is dead (its rbd-fuse "
+            "exited): mapping it again",
+            id=base_id,
+            point=self.point(base_id),
+        )
+        self._unmap_now(key)
+        # The dead client still watches the image (for ~30 s): a new
+        # client's open would wait for that watch to time out.
+        name = self.names.image_name(base_id)
+        self.devices.cluster.suspect(name)
+        self.devices.cluster.clear_stale_clients(name, watchers=True)
 
     def _make(self, base_id: str, key: str, point: str) -> None:
         assert self.devices.mapper is not None
