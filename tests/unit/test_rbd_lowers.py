@@ -115,7 +115,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Lower
         shutil.rmtree(os.path.join(point, "rootfs"), ignore_errors=True)
 
     monkeypatch.setattr(mounts, "unmount", unmount)
-    monkeypatch.setattr(mounts, "mount_table", lambda: list(overlays))
+    monkeypatch.setattr(mounts, "mount_table", lambda naming=None: list(overlays))
     devices = FakeDevices(table)
     clock = Clock()
     lowers = Lowers(FakeNames(tmp_path), devices, delay=5, clock=clock)  # type: ignore[arg-type]

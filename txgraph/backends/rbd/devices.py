@@ -345,7 +345,7 @@ class Devices:
         """
         target = self.names.mountpoint(layer.id)
         device = mapping["device"]
-        current = [e for e in mounts.mount_table() if e.mountpoint == target]
+        current = [e for e in mounts.mount_table(naming=target) if e.mountpoint == target]
         if current:
             if current[-1].source == device:
                 return os.path.join(target, ROOTFS)

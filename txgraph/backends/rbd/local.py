@@ -262,7 +262,7 @@ class Lowers:
         directory (the truth, whatever the counts say).
         """
         needle = os.path.join(self.root, key, ROOTFS)
-        for entry in mounts.mount_table():
+        for entry in mounts.mount_table(naming=needle):
             if entry.fstype != "overlay":
                 continue
             for option in entry.options.split(","):

@@ -139,7 +139,7 @@ def unmount_device(device: str) -> None:
     """
     Unmount every mount of C{device} (deepest first).
     """
-    points = [e.mountpoint for e in mounts.mount_table() if e.source == device]
+    points = [e.mountpoint for e in mounts.mount_table(naming=device) if e.source == device]
     for point in sorted(set(points), key=lambda p: (-p.count("/"), p)):
         for sub in mounts.mounted_under(point):
             mounts.unmount(sub)
