@@ -103,15 +103,33 @@ def loop_backing_files() -> dict[str, str]:
     for name in names:
         if not name.startswith("loop"):
             continue
-        try:
-            with open(f"/sys/block/{name}/loop/backing_file", "rb") as f:
-                backing = f.read().decode("utf-8", "surrogateescape").rstrip("\n")
-        except OSError:
-            continue
-        if backing.endswith(" (deleted)"):
-            backing = backing[: -len(" (deleted)")]
-        result[f"/dev/{name}"] = backing
+        backing = _backing_file(name)
+        if backing is not None:
+            result[f"/dev/{name}"] = backing
     return result
+
+
+def loop_backing_file(device: str) -> str | None:
+    """
+    The file behind one loop device (C{/dev/loopN}), or None if it is not
+    attached: one read, where L{loop_backing_files} reads every loop
+    device's (a host with a hundred mapped layers has a hundred).
+    """
+    name = os.path.basename(device)
+    if not name.startswith("loop"):
+        return None
+    return _backing_file(name)
+
+
+def _backing_file(name: str) -> str | None:
+    try:
+        with open(f"/sys/block/{name}/loop/backing_file", "rb") as f:
+            backing = f.read().decode("utf-8", "surrogateescape").rstrip("\n")
+    except OSError:
+        return None
+    if backing.endswith(" (deleted)"):
+        backing = backing[: -len(" (deleted)")]
+    return backing
 
 
 def mount_loop(image: str, target: str, fstype: str, attempts: int = 8) -> None:

@@ -43,11 +43,14 @@ class FakeMapper:
     def __init__(self) -> None:
         self.mapped: dict[str, dict[str, Any]] = {}  # tag -> mapping
         self.maps = 0
+        self.finds = 0
 
     def map(self, image: str, *, readonly: bool, tag: str) -> dict[str, Any]:
         assert readonly
         self.maps += 1
-        mapping = {"device": f"/dev/fake{self.maps}", "image": image, "tag": tag, "alive": True}
+        mapping = {
+            "mapper": "fake", "device": f"/dev/fake{self.maps}", "image": image, "tag": tag, "alive": True,
+        }
         self.mapped[tag] = mapping
         return mapping
 
@@ -56,16 +59,22 @@ class FakeMapper:
         self.mapped[tag]["alive"] = False
 
     def find(self, image: str, tag: str) -> list[dict[str, Any]]:
+        self.finds += 1
         m = self.mapped.get(tag)
         return [m] if m is not None and m["image"] == image else []
 
     def unmap(self, mapping: dict[str, Any]) -> None:
         self.mapped.pop(mapping["tag"], None)
 
+    def alive(self, mapping: dict[str, Any]) -> bool:
+        current = self.mapped.get(mapping["tag"])
+        return current is not None and current["device"] == mapping["device"] and current["alive"]
+
 
 class FakeDevices:
     def __init__(self, table: set[str]) -> None:
         self.mapper = FakeMapper()
+        self.mappers = {"fake": self.mapper}
         self.table = table
         self.cluster = self
         self.images = {"txgraph.node.img", "txgraph.node.other"}
@@ -84,6 +93,10 @@ class FakeDevices:
 
     def usable(self) -> list[FakeMapper]:
         return [self.mapper]
+
+    def mapper_for(self, mapping: dict[str, Any]) -> FakeMapper:
+        assert mapping["mapper"] == "fake"
+        return self.mapper
 
     def unmap(self, mapping: dict[str, Any]) -> None:
         self.mapper.unmap(mapping)
@@ -252,6 +265,20 @@ def test_one_images_map_does_not_wait_for_anothers(env: Any) -> None:
     assert devices.mapper.maps == 2  # other's, then img's once
 
 
+def test_liveness_is_checked_from_the_mapping_made(env: Any) -> None:
+    """
+    A lower this process mapped is checked from its own mapping (one
+    device's backing file, one pid), not by a search of every device.
+    """
+    lowers, devices, clock, _ = env
+    lowers.acquire("img")
+    finds = devices.mapper.finds
+    lowers.acquire("img")
+    lowers.release("img")
+    lowers.acquire("img")
+    assert devices.mapper.finds == finds and devices.mapper.maps == 1
+
+
 def test_a_dead_unused_lower_is_mapped_again(env: Any) -> None:
     """
     A lower whose rbd-fuse died while nothing used it (lingering after its
@@ -310,7 +337,9 @@ def test_start_keeps_mounts_and_unmaps_mappings_without_one(env: Any, tmp_path: 
     assert again.adopted == {"img"}
     assert [o.id for o in again.orphans(held=set())] == [again.point("img")]
     assert again.orphans(held={"img"}) == []
+    finds = devices.mapper.finds
     again.acquire("img")
+    assert devices.mapper.finds > finds, "an adopted lower's mapping is looked for"
     assert devices.mapper.maps == 2 and again.adopted == set()
     again.release("img")
     # Kept after its last use: not a leftover.

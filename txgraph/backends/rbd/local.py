@@ -52,6 +52,7 @@ from txgraph import mounts
 from txgraph.backends import LayerInfo, LayerView, MountSpec, Orphan
 from txgraph.backends.overlay import OverlayBackend
 from txgraph.backends.rbd.devices import Devices
+from txgraph.backends.rbd.mappers.base import Mapping
 from txgraph.backends.rbd.metadata import ROOTFS
 from txgraph.backends.rbd.names import Names
 from txgraph.errors import BackendError
@@ -79,7 +80,9 @@ class Lowers:
     @ivar adopted: the base keys whose lower mount this process found at
         its start and has not used since: a crash's leftovers unless a
         mounted local layer's recovery takes them again.
-    @ivar lock: guards the three above (held briefly, never across I/O).
+    @ivar mapped: per base key, the mapping this process made for it (its
+        liveness is checked from it, not by a search of every device).
+    @ivar lock: guards the four above (held briefly, never across I/O).
     @ivar locks: per base key, the lock held while its lower is made, let go
         or looked at: one image's map (about 100 ms) does not wait for
         another's.  Always taken before L{lock}, never after.
@@ -100,6 +103,7 @@ class Lowers:
         self.users: dict[str, int] = {}
         self.idle: dict[str, float] = {}
         self.adopted: set[str] = set()
+        self.mapped: dict[str, Mapping] = {}
         self.lock = threading.RLock()
         self.locks: dict[str, threading.RLock] = {}
         self._timer: threading.Timer | None = None
@@ -166,6 +170,10 @@ class Lowers:
         Whether the lower's mapping works: its device is there and its
         process (rbd-fuse) runs.
         """
+        with self.lock:
+            mapping = self.mapped.get(key)
+        if mapping is not None and mapping.get("mapper") in self.devices.mappers:
+            return self.devices.mapper_for(mapping).alive(mapping)
         image, tag = f"{self.names.stem}{key}", LOWER_TAG + key
         return any(m["alive"] for mapper in self.devices.usable() for m in mapper.find(image, tag))
 
@@ -217,6 +225,8 @@ class Lowers:
         except BaseException:
             self.devices.unmap(mapping)
             raise
+        with self.lock:
+            self.mapped[key] = mapping
 
     def release(self, base_id: str) -> None:
         """
@@ -281,6 +291,8 @@ class Lowers:
         self._unmap_key(key)
 
     def _unmap_key(self, key: str) -> None:
+        with self.lock:
+            self.mapped.pop(key, None)
         point = os.path.join(self.root, key)
         for inner in mounts.mounted_under(point):
             mounts.unmount(inner)

@@ -548,7 +548,7 @@ class FuseMapper(Mapper):
         if not directory or not device:
             return False
         path = os.path.join(directory, mapping.get("image", ""))
-        return mounts.loop_backing_files().get(device) == path and bool(self._fuse_pids(directory))
+        return mounts.loop_backing_file(device) == path and bool(self._fuse_pids(directory))
 
     def cleanup_tags(self, prefix: str) -> None:
         try:
