@@ -1584,6 +1584,34 @@ def test_dead_lower_is_mapped_again_or_refused(local: Started) -> None:
     assert host_leftovers(backend.state_dir) == []
 
 
+def test_restart_over_a_dead_lower(local: Started) -> None:
+    """
+    txgraph restarts while a container's layer is mounted over a lower
+    whose rbd-fuse was killed: the layer's recovery takes the lower again
+    (no error: the container is broken whatever txgraph says, and its Put
+    must work), the Put lets it go, and the next container maps the
+    image again.
+    """
+    backend, layers = local.backend, local.layers
+    image = layers.create()
+    layers.write(image, {"f": b"image"})
+    container = layers.create(image)
+    layers.get(container)
+    info = layers.infos[container]
+    _kill_lower(backend, image)
+    backend.stop()
+    again = RBDBackend(backend.state_dir, dict(backend.config))
+    again.start()
+    layers.backend = local.backend = again
+    again.ensure_mounted(info, layers.chain(container))
+    assert again.lowers.users == {again.names.key(image): 1}
+    layers.put(container)
+    other = layers.create(image)
+    assert _read(layers.get(other), "f") == b"image"
+    layers.put(other)
+    _wait_until(lambda: _lower_gone(again), "the lower stayed after the last Put")
+
+
 def test_image_layer_under_a_lingering_lower_is_removed(local: Started, ceph: Ceph) -> None:
     """
     Removing an image layer whose lower is still mapped (within unmap_delay

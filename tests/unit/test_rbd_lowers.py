@@ -79,7 +79,8 @@ class FakeDevices:
         self.cluster = self
         self.images = {"txgraph.node.img", "txgraph.node.other"}
         self.suspected: list[str] = []
-        self.cleared: list[str] = []
+        self.looked: list[str] = []  # every clear_stale_clients
+        self.cleared: list[str] = []  # those with the watches too
 
     def inspect(self, name: str) -> object | None:
         return object() if name in self.images else None
@@ -88,8 +89,10 @@ class FakeDevices:
         self.suspected.append(name)
 
     def clear_stale_clients(self, name: str, watchers: bool = False) -> None:
-        assert watchers and self.suspected[-1] == name
-        self.cleared.append(name)
+        self.looked.append(name)
+        if watchers:
+            assert self.suspected[-1] == name
+            self.cleared.append(name)
 
     def usable(self) -> list[FakeMapper]:
         return [self.mapper]
@@ -162,6 +165,9 @@ def test_one_mapping_per_base_swept_after_the_delay(env: Any) -> None:
     assert lowers.acquire("img") == lowers.path("img")
     lowers.acquire("img")
     assert devices.mapper.maps == 1
+    # A dead client's lock is looked for before the map (the cluster does
+    # it once per image after a start), not its watches.
+    assert devices.looked == ["txgraph.node.img"] and devices.cleared == []
     lowers.release("img")
     lowers.release("img")
     assert lowers.idle == {"img": 1000.0}
@@ -317,6 +323,25 @@ def test_a_dead_lower_in_use_refuses_new_users(env: Any) -> None:
         lowers.acquire("img")
     assert lowers.idle == {"img": clock.now}, "the refused user took it out of the sweep"
     overlays.clear()
+    lowers.acquire("img")
+    assert devices.mapper.maps == 2 and devices.mapper.mapped["lower.img"]["alive"]
+
+
+def test_a_layer_mounted_over_a_dead_lower_takes_it_again(env: Any) -> None:
+    """
+    After a restart, a layer still mounted over a lower whose rbd-fuse died
+    takes it again (its mount uses it whatever is said): counted, not
+    refused, not remade under it; once let go it is made again.
+    """
+    lowers, devices, clock, overlays = env
+    lowers.acquire("img")
+    devices.mapper.kill("lower.img")
+    overlays.append(overlay_over(lowers, "img"))
+    lowers.users.clear()  # the restart: nothing counted yet
+    assert lowers.acquire("img", mounted_over=True) == lowers.path("img")
+    assert lowers.users == {"img": 1} and devices.mapper.maps == 1
+    overlays.clear()
+    lowers.release("img")
     lowers.acquire("img")
     assert devices.mapper.maps == 2 and devices.mapper.mapped["lower.img"]["alive"]
 

@@ -82,7 +82,9 @@ class Lowers:
         mounted local layer's recovery takes them again.
     @ivar mapped: per base key, the mapping this process made for it (its
         liveness is checked from it, not by a search of every device).
-    @ivar lock: guards the four above (held briefly, never across I/O).
+    @ivar died: the base keys whose mapping was found dead when let go:
+        their image's next map first drops the dead client's watch.
+    @ivar lock: guards the five above (held briefly, never across I/O).
     @ivar locks: per base key, the lock held while its lower is made, let go
         or looked at: one image's map (about 100 ms) does not wait for
         another's.  Always taken before L{lock}, never after.
@@ -104,6 +106,7 @@ class Lowers:
         self.idle: dict[str, float] = {}
         self.adopted: set[str] = set()
         self.mapped: dict[str, Mapping] = {}
+        self.died: set[str] = set()
         self.lock = threading.RLock()
         self.locks: dict[str, threading.RLock] = {}
         self._timer: threading.Timer | None = None
@@ -147,16 +150,28 @@ class Lowers:
                     self._unmap_key(key)
         self._schedule()
 
-    def acquire(self, base_id: str) -> str:
+    def acquire(self, base_id: str, mounted_over: bool = False) -> str:
         """
         One more user of the base's lower mount, made if missing; returns
-        its tree.
+        its tree.  With C{mounted_over}, the user is a layer already
+        mounted over it (taking it again after a restart): a dead mapping
+        under it is only reported, since the layer's mount uses it anyway,
+        and it is made again once nothing does.
         """
         key = self.names.key(base_id)
         with self._key_lock(key):
             point = self.point(base_id)
             if mounts.is_mountpoint(point) and not self._alive(key):
-                self._replace_dead(base_id, key)
+                if mounted_over:
+                    log.warn(
+                        "the read-only mapping of layer {id} at {point} is dead (its "
+                        "rbd-fuse exited) under a mounted container layer: its container "
+                        "cannot read its image",
+                        id=base_id,
+                        point=point,
+                    )
+                else:
+                    self._replace_dead(base_id, key)
             if not mounts.is_mountpoint(point):
                 self._make(base_id, key, point)
             with self.lock:
@@ -200,17 +215,26 @@ class Lowers:
             id=base_id,
             point=self.point(base_id),
         )
+        with self.lock:
+            self.died.add(key)
         self._unmap_now(key)
-        # The dead client still watches the image (for ~30 s): a new
-        # client's open would wait for that watch to time out.
-        name = self.names.image_name(base_id)
-        self.devices.cluster.suspect(name)
-        self.devices.cluster.clear_stale_clients(name, watchers=True)
 
     def _make(self, base_id: str, key: str, point: str) -> None:
         assert self.devices.mapper is not None
         name = self.names.image_name(base_id)
         self._unmap_key(key)
+        with self.lock:
+            died = key in self.died
+            self.died.discard(key)
+        if died:
+            self.devices.cluster.suspect(name)
+        # A dead client of this node (a lower's rbd-fuse killed, before or
+        # after a restart) holds the image's exclusive lock, and its watch
+        # for ~30 s: the new rbd-fuse's open waits for them.  As for a
+        # layer's own mapping, the locks are looked at once per image after
+        # a start (a read-only open) and again after a death seen here,
+        # with the dead client's watches then.
+        self.devices.cluster.clear_stale_clients(name, watchers=died)
         if self.devices.cluster.inspect(name) is None:
             raise BackendError(
                 f"the image {self.names.spec(name)} of layer {base_id}, under a local "
@@ -299,6 +323,9 @@ class Lowers:
         tag = LOWER_TAG + key
         for mapper in self.devices.usable():
             for mapping in mapper.find(f"{self.names.stem}{key}", tag):
+                if not mapping["alive"]:
+                    with self.lock:
+                        self.died.add(key)
                 mapper.unmap(mapping)
         try:
             os.rmdir(point)
@@ -509,7 +536,7 @@ class LocalLayers(OverlayBackend):
             return self.mount(layer, chain)
         base = self.base_of(layer.id)
         if base and layer.id not in self.counted:
-            self.lowers.acquire(base)
+            self.lowers.acquire(base, mounted_over=True)
         self.counted[layer.id] = base or ""
         return super().ensure_mounted(layer, chain)
 
