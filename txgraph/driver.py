@@ -51,8 +51,8 @@ REFUSED_ID_CHARACTERS = {
 
 #: IDs made only of printable ASCII that is not refused (what dockerd,
 #: BuildKit and containerd send): valid at once, without
-#: L{id_problem}'s walk through each character (17 us per call, 3 % of the
-#: reactor's time for a Get).
+#: L{id_problem}'s walk through each character (0.3 against 8 us for a
+#: 64-character ID, on the reactor, for every call that names a layer).
 _PLAIN_ID = re.compile(
     "[" + "".join(re.escape(chr(c)) for c in range(0x21, 0x7F) if chr(c) not in REFUSED_ID_CHARACTERS)
     + "]{1,%d}" % MAX_ID_BYTES

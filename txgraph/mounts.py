@@ -218,7 +218,7 @@ def mount_table(path: str = "/proc/self/mountinfo", naming: str | None = None) -
     that path (as mount point, root, source or in the options): the lines
     that cannot are skipped before they are parsed.  On a host with a
     hundred containers (about 220 lines, overlay options of ~1 KB) a full
-    parse took about 1 ms, the filtered one 40 us.  A path holding one of
+    parse took 570 us, the filtered one 100 us.  A path holding one of
     the characters the kernel escapes is looked for in every line.
     """
     with open(path, encoding="utf-8", errors="surrogateescape") as f:

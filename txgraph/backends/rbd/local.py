@@ -83,7 +83,8 @@ class Lowers:
     @ivar mapped: per base key, the mapping this process made for it (its
         liveness is checked from it, not by a search of every device).
     @ivar died: the base keys whose mapping was found dead when let go:
-        their image's next map first drops the dead client's watch.
+        their image's next map first breaks the dead client's lock and
+        drops its watch.
     @ivar lock: guards the five above (held briefly, never across I/O).
     @ivar locks: per base key, the lock held while its lower is made, let go
         or looked at: one image's map (about 100 ms) does not wait for
