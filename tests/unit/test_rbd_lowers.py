@@ -78,21 +78,21 @@ class FakeDevices:
         self.table = table
         self.cluster = self
         self.images = {"txgraph.node.img", "txgraph.node.other"}
-        self.suspected: list[str] = []
-        self.looked: list[str] = []  # every clear_stale_clients
-        self.cleared: list[str] = []  # those with the watches too
+        # As the Cluster does: an image's locks are really looked at (and a
+        # dead owner's broken) once, and again after it is suspected.
+        self.checked: set[str] = set()
+        self.looks: list[str] = []
 
     def inspect(self, name: str) -> object | None:
         return object() if name in self.images else None
 
     def suspect(self, name: str) -> None:
-        self.suspected.append(name)
+        self.checked.discard(name)
 
-    def clear_stale_clients(self, name: str, watchers: bool = False) -> None:
-        self.looked.append(name)
-        if watchers:
-            assert self.suspected[-1] == name
-            self.cleared.append(name)
+    def clear_stale_clients(self, name: str) -> None:
+        if name not in self.checked:
+            self.looks.append(name)
+            self.checked.add(name)
 
     def usable(self) -> list[FakeMapper]:
         return [self.mapper]
@@ -165,9 +165,9 @@ def test_one_mapping_per_base_swept_after_the_delay(env: Any) -> None:
     assert lowers.acquire("img") == lowers.path("img")
     lowers.acquire("img")
     assert devices.mapper.maps == 1
-    # A dead client's lock is looked for before the map (the cluster does
-    # it once per image after a start), not its watches.
-    assert devices.looked == ["txgraph.node.img"] and devices.cleared == []
+    # A dead client's lock is looked for before the map, once per image
+    # after a start.
+    assert devices.looks == ["txgraph.node.img"]
     lowers.release("img")
     lowers.release("img")
     assert lowers.idle == {"img": 1000.0}
@@ -298,8 +298,17 @@ def test_a_dead_unused_lower_is_mapped_again(env: Any) -> None:
     assert lowers.acquire("img") == lowers.path("img")
     assert devices.mapper.maps == 2 and devices.mapper.mapped["lower.img"]["alive"]
     assert lowers.users == {"img": 1} and lowers.idle == {}
-    # The dead client's watch is dropped first (it would hold the new open).
-    assert devices.cleared == ["txgraph.node.img"]
+    # The image's locks are looked at again after the death (the dead
+    # client's lock would hold the new open).
+    assert devices.looks == ["txgraph.node.img"] * 2
+    # A death the sweep finds (it unmaps the dead lower) counts too.
+    lowers.release("img")
+    devices.mapper.kill("lower.img")
+    clock.now += 6
+    lowers.sweep()
+    assert devices.mapper.mapped == {}
+    lowers.acquire("img")
+    assert devices.looks == ["txgraph.node.img"] * 3
 
 
 def test_a_dead_lower_in_use_refuses_new_users(env: Any) -> None:

@@ -82,10 +82,7 @@ class Lowers:
         mounted local layer's recovery takes them again.
     @ivar mapped: per base key, the mapping this process made for it (its
         liveness is checked from it, not by a search of every device).
-    @ivar died: the base keys whose mapping was found dead when let go:
-        their image's next map first breaks the dead client's lock and
-        drops its watch.
-    @ivar lock: guards the five above (held briefly, never across I/O).
+    @ivar lock: guards the four above (held briefly, never across I/O).
     @ivar locks: per base key, the lock held while its lower is made, let go
         or looked at: one image's map (about 100 ms) does not wait for
         another's.  Always taken before L{lock}, never after.
@@ -107,7 +104,6 @@ class Lowers:
         self.idle: dict[str, float] = {}
         self.adopted: set[str] = set()
         self.mapped: dict[str, Mapping] = {}
-        self.died: set[str] = set()
         self.lock = threading.RLock()
         self.locks: dict[str, threading.RLock] = {}
         self._timer: threading.Timer | None = None
@@ -216,26 +212,20 @@ class Lowers:
             id=base_id,
             point=self.point(base_id),
         )
-        with self.lock:
-            self.died.add(key)
+        self.devices.cluster.suspect(self.names.image_name(base_id))
         self._unmap_now(key)
 
     def _make(self, base_id: str, key: str, point: str) -> None:
         assert self.devices.mapper is not None
         name = self.names.image_name(base_id)
         self._unmap_key(key)
-        with self.lock:
-            died = key in self.died
-            self.died.discard(key)
-        if died:
-            self.devices.cluster.suspect(name)
-        # A dead client of this node (a lower's rbd-fuse killed, before or
-        # after a restart) holds the image's exclusive lock, and its watch
-        # for ~30 s: the new rbd-fuse's open waits for them.  As for a
-        # layer's own mapping, the locks are looked at once per image after
-        # a start (a read-only open) and again after a death seen here,
-        # with the dead client's watches then.
-        self.devices.cluster.clear_stale_clients(name, watchers=died)
+        # A dead rbd-fuse of this node (killed, before or after a restart)
+        # still holds the image's exclusive lock: the new one's open would
+        # wait for it, past the map's timeout.  As before a layer's own
+        # read-write map, the locks are looked at once per image after a
+        # start, and again once a death was seen (Cluster.suspect): the
+        # lock is broken and its dead owner blocklisted.
+        self.devices.cluster.clear_stale_clients(name)
         if self.devices.cluster.inspect(name) is None:
             raise BackendError(
                 f"the image {self.names.spec(name)} of layer {base_id}, under a local "
@@ -325,8 +315,7 @@ class Lowers:
         for mapper in self.devices.usable():
             for mapping in mapper.find(f"{self.names.stem}{key}", tag):
                 if not mapping["alive"]:
-                    with self.lock:
-                        self.died.add(key)
+                    self.devices.cluster.suspect(mapping["image"])
                 mapper.unmap(mapping)
         try:
             os.rmdir(point)
