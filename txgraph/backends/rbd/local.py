@@ -158,7 +158,8 @@ class Lowers:
         key = self.names.key(base_id)
         with self._key_lock(key):
             point = self.point(base_id)
-            if mounts.is_mountpoint(point) and not self._alive(key):
+            mounted = mounts.is_mountpoint(point)
+            if mounted and not self._alive(key):
                 if mounted_over:
                     log.warn(
                         "the read-only mapping of layer {id} at {point} is dead (its "
@@ -168,8 +169,9 @@ class Lowers:
                         point=point,
                     )
                 else:
-                    self._replace_dead(base_id, key)
-            if not mounts.is_mountpoint(point):
+                    self._replace_dead(base_id, key)  # unmounts it, or raises
+                    mounted = False
+            if not mounted:
                 self._make(base_id, key, point)
             with self.lock:
                 self.idle.pop(key, None)
